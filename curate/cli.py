@@ -1,0 +1,135 @@
+"""Command line: parse, load the config, call the library, print a short summary."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+from curate.config import ConfigError, load_config
+from curate.input import InputError
+from curate.ledger import FateError, StageStats
+from curate.pipeline import STAGE_ORDER, IncompleteRun, RunResult, run_pipeline, run_status
+from curate.runner import ShardFailed
+
+log = logging.getLogger("curate")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="curate", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv for debug)")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    def add_pipeline_command(name: str, help_text: str) -> None:
+        command = commands.add_parser(name, help=help_text)
+        command.add_argument("pipeline", type=Path, help="pipeline YAML")
+        command.add_argument(
+            "--set",
+            dest="overrides",
+            action="append",
+            default=[],
+            metavar="KEY=VALUE",
+            help="override a config key, e.g. --set download.timeout=5",
+        )
+        command.add_argument("--executor", choices=["local", "dask"], help="overrides the config's executor")
+        command.add_argument("--scheduler", help="address of a running Dask scheduler (tcp://host:8786)")
+        command.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+    add_pipeline_command("run", "run every stage of a pipeline (resumes where it stopped)")
+    for stage in STAGE_ORDER:
+        add_pipeline_command(stage, f"run only the {stage} stage (its upstream must be done)")
+    status = commands.add_parser("status", help="per-stage progress and counts of a run")
+    status.add_argument("output", type=Path)
+    status.add_argument("--json", action="store_true", help="machine-readable output")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=[logging.WARNING, logging.INFO, logging.DEBUG][min(args.verbose, 2)],
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        if args.command == "status":
+            return print_status(args.output, as_json=args.json)
+        return run_command(args)
+    except (ConfigError, InputError) as err:
+        print(f"curate: error: {err}", file=sys.stderr)
+        return 2
+    except (ShardFailed, FateError, IncompleteRun, FileNotFoundError) as err:
+        print(f"curate: error: {err}", file=sys.stderr)
+        return 1
+
+
+def run_command(args: argparse.Namespace) -> int:
+    overrides = list(args.overrides)
+    if args.executor:
+        overrides.append(f"executor={args.executor}")
+    if args.scheduler:
+        overrides.append(f"scheduler={args.scheduler}")
+    config = load_config(args.pipeline, overrides)
+    executor = make_executor(config)
+    progress = None if args.no_progress else tqdm_progress
+    try:
+        only = None if args.command == "run" else args.command
+        result = run_pipeline(config, executor=executor, only_stage=only, progress=progress)
+    finally:
+        executor.close()
+    print_funnel(result)
+    if not result.complete:
+        print(f"curate: run in {result.layout.root} is not complete; see `curate status {result.layout.root}`")
+        return 0 if args.command != "run" else 1
+    print(f"ledger: {result.layout.ledger_path}")
+    return 0
+
+
+def make_executor(config: Any) -> Any:
+    if config.executor == "dask":
+        raise ConfigError("executor 'dask' is not available yet in this version; use executor: local")
+    from curate.executors.local import LocalExecutor
+
+    return LocalExecutor()
+
+
+def tqdm_progress(description: str, total: int) -> tqdm:
+    return tqdm(total=total, desc=f"{description:>10}", unit="shard", file=sys.stderr, leave=True)
+
+
+def print_funnel(result: RunResult) -> None:
+    print(f"run: {result.layout.root}  ({result.rows} input rows)")
+    for name, stats in result.stats.items():
+        print(format_stage_line(name, stats))
+
+
+def format_stage_line(name: str, stats: StageStats | dict[str, Any]) -> str:
+    counts = stats.counts if isinstance(stats, StageStats) else stats["counts"]
+    rows = sum(counts.values())
+    kept = counts.get("kept", 0)
+    losses = ", ".join(f"{k} {v}" for k, v in sorted(counts.items(), key=lambda kv: -kv[1]) if k != "kept")
+    return f"  {name:<10} {rows:>8} in -> {kept:>8} kept" + (f"   ({losses})" if losses else "")
+
+
+def print_status(run_dir: Path, as_json: bool) -> int:
+    status = run_status(run_dir)
+    if as_json:
+        print(json.dumps(status, indent=2))
+        return 0
+    print(f"run: {status['run']}  ({status['input_rows']} input rows, {status['shards']} shards)")
+    for name, stage in status["stages"].items():
+        states = stage["shards"]
+        print(f"  {name:<10} done {states['done']:>4}  stale {states['stale']:>4}  pending {states['pending']:>4}")
+        print("  " + format_stage_line("", stage).strip())
+    ledger = status["ledger_rows"]
+    print(f"  ledger: {'not written yet' if ledger is None else f'{ledger} rows'}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,647 @@
+"""Input stage: read URL/caption tables as a stream, validate, give each row a stable uid, shard them.
+
+File-level problems (missing column, wrong type, empty or corrupt file, duplicate uids) raise InputError
+and nothing is committed. Row-level problems become fates:
+
+- url null, empty, longer than `input.max_url_chars`, not http(s), no host, or containing whitespace
+  -> failed / invalid_url
+- caption that is not valid UTF-8 -> failed / invalid_caption
+- caption longer than `input.max_caption_chars` -> dropped / caption_too_long (the ledger keeps its
+  first `max_caption_chars` characters)
+- control characters in a caption are replaced by spaces and runs of whitespace collapsed; the row is
+  kept and its ledger `detail` says so. A null caption is read as "".
+- an exact repeat of an earlier (url, caption) pair -> dropped / dup_url_caption, detail = first uid
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import io
+import json
+import logging
+import os
+import shutil
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from glob import glob
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.csv as pcsv
+import pyarrow.parquet as pq
+
+from curate.config import InputConfig
+from curate.io.fs import write_json_atomic, write_parquet_atomic
+from curate.ledger import StageStats, Status, count_fates, make_fates
+
+log = logging.getLogger(__name__)
+
+STAGE = "input"
+SHARD_SCHEMA = pa.schema([("uid", pa.string()), ("url", pa.string()), ("caption", pa.string())])
+_STAGING_SCHEMA = pa.schema(
+    [
+        ("uid", pa.string()),
+        ("url", pa.string()),
+        ("caption", pa.string()),
+        ("status", pa.string()),
+        ("reason", pa.string()),
+        ("detail", pa.string()),
+        ("row", pa.int64()),
+    ]
+)
+_CONTROL_CHARS = r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]"
+_VALID_URL = r"^[hH][tT][tT][pP][sS]?://[^/?#\s@]*[^/?#\s:@][^\s]*$"
+_HASH_KEYS = ("curate-urlcap-01", "curate-urlcap-02")
+_FORMATS = {".parquet": "parquet", ".csv": "csv", ".tsv": "tsv", ".jsonl": "jsonl", ".json": "jsonl"}
+_STRING_TYPES = (
+    pa.types.is_string,
+    pa.types.is_large_string,
+    pa.types.is_binary,
+    pa.types.is_large_binary,
+    pa.types.is_null,
+)
+
+
+class InputError(ValueError):
+    """An input file that cannot be used; the message names the file and the problem."""
+
+
+@dataclass(frozen=True)
+class SourceFile:
+    path: Path
+    format: str
+    gzipped: bool
+
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+
+@dataclass(frozen=True)
+class InputSummary:
+    shards: list[str]
+    rows: int
+    stats: StageStats
+
+
+# ---------------------------------------------------------------- locating and checking files
+
+
+def resolve_sources(cfg: InputConfig) -> list[SourceFile]:
+    sources = []
+    for pattern in cfg.paths():
+        matches = sorted(glob(os.path.expanduser(pattern))) if any(c in pattern for c in "*?[") else [pattern]
+        if not matches:
+            raise InputError(f"input.path: no file matches {pattern!r}")
+        for match in matches:
+            path = Path(match)
+            if not path.is_file():
+                raise InputError(f"{path}: no such input file")
+            sources.append(source_file(path, cfg.format))
+    return sources
+
+
+def source_file(path: Path, declared_format: str) -> SourceFile:
+    suffixes = [s.lower() for s in path.suffixes]
+    gzipped = bool(suffixes) and suffixes[-1] == ".gz"
+    if gzipped:
+        suffixes = suffixes[:-1]
+    if declared_format != "auto":
+        fmt = declared_format
+    elif suffixes and suffixes[-1] in _FORMATS:
+        fmt = _FORMATS[suffixes[-1]]
+    else:
+        raise InputError(f"{path}: cannot tell the format from the name; set input.format")
+    return SourceFile(path, fmt, gzipped)
+
+
+def sniff(source: SourceFile) -> None:
+    """Refuse a file whose bytes contradict its name (a csv that is parquet, a .gz that is not gzip)."""
+    with open(source.path, "rb") as handle:
+        head = handle.read(4096)
+    if not head:
+        raise InputError(f"{source.path}: file is empty")
+    if source.gzipped:
+        if not head.startswith(b"\x1f\x8b"):
+            raise InputError(f"{source.path}: named .gz but is not gzip-compressed")
+        try:
+            with gzip.open(source.path, "rb") as handle:
+                head = handle.read(4096)
+        except (OSError, EOFError) as err:
+            raise InputError(f"{source.path}: corrupt gzip data: {err}") from None
+        if not head:
+            raise InputError(f"{source.path}: file is empty")
+    elif head.startswith(b"\x1f\x8b"):
+        raise InputError(f"{source.path}: gzip-compressed data in a file not named .gz")
+    if source.format == "parquet":
+        if not head.startswith(b"PAR1"):
+            raise InputError(f"{source.path}: not a parquet file (no PAR1 magic bytes)")
+    elif head.startswith(b"PAR1") or b"\x00" in head:
+        kind = "parquet" if head.startswith(b"PAR1") else "binary"
+        raise InputError(f"{source.path}: named {source.format} but holds {kind} data")
+
+
+def inspect_sources(cfg: InputConfig) -> list[SourceFile]:
+    """Check every file's format and columns before anything is written or fetched."""
+    sources = resolve_sources(cfg)
+    for source in sources:
+        sniff(source)
+        schema = read_schema(source, cfg)
+        check_columns(source, schema, cfg)
+    return sources
+
+
+def read_schema(source: SourceFile, cfg: InputConfig) -> pa.Schema:
+    with open_table_reader(source, cfg) as reader:
+        return reader.schema
+
+
+def check_columns(source: SourceFile, schema: pa.Schema, cfg: InputConfig) -> None:
+    for key, column in (("url_col", cfg.url_col), ("caption_col", cfg.caption_col), ("uid_col", cfg.uid_col)):
+        if column is None:
+            continue
+        if column not in schema.names:
+            raise InputError(f"{source.path}: missing column {column!r} (input.{key}); columns are {schema.names}")
+        column_type = schema.field(column).type
+        if pa.types.is_dictionary(column_type):
+            column_type = column_type.value_type
+        if not any(check(column_type) for check in _STRING_TYPES):
+            raise InputError(f"{source.path}: column {column!r} has type {column_type}, expected a string")
+
+
+# ---------------------------------------------------------------- streaming readers
+
+
+class _TableReader:
+    """Batches of the url/caption/uid columns of one file, with the file's own schema for checking."""
+
+    def __init__(self, source: SourceFile, cfg: InputConfig) -> None:
+        self.source, self.cfg = source, cfg
+        self._cleanup: list[object] = []
+        self.schema = self._open()
+
+    def __enter__(self) -> _TableReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for resource in reversed(self._cleanup):
+            if isinstance(resource, Path):
+                resource.unlink(missing_ok=True)
+            else:
+                resource.close()  # type: ignore[attr-defined]
+
+    def _stream(self) -> io.BufferedIOBase:
+        stream = gzip.open(self.source.path, "rb") if self.source.gzipped else open(self.source.path, "rb")  # noqa: SIM115
+        self._cleanup.append(stream)
+        return stream
+
+    def _open(self) -> pa.Schema:
+        fmt, path = self.source.format, self.source.path
+        try:
+            if fmt == "parquet":
+                target: Path | io.BufferedIOBase = path
+                if self.source.gzipped:
+                    target = Path(f"{path}.{uuid.uuid4().hex[:8]}.decompressed")
+                    self._cleanup.append(target)
+                    with gzip.open(path, "rb") as src, open(target, "wb") as dst:
+                        shutil.copyfileobj(src, dst)
+                self._parquet = pq.ParquetFile(target)
+                if self._parquet.metadata.num_rows == 0:
+                    raise InputError(f"{path}: parquet file has no rows")
+                return self._parquet.schema_arrow
+            if fmt in ("csv", "tsv"):
+                self._csv = self._open_csv()
+                return self._csv.schema
+            self._lines = self._stream()
+            first = self._peek_json_line()
+            return pa.schema([(name, _json_type(value)) for name, value in first.items()])
+        except InputError:
+            raise
+        except (pa.ArrowInvalid, OSError, EOFError) as err:
+            raise InputError(f"{path}: not a readable {fmt} file (truncated or corrupt?): {err}") from None
+
+    def _open_csv(self) -> pcsv.CSVStreamingReader:
+        cfg, delimiter = self.cfg, "\t" if self.source.format == "tsv" else ","
+        header = cfg.header
+        if header == "auto":
+            header = "no" if self._first_field_is_url(delimiter) else "yes"
+        read = pcsv.ReadOptions(
+            block_size=1 << 22,
+            use_threads=False,
+            column_names=cfg.columns if header == "no" else None,
+        )
+        parse = pcsv.ParseOptions(
+            delimiter=delimiter,
+            quote_char='"' if delimiter == "," else False,
+            newlines_in_values=delimiter == ",",
+        )
+        wanted = [c for c in (cfg.url_col, cfg.caption_col, cfg.uid_col) if c]
+        convert = pcsv.ConvertOptions(column_types={c: pa.binary() for c in wanted}, strings_can_be_null=False)
+        return pcsv.open_csv(self._stream(), read_options=read, parse_options=parse, convert_options=convert)
+
+    def _first_field_is_url(self, delimiter: str) -> bool:
+        opener = gzip.open if self.source.gzipped else open
+        with opener(self.source.path, "rb") as handle:
+            first_line = handle.readline(65536)
+        first_field = first_line.split(delimiter.encode(), 1)[0].strip().lower()
+        return first_field.startswith((b"http://", b"https://"))
+
+    def _peek_json_line(self) -> dict[str, object]:
+        self._line_number = 0
+        self._pending: list[bytes] = []
+        for line in self._lines:
+            self._line_number += 1
+            if line.strip():
+                self._pending.append(line)
+                return self._parse_json(line, self._line_number)
+        raise InputError(f"{self.source.path}: file has no rows")
+
+    def _parse_json(self, line: bytes, number: int) -> dict[str, object]:
+        try:
+            record = json.loads(line.decode("utf-8", "surrogateescape"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise InputError(f"{self.source.path}: line {number} is not valid JSON: {err}") from None
+        if not isinstance(record, dict):
+            raise InputError(f"{self.source.path}: line {number} is not a JSON object")
+        return record
+
+    def batches(self) -> Iterator[pa.Table]:
+        """Tables with columns url, caption, uid (binary; uid only with input.uid_col)."""
+        cfg = self.cfg
+        wanted = [c for c in (cfg.url_col, cfg.caption_col, cfg.uid_col) if c]
+        names = ["url", "caption", "uid"][: len(wanted)]
+        try:
+            for batch in self._raw_batches(wanted):
+                columns = [_as_binary(batch.column(c)) for c in wanted]
+                yield pa.Table.from_arrays(columns, names=names)
+        except InputError:
+            raise
+        except (pa.ArrowInvalid, OSError, EOFError) as err:
+            raise InputError(f"{self.source.path}: read failed (truncated or corrupt?): {err}") from None
+
+    def _raw_batches(self, wanted: list[str]) -> Iterator[pa.RecordBatch | pa.Table]:
+        fmt = self.source.format
+        if fmt == "parquet":
+            yield from self._parquet.iter_batches(batch_size=self.cfg.batch_rows, columns=wanted)
+        elif fmt in ("csv", "tsv"):
+            rows = 0
+            for batch in self._csv:
+                rows += batch.num_rows
+                yield batch
+            if rows == 0:
+                raise InputError(f"{self.source.path}: file has no rows")
+        else:
+            yield from self._json_batches(wanted)
+
+    def _json_batches(self, wanted: list[str]) -> Iterator[pa.Table]:
+        def lines() -> Iterator[tuple[int, bytes]]:
+            yield from ((self._line_number, line) for line in self._pending)
+            for line in self._lines:
+                self._line_number += 1
+                yield self._line_number, line
+
+        buffer: dict[str, list[object]] = {c: [] for c in wanted}
+        for number, line in lines():
+            if not line.strip():
+                continue
+            record = self._parse_json(line, number)
+            for column in wanted:
+                value = record.get(column)
+                if value is not None and not isinstance(value, str):
+                    raise InputError(
+                        f"{self.source.path}: line {number}: column {column!r} is {type(value).__name__}, "
+                        "expected a string"
+                    )
+                buffer[column].append(None if value is None else value.encode("utf-8", "surrogateescape"))
+            if len(buffer[wanted[0]]) >= self.cfg.batch_rows:
+                yield pa.table({c: pa.array(v, pa.binary()) for c, v in buffer.items()})
+                buffer = {c: [] for c in wanted}
+        if buffer[wanted[0]]:
+            yield pa.table({c: pa.array(v, pa.binary()) for c, v in buffer.items()})
+
+
+def open_table_reader(source: SourceFile, cfg: InputConfig) -> _TableReader:
+    return _TableReader(source, cfg)
+
+
+def _json_type(value: object) -> pa.DataType:
+    if value is None:
+        return pa.null()
+    if isinstance(value, str):
+        return pa.string()
+    if isinstance(value, bool):
+        return pa.bool_()
+    if isinstance(value, int):
+        return pa.int64()
+    if isinstance(value, float):
+        return pa.float64()
+    return pa.struct([]) if isinstance(value, dict) else pa.list_(pa.null())
+
+
+def _as_binary(column: pa.Array | pa.ChunkedArray) -> pa.Array:
+    if isinstance(column, pa.ChunkedArray):
+        column = column.combine_chunks()
+    if pa.types.is_dictionary(column.type):
+        column = column.dictionary_decode()
+    if pa.types.is_null(column.type):
+        return pa.nulls(len(column), pa.binary())
+    return column.cast(pa.binary())
+
+
+# ---------------------------------------------------------------- row validation
+
+
+def decode_utf8(column: pa.Array) -> tuple[pa.Array, np.ndarray]:
+    """Binary -> string; rows that are not valid UTF-8 become null and are flagged."""
+    try:
+        return column.cast(pa.string()), np.zeros(len(column), dtype=bool)
+    except pa.ArrowInvalid:
+        values, invalid = [], np.zeros(len(column), dtype=bool)
+        for i, raw in enumerate(column.to_pylist()):
+            try:
+                values.append(None if raw is None else raw.decode("utf-8"))
+            except UnicodeDecodeError:
+                values.append(None)
+                invalid[i] = True
+        return pa.array(values, pa.string()), invalid
+
+
+def generated_uids(source_name: str, first_row: int, count: int) -> pa.Array:
+    prefix = f"{source_name}\x1f".encode()
+    return pa.array(
+        [
+            hashlib.blake2b(prefix + str(row).encode(), digest_size=16).hexdigest()
+            for row in range(first_row, first_row + count)
+        ],
+        pa.string(),
+    )
+
+
+def validate_batch(batch: pa.Table, cfg: InputConfig, uids: pa.Array, rows: pa.Array) -> pa.Table:
+    """One staging row per input row: cleaned url/caption plus status/reason/detail so far."""
+    n = batch.num_rows
+    url, url_not_utf8 = decode_utf8(batch["url"].combine_chunks())
+    caption, caption_not_utf8 = decode_utf8(batch["caption"].combine_chunks())
+
+    url = pc.utf8_trim_whitespace(url)
+    url_length = pc.fill_null(pc.utf8_length(url), 0).to_numpy(zero_copy_only=False)
+    url_ok = pc.fill_null(pc.match_substring_regex(url, _VALID_URL), False).to_numpy(zero_copy_only=False)
+
+    had_control = pc.fill_null(pc.match_substring_regex(caption, _CONTROL_CHARS), False)
+    caption = pc.fill_null(caption, "")
+    caption = pc.replace_substring_regex(caption, _CONTROL_CHARS, " ")
+    caption = pc.utf8_trim_whitespace(pc.replace_substring_regex(caption, r"\s+", " "))
+    caption_length = pc.utf8_length(caption).to_numpy(zero_copy_only=False)
+
+    status = np.full(n, Status.KEPT.value, dtype=object)
+    reason = np.full(n, None, dtype=object)
+    detail = np.where(
+        had_control.to_numpy(zero_copy_only=False), "control characters removed from caption", None
+    ).astype(object)
+
+    def mark(mask: np.ndarray, new_status: Status, new_reason: str, new_detail: np.ndarray | str) -> None:
+        mask = mask & (reason == None)  # noqa: E711  (object array: elementwise test for unset)
+        status[mask] = new_status.value
+        reason[mask] = new_reason
+        detail[mask] = new_detail[mask] if isinstance(new_detail, np.ndarray) else new_detail
+
+    mark(url_not_utf8, Status.FAILED, "invalid_url", "url is not valid UTF-8")
+    mark(url_length == 0, Status.FAILED, "invalid_url", "empty url")
+    mark(
+        url_length > cfg.max_url_chars,
+        Status.FAILED,
+        "invalid_url",
+        f"url longer than {cfg.max_url_chars} characters",
+    )
+    mark(~url_ok, Status.FAILED, "invalid_url", "not an http(s) url with a host")
+    mark(caption_not_utf8, Status.FAILED, "invalid_caption", "caption is not valid UTF-8")
+    too_long = caption_length > cfg.max_caption_chars
+    mark(
+        too_long,
+        Status.DROPPED,
+        "caption_too_long",
+        np.array([f"caption has {c} characters > {cfg.max_caption_chars}" for c in caption_length], dtype=object),
+    )
+    if too_long.any():
+        caption = pc.utf8_slice_codeunits(caption, 0, cfg.max_caption_chars)
+
+    return pa.Table.from_arrays(
+        [
+            uids,
+            url,
+            caption,
+            pa.array(status, pa.string()),
+            pa.array(reason, pa.string()),
+            pa.array(detail, pa.string()),
+            rows,
+        ],
+        schema=_STAGING_SCHEMA,
+    )
+
+
+def url_caption_hashes(staged: pa.Table) -> np.ndarray:
+    """128-bit hash per row of (url, caption) as an (n, 2) uint64 array."""
+    joined = pc.binary_join_element_wise(pc.fill_null(staged["url"], ""), staged["caption"], "\x1f")
+    values = joined.to_numpy(zero_copy_only=False).astype(object)
+    return np.stack([pd.util.hash_array(values, hash_key=key) for key in _HASH_KEYS], axis=1)
+
+
+def string_hashes(column: pa.ChunkedArray | pa.Array) -> np.ndarray:
+    values = column.to_numpy(zero_copy_only=False).astype(object)
+    return np.stack([pd.util.hash_array(values, hash_key=key) for key in _HASH_KEYS], axis=1)
+
+
+# ---------------------------------------------------------------- the stage
+
+
+def shard_name(index: int) -> str:
+    return f"{index:05d}"
+
+
+class _StagingWriter:
+    """Cuts the stream of validated rows into shards of `shard_size` input rows."""
+
+    def __init__(self, folder: Path, shard_size: int) -> None:
+        self.folder, self.shard_size = folder, shard_size
+        self.pending: list[pa.Table] = []
+        self.pending_rows = 0
+        self.shards: list[str] = []
+
+    def add(self, table: pa.Table) -> None:
+        while table.num_rows:
+            take = min(self.shard_size - self.pending_rows, table.num_rows)
+            self.pending.append(table.slice(0, take))
+            self.pending_rows += take
+            table = table.slice(take)
+            if self.pending_rows == self.shard_size:
+                self.flush()
+
+    def flush(self) -> None:
+        if not self.pending_rows:
+            return
+        name = shard_name(len(self.shards))
+        pq.write_table(pa.concat_tables(self.pending), self.folder / f"{name}.parquet")
+        self.shards.append(name)
+        self.pending, self.pending_rows = [], 0
+
+
+def input_fingerprint(cfg: InputConfig, sources: list[SourceFile]) -> str:
+    described = cfg.model_dump(mode="json", exclude={"batch_rows"})
+    described["files"] = [
+        {"path": str(s.path.resolve()), "size": s.path.stat().st_size, "mtime_ns": s.path.stat().st_mtime_ns}
+        for s in sources
+    ]
+    return hashlib.sha256(json.dumps(described, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def build_input(cfg: InputConfig, sources: list[SourceFile], stage_dir: Path, fingerprint: str) -> InputSummary:
+    """Stream every source into `stage_dir` (shards/, fates/, _done/, manifest.json), all or nothing."""
+    scratch = stage_dir.parent / f".{stage_dir.name}.{uuid.uuid4().hex[:8]}.tmp"
+    staging = scratch / "staging"
+    staging.mkdir(parents=True)
+    try:
+        summary = _stream_and_shard(cfg, sources, scratch, staging, fingerprint)
+        shutil.rmtree(staging)
+        if stage_dir.exists():
+            retired = stage_dir.parent / f".{stage_dir.name}.{uuid.uuid4().hex[:8]}.old"
+            os.replace(stage_dir, retired)
+            shutil.rmtree(retired)
+        os.replace(scratch, stage_dir)
+        return summary
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _stream_and_shard(
+    cfg: InputConfig, sources: list[SourceFile], scratch: Path, staging: Path, fingerprint: str
+) -> InputSummary:
+    writer = _StagingWriter(staging, cfg.shard_size)
+    candidate_hashes, candidate_rows, uid_hashes = [], [], []
+    global_row = 0
+    for source in sources:
+        file_row = 0
+        with open_table_reader(source, cfg) as reader:
+            check_columns(source, reader.schema, cfg)
+            for batch in reader.batches():
+                n = batch.num_rows
+                rows = pa.array(np.arange(global_row, global_row + n), pa.int64())
+                if cfg.uid_col:
+                    uids = _given_uids(batch["uid"].combine_chunks(), source, file_row)
+                else:
+                    uids = generated_uids(source.name, file_row, n)
+                staged = validate_batch(batch, cfg, uids, rows)
+                uid_hashes.append(string_hashes(uids))
+                kept = pc.equal(staged["status"], Status.KEPT.value)
+                candidates = staged.filter(kept)
+                candidate_hashes.append(url_caption_hashes(candidates))
+                candidate_rows.append(candidates["row"].to_numpy())
+                writer.add(staged)
+                global_row += n
+                file_row += n
+    writer.flush()
+    _refuse_duplicate_uids(np.concatenate(uid_hashes) if uid_hashes else np.zeros((0, 2), np.uint64), staging)
+    first_of = _first_occurrences(candidate_hashes, candidate_rows)
+    return _finalize_shards(writer.shards, staging, scratch, first_of, cfg.shard_size, fingerprint)
+
+
+def _given_uids(column: pa.Array, source: SourceFile, first_row: int) -> pa.Array:
+    uids, invalid = decode_utf8(column)
+    uids = pc.utf8_trim_whitespace(uids)
+    bad = invalid | pc.fill_null(pc.equal(uids, ""), True).to_numpy(zero_copy_only=False)
+    if bad.any():
+        row = first_row + int(np.flatnonzero(bad)[0])
+        raise InputError(f"{source.path}: row {row}: empty or non-UTF-8 uid in the uid column")
+    return uids
+
+
+def _refuse_duplicate_uids(hashes: np.ndarray, staging: Path) -> None:
+    if not len(hashes):
+        return
+    _, counts = np.unique(hashes, axis=0, return_counts=True)
+    if (counts > 1).any():
+        repeated = pq.read_table(staging, columns=["uid", "row"]).to_pandas()
+        repeated = repeated[repeated.duplicated("uid", keep=False)].sort_values("row")
+        uid, rows = repeated.iloc[0]["uid"], repeated.loc[repeated.uid == repeated.iloc[0]["uid"], "row"]
+        raise InputError(
+            f"input: uid {uid!r} appears {len(rows)} times (input rows {rows.tolist()[:5]}); "
+            "uids must be unique (give input files distinct names or provide a unique input.uid_col)"
+        )
+
+
+def _first_occurrences(hash_parts: list[np.ndarray], row_parts: list[np.ndarray]) -> dict[int, int]:
+    """For each repeated (url, caption) row: global row -> global row of its first occurrence."""
+    if not hash_parts:
+        return {}
+    hashes, rows = np.concatenate(hash_parts), np.concatenate(row_parts)
+    if not len(rows):
+        return {}
+    order = np.lexsort((rows, hashes[:, 1], hashes[:, 0]))
+    sorted_hashes, sorted_rows = hashes[order], rows[order]
+    same_as_previous = np.zeros(len(rows), dtype=bool)
+    same_as_previous[1:] = (sorted_hashes[1:] == sorted_hashes[:-1]).all(axis=1)
+    group_start = np.maximum.accumulate(np.where(same_as_previous, 0, np.arange(len(rows))))
+    repeats = np.flatnonzero(same_as_previous)
+    return dict(zip(sorted_rows[repeats].tolist(), sorted_rows[group_start[repeats]].tolist(), strict=True))
+
+
+def _finalize_shards(
+    shards: list[str],
+    staging: Path,
+    scratch: Path,
+    first_of: dict[int, int],
+    shard_size: int,
+    fingerprint: str,
+) -> InputSummary:
+    needed_first_rows = set(first_of.values())
+    uid_of_first: dict[int, str] = {}
+    total = StageStats()
+    for shard in shards:
+        staged = pq.read_table(staging / f"{shard}.parquet")
+        rows = staged["row"].to_numpy()
+        for row, uid in zip(rows.tolist(), staged["uid"].to_pylist(), strict=True):
+            if row in needed_first_rows:
+                uid_of_first[row] = uid
+        status = staged["status"].to_numpy(zero_copy_only=False).astype(object)
+        reason = staged["reason"].to_numpy(zero_copy_only=False).astype(object)
+        detail = staged["detail"].to_numpy(zero_copy_only=False).astype(object)
+        for i, row in enumerate(rows.tolist()):
+            if row in first_of:
+                status[i], reason[i] = Status.DROPPED.value, "dup_url_caption"
+                detail[i] = uid_of_first[first_of[row]]
+        fates = make_fates(
+            staged["uid"],
+            list(status),
+            list(reason),
+            list(detail),
+            url=staged["url"],
+            caption=staged["caption"],
+        )
+        kept = pc.equal(fates["status"], Status.KEPT.value)
+        write_parquet_atomic(
+            staged.select(["uid", "url", "caption"]).filter(kept).cast(SHARD_SCHEMA),
+            scratch / "shards" / f"{shard}.parquet",
+        )
+        write_parquet_atomic(fates, scratch / "fates" / f"{shard}.parquet")
+        stats = StageStats(count_fates(fates))
+        write_json_atomic(
+            scratch / "_done" / f"{shard}.json",
+            {"fingerprint": fingerprint, "counts": dict(stats.counts), "seconds": 0.0},
+        )
+        total = total + stats
+    manifest = {"fingerprint": fingerprint, "shards": shards, "rows": total.rows, "shard_size": shard_size}
+    write_json_atomic(scratch / "manifest.json", manifest)
+    return InputSummary(shards, total.rows, total)
+
+
+def read_manifest(stage_dir: Path) -> dict[str, object] | None:
+    path = stage_dir / "manifest.json"
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def read_shard_rows(stage_dir: Path, shard: str) -> pa.Table:
+    return pq.read_table(stage_dir / "shards" / f"{shard}.parquet", schema=SHARD_SCHEMA)

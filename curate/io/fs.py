@@ -1,0 +1,51 @@
+"""Atomic writes: a reader never sees a half-written file."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import uuid
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+
+def temp_sibling(path: Path) -> Path:
+    return path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+
+
+def write_bytes_atomic(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temp_sibling(path)
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+def write_json_atomic(path: Path, payload: Any) -> None:
+    write_bytes_atomic(path, (json.dumps(payload, indent=2, sort_keys=True) + "\n").encode())
+
+
+def write_parquet_atomic(table: pa.Table, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temp_sibling(path)
+    pq.write_table(table, tmp)
+    os.replace(tmp, path)
+
+
+def move_tree_into(src: Path, dest: Path) -> list[Path]:
+    """Rename every file under `src` to the same relative place under `dest` (same filesystem)."""
+    moved = []
+    for file in sorted(p for p in src.rglob("*") if p.is_file()):
+        target = dest / file.relative_to(src)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(file, target)
+        moved.append(target)
+    shutil.rmtree(src, ignore_errors=True)
+    return moved
+
+
+def read_json(path: Path) -> Any:
+    return json.loads(path.read_text())

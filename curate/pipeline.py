@@ -1,0 +1,226 @@
+"""Run the configured stages in order over the run's shards, then merge the ledger and check it."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import shutil
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pyarrow.parquet as pq
+
+from curate.config import PipelineConfig, dump_config
+from curate.executors import Executor
+from curate.executors.local import LocalExecutor
+from curate.input import STAGE as INPUT_STAGE
+from curate.input import InputError, build_input, input_fingerprint, inspect_sources, read_manifest
+from curate.io.fs import read_json, write_bytes_atomic, write_json_atomic, write_parquet_atomic
+from curate.ledger import FateError, StageStats, Status, ledger_table, merge_ledger, read_fate_parts
+from curate.runner import (
+    ShardState,
+    clear_scratch,
+    marker_stats,
+    remove_orphans,
+    shard_state,
+)
+from curate.stage import RunLayout, ShardStage, StageContext
+
+log = logging.getLogger(__name__)
+
+STAGE_ORDER = ["input", "download"]
+# Settings that change how fast a stage runs, never what it produces: not part of its fingerprint.
+SCHEDULING_KEYS = {"download": {"threads", "processes"}}
+
+
+ProgressFactory = Callable[[str, int], AbstractContextManager[Any]]
+
+
+class IncompleteRun(RuntimeError):
+    """The run finished without error but is not complete and consistent."""
+
+
+@dataclass
+class RunResult:
+    layout: RunLayout
+    rows: int
+    stats: dict[str, StageStats] = field(default_factory=dict)
+    complete: bool = False
+
+
+def make_stage(name: str, config: PipelineConfig) -> ShardStage:
+    if name == "download":
+        from curate.download import DownloadStage
+
+        return DownloadStage(config.download)
+    raise ValueError(f"unknown stage {name!r}")
+
+
+def stage_workers(name: str, config: PipelineConfig) -> int:
+    return config.download.processes if name == "download" else 1
+
+
+def stage_fingerprints(config: PipelineConfig, input_print: str) -> dict[str, str]:
+    """Each stage's fingerprint covers its own settings and every upstream fingerprint."""
+    prints = {INPUT_STAGE: input_print}
+    previous = input_print
+    for name in config.stages[1:]:
+        settings = getattr(config, name).model_dump(mode="json", exclude=SCHEDULING_KEYS.get(name, set()))
+        digest = hashlib.sha256(f"{name}|{previous}|{sorted(settings.items())}".encode()).hexdigest()[:16]
+        prints[name] = previous = digest
+    return prints
+
+
+def run_pipeline(
+    config: PipelineConfig,
+    *,
+    executor: Executor | None = None,
+    only_stage: str | None = None,
+    progress: ProgressFactory | None = None,
+) -> RunResult:
+    """Run all configured stages (or `only_stage`, whose upstream must be done). Raises InputError
+    before writing anything when an input file is unusable."""
+    progress = progress or (lambda _desc, _total: nullcontext(_NoProgress()))
+    executor = executor or LocalExecutor()
+    layout = RunLayout(Path(config.output))
+    sources = inspect_sources(config.input)
+    prints = stage_fingerprints(config, input_fingerprint(config.input, sources))
+
+    created_root = not layout.root.exists()
+    manifest = read_manifest(layout.stage_dir(INPUT_STAGE))
+    if only_stage in (None, INPUT_STAGE) and (manifest is None or manifest["fingerprint"] != prints[INPUT_STAGE]):
+        layout.root.mkdir(parents=True, exist_ok=True)
+        try:
+            log.info("input: reading %d file(s)", len(sources))
+            build_input(config.input, sources, layout.stage_dir(INPUT_STAGE), prints[INPUT_STAGE])
+        except BaseException:
+            if created_root:
+                shutil.rmtree(layout.root, ignore_errors=True)
+            raise
+        manifest = read_manifest(layout.stage_dir(INPUT_STAGE))
+    if manifest is None or manifest["fingerprint"] != prints[INPUT_STAGE]:
+        raise IncompleteRun(f"{layout.root}: the input stage is not done for this config; run it first")
+    write_bytes_atomic(layout.config_path, dump_config(config).encode())
+
+    shards: list[str] = list(manifest["shards"])
+    for name in config.stages[1:]:
+        if only_stage not in (None, name):
+            continue
+        stage = make_stage(name, config)
+        ctx = StageContext(config, layout, prints[name])
+        _require_upstream_done(config, layout, prints, name, shards)
+        remove_orphans(ctx, name, shards)
+        clear_scratch(ctx, name)
+        pending = [s for s in shards if shard_state(ctx, name, s) is not ShardState.DONE]
+        log.info("%s: %d of %d shards to run", name, len(pending), len(shards))
+        with progress(name, len(shards)) as bar:
+            bar.update(len(shards) - len(pending))
+            for _report in executor.map_shards(stage, ctx, pending, stage_workers(name, config)):
+                bar.update(1)
+        clear_scratch(ctx, name)
+    return finalize_run(config, layout, prints, shards, int(manifest["rows"]))
+
+
+def _require_upstream_done(
+    config: PipelineConfig, layout: RunLayout, prints: dict[str, str], name: str, shards: list[str]
+) -> None:
+    upstream = config.stages[config.stages.index(name) - 1]
+    if upstream == INPUT_STAGE:
+        return
+    ctx = StageContext(config, layout, prints[upstream])
+    not_done = [s for s in shards if shard_state(ctx, upstream, s) is not ShardState.DONE]
+    if not_done:
+        raise IncompleteRun(f"stage {name!r} needs {upstream!r}, which has {len(not_done)} shards not done")
+
+
+class _NoProgress:
+    def update(self, n: int = 1) -> None:
+        pass
+
+
+def collect_stats(
+    config: PipelineConfig, layout: RunLayout, prints: dict[str, str], shards: list[str]
+) -> tuple[dict[str, StageStats], dict[str, dict[str, int]]]:
+    """Sum of per-shard marker stats per stage, and per stage the shard states."""
+    stats: dict[str, StageStats] = {}
+    states: dict[str, dict[str, int]] = {}
+    for name in config.stages:
+        ctx = StageContext(config, layout, prints[name])
+        total, state_counts = StageStats(), {state.value: 0 for state in ShardState}
+        for shard in shards:
+            state = shard_state(ctx, name, shard)
+            state_counts[state.value] += 1
+            if state is ShardState.DONE:
+                total = total + marker_stats(ctx, name, shard)
+        stats[name], states[name] = total, state_counts
+    return stats, states
+
+
+def finalize_run(
+    config: PipelineConfig, layout: RunLayout, prints: dict[str, str], shards: list[str], rows: int
+) -> RunResult:
+    stats, states = collect_stats(config, layout, prints, shards)
+    result = RunResult(layout, rows, stats)
+    if any(states[name][ShardState.DONE.value] != len(shards) for name in config.stages):
+        return result
+    stage_fates = [(name, read_fate_parts(layout.fates_path(name, s) for s in shards)) for name in config.stages]
+    ledger = merge_ledger(stage_fates)
+    check_run_invariants(ledger, stats, rows, config.stages)
+    write_parquet_atomic(ledger_table(ledger), layout.ledger_path)
+    write_json_atomic(layout.stats_path, stats_document(stats, rows, prints))
+    result.complete = True
+    return result
+
+
+def check_run_invariants(ledger: Any, stats: dict[str, StageStats], rows: int, stages: list[str]) -> None:
+    if len(ledger) != rows or ledger["uid"].duplicated().any():
+        raise FateError(f"ledger has {len(ledger)} rows ({ledger['uid'].nunique()} uids) for {rows} input rows")
+    accounted = sum(s.rows - s.kept for s in stats.values()) + stats[stages[-1]].kept
+    if accounted != rows:
+        raise FateError(f"per-stage counts add up to {accounted}, not to the {rows} input rows")
+    kept_in_ledger = int((ledger["status"] == Status.KEPT.value).sum())
+    if kept_in_ledger != stats[stages[-1]].kept:
+        raise FateError(f"ledger keeps {kept_in_ledger} rows but the last stage kept {stats[stages[-1]].kept}")
+
+
+def stats_document(stats: dict[str, StageStats], rows: int, prints: dict[str, str]) -> dict[str, Any]:
+    return {
+        "input_rows": rows,
+        "stages": {name: {**s.to_json(), "fingerprint": prints[name]} for name, s in stats.items()},
+    }
+
+
+def run_status(run_dir: Path) -> dict[str, Any]:
+    """Per-stage shard states and counts of an existing run, from its saved config and markers."""
+    from curate.config import load_config
+
+    layout = RunLayout(run_dir)
+    if not layout.config_path.exists():
+        raise FileNotFoundError(f"{run_dir}: not a curate run (no config.yaml)")
+    config = load_config(layout.config_path)
+    manifest = read_manifest(layout.stage_dir(INPUT_STAGE))
+    if manifest is None:
+        raise FileNotFoundError(f"{run_dir}: the input stage has not finished")
+    prints = {INPUT_STAGE: str(manifest["fingerprint"])}
+    try:
+        prints = stage_fingerprints(config, input_fingerprint(config.input, inspect_sources(config.input)))
+    except InputError as err:
+        log.warning("cannot re-check the input files (%s); using the recorded input fingerprint", err)
+        prints = stage_fingerprints(config, prints[INPUT_STAGE])
+    shards = list(manifest["shards"])
+    stats, states = collect_stats(config, layout, prints, shards)
+    ledger_rows = pq.read_metadata(layout.ledger_path).num_rows if layout.ledger_path.exists() else None
+    return {
+        "run": str(run_dir),
+        "input_rows": manifest["rows"],
+        "shards": len(shards),
+        "ledger_rows": ledger_rows,
+        "stages": {name: {"shards": states[name], **stats[name].to_json()} for name in config.stages},
+    }
+
+
+def read_stats(run_dir: Path) -> dict[str, Any]:
+    return read_json(RunLayout(run_dir).stats_path)
