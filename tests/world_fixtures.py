@@ -1,0 +1,44 @@
+"""Shared fixtures: a small demo world, served on loopback for the whole test session."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import yaml
+
+from examples.demo_world import DemoServer, World, generate_world, write_input_table
+
+SMALL_WORLD_BASE_ROWS = 80
+
+
+@dataclass(frozen=True)
+class ServedWorld:
+    world: World
+    server: DemoServer
+    table: Path
+
+    def pipeline(self, tmp_path: Path, output: Path | None = None, **sections: dict) -> Path:
+        """Write a pipeline YAML over this world; `sections` update the default settings."""
+        config = {
+            "output": str(output or tmp_path / "run"),
+            "input": {"path": str(self.table), "shard_size": 25},
+            "download": {"image_size": 64, "min_image_size": 64, "timeout": 1, "threads": 16, "processes": 1},
+        }
+        for key, values in sections.items():
+            config[key] = {**config.get(key, {}), **values}
+        tmp_path.mkdir(parents=True, exist_ok=True)
+        path = tmp_path / "pipeline.yaml"
+        path.write_text(yaml.safe_dump(config))
+        return path
+
+
+@pytest.fixture(scope="session")
+def served_world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServedWorld]:
+    root = tmp_path_factory.mktemp("world")
+    world = generate_world(root, n_base=SMALL_WORLD_BASE_ROWS, seed=3)
+    with DemoServer(world.root, slow_delay_s=0.3, hang_s=3.0) as server:
+        table = write_input_table(world, server.base_url, root / "crawl.parquet")
+        yield ServedWorld(world, server, table)
