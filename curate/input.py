@@ -10,11 +10,22 @@ and nothing is committed. Row-level problems become fates:
   first `max_caption_chars` characters)
 - control characters in a caption are replaced by spaces and runs of whitespace collapsed; the row is
   kept and its ledger `detail` says so. A null caption is read as "".
-- an exact repeat of an earlier (url, caption) pair -> dropped / dup_url_caption, detail = first uid
+- an exact repeat of an earlier (url, caption) pair (after cleaning, across shards and files)
+  -> dropped / dup_url_caption, detail = the uid of the first occurrence
+
+Without `input.uid_col`, a row's uid is blake2b-128 (hex) of "<file name>\x1f<row number in the file>"
+(rows counted from 0, blank jsonl lines not counted): stable across runs, unique while file names are.
+
+The stage makes two passes: the files are read once, validated and written to an Arrow IPC staging area
+while 64-bit uid hashes and 128-bit (url, caption) hashes are collected; once every row has been seen,
+duplicate uids fail the stage and repeats are resolved to their first occurrence, and the staging
+shards are rewritten as the final shards and fates. Memory is bounded by the batch size plus 32 bytes
+per input row.
 """
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import hashlib
 import io
@@ -22,7 +33,9 @@ import json
 import logging
 import os
 import shutil
+import tempfile
 import uuid
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from glob import glob
@@ -36,7 +49,7 @@ import pyarrow.csv as pcsv
 import pyarrow.parquet as pq
 
 from curate.config import InputConfig
-from curate.io.fs import write_json_atomic, write_parquet_atomic
+from curate.io.fs import write_json_atomic
 from curate.ledger import StageStats, Status, count_fates, make_fates
 
 log = logging.getLogger(__name__)
@@ -55,8 +68,12 @@ _STAGING_SCHEMA = pa.schema(
     ]
 )
 _CONTROL_CHARS = r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]"
+# A caption that needs more than trimming: control characters (tab, newline ... included) or a space run.
+_NEEDS_CLEANING = r"[\x00-\x1f\x7f-\x9f]| {2}"
 _VALID_URL = r"^[hH][tT][tT][pP][sS]?://[^/?#\s@]*[^/?#\s:@][^\s]*$"
 _HASH_KEYS = ("curate-urlcap-01", "curate-urlcap-02")
+_UID_HASH_KEY = "curate-uidhash01"
+_READ_ERRORS = (pa.ArrowInvalid, OSError, EOFError, zlib.error)
 _FORMATS = {".parquet": "parquet", ".csv": "csv", ".tsv": "tsv", ".jsonl": "jsonl", ".json": "jsonl"}
 _STRING_TYPES = (
     pa.types.is_string,
@@ -103,6 +120,20 @@ def resolve_sources(cfg: InputConfig) -> list[SourceFile]:
             if not path.is_file():
                 raise InputError(f"{path}: no such input file")
             sources.append(source_file(path, cfg.format))
+    seen: dict[Path, Path] = {}
+    for source in sources:
+        if source.path.resolve() in seen:
+            raise InputError(f"{source.path}: listed more than once in input.path")
+        seen[source.path.resolve()] = source.path
+    if cfg.uid_col is None:
+        by_name: dict[str, Path] = {}
+        for source in sources:
+            if source.name in by_name:
+                raise InputError(
+                    f"{source.path}: has the same file name as {by_name[source.name]}, so their generated "
+                    "uids would collide; rename one or set input.uid_col"
+                )
+            by_name[source.name] = source.path
     return sources
 
 
@@ -132,7 +163,7 @@ def sniff(source: SourceFile) -> None:
         try:
             with gzip.open(source.path, "rb") as handle:
                 head = handle.read(4096)
-        except (OSError, EOFError) as err:
+        except (OSError, EOFError, zlib.error) as err:
             raise InputError(f"{source.path}: corrupt gzip data: {err}") from None
         if not head:
             raise InputError(f"{source.path}: file is empty")
@@ -183,7 +214,11 @@ class _TableReader:
     def __init__(self, source: SourceFile, cfg: InputConfig) -> None:
         self.source, self.cfg = source, cfg
         self._cleanup: list[object] = []
-        self.schema = self._open()
+        try:
+            self.schema = self._open()
+        except BaseException:
+            self.__exit__()
+            raise
 
     def __enter__(self) -> _TableReader:
         return self
@@ -205,27 +240,29 @@ class _TableReader:
         try:
             if fmt == "parquet":
                 target: Path | io.BufferedIOBase = path
-                if self.source.gzipped:
-                    target = Path(f"{path}.{uuid.uuid4().hex[:8]}.decompressed")
+                if self.source.gzipped:  # parquet needs random access: decompress to a temporary file
+                    handle, name = tempfile.mkstemp(prefix="curate-", suffix=".parquet")
+                    target = Path(name)
                     self._cleanup.append(target)
-                    with gzip.open(path, "rb") as src, open(target, "wb") as dst:
-                        shutil.copyfileobj(src, dst)
+                    with gzip.open(path, "rb") as src, open(handle, "wb") as dst:
+                        shutil.copyfileobj(src, dst, 1 << 20)
                 self._parquet = pq.ParquetFile(target)
                 if self._parquet.metadata.num_rows == 0:
                     raise InputError(f"{path}: parquet file has no rows")
                 return self._parquet.schema_arrow
             if fmt in ("csv", "tsv"):
-                self._csv = self._open_csv()
-                return self._csv.schema
+                self._csv, schema = self._open_csv()
+                return schema
             self._lines = self._stream()
             first = self._peek_json_line()
             return pa.schema([(name, _json_type(value)) for name, value in first.items()])
         except InputError:
             raise
-        except (pa.ArrowInvalid, OSError, EOFError) as err:
+        except _READ_ERRORS as err:
             raise InputError(f"{path}: not a readable {fmt} file (truncated or corrupt?): {err}") from None
 
-    def _open_csv(self) -> pcsv.CSVStreamingReader:
+    def _open_csv(self) -> tuple[pcsv.CSVStreamingReader, pa.Schema]:
+        """The reader of the wanted columns (as binary), and every column of the file for checking."""
         cfg, delimiter = self.cfg, "\t" if self.source.format == "tsv" else ","
         header = cfg.header
         if header == "auto":
@@ -240,16 +277,24 @@ class _TableReader:
             quote_char='"' if delimiter == "," else False,
             newlines_in_values=delimiter == ",",
         )
-        wanted = [c for c in (cfg.url_col, cfg.caption_col, cfg.uid_col) if c]
-        convert = pcsv.ConvertOptions(column_types={c: pa.binary() for c in wanted}, strings_can_be_null=False)
-        return pcsv.open_csv(self._stream(), read_options=read, parse_options=parse, convert_options=convert)
+        if header == "no":
+            names = list(cfg.columns)
+        else:
+            with self._stream() as stream:
+                names = pcsv.open_csv(stream, read_options=read, parse_options=parse).schema.names
+        wanted = [c for c in (cfg.url_col, cfg.caption_col, cfg.uid_col) if c and c in names]
+        convert = pcsv.ConvertOptions(
+            column_types={c: pa.binary() for c in wanted}, strings_can_be_null=False, include_columns=wanted
+        )
+        reader = pcsv.open_csv(self._stream(), read_options=read, parse_options=parse, convert_options=convert)
+        return reader, pa.schema([(name, pa.binary()) for name in names])
 
     def _first_field_is_url(self, delimiter: str) -> bool:
         opener = gzip.open if self.source.gzipped else open
         with opener(self.source.path, "rb") as handle:
             first_line = handle.readline(65536)
-        first_field = first_line.split(delimiter.encode(), 1)[0].strip().lower()
-        return first_field.startswith((b"http://", b"https://"))
+        first_field = first_line.removeprefix(b"\xef\xbb\xbf").split(delimiter.encode(), 1)[0]
+        return first_field.strip().strip(b'"').lower().startswith((b"http://", b"https://"))
 
     def _peek_json_line(self) -> dict[str, object]:
         self._line_number = 0
@@ -281,7 +326,7 @@ class _TableReader:
                 yield pa.Table.from_arrays(columns, names=names)
         except InputError:
             raise
-        except (pa.ArrowInvalid, OSError, EOFError) as err:
+        except _READ_ERRORS as err:
             raise InputError(f"{self.source.path}: read failed (truncated or corrupt?): {err}") from None
 
     def _raw_batches(self, wanted: list[str]) -> Iterator[pa.RecordBatch | pa.Table]:
@@ -317,7 +362,7 @@ class _TableReader:
                         f"{self.source.path}: line {number}: column {column!r} is {type(value).__name__}, "
                         "expected a string"
                     )
-                buffer[column].append(None if value is None else value.encode("utf-8", "surrogateescape"))
+                buffer[column].append(None if value is None else _json_string_bytes(value))
             if len(buffer[wanted[0]]) >= self.cfg.batch_rows:
                 yield pa.table({c: pa.array(v, pa.binary()) for c, v in buffer.items()})
                 buffer = {c: [] for c in wanted}
@@ -327,6 +372,14 @@ class _TableReader:
 
 def open_table_reader(source: SourceFile, cfg: InputConfig) -> _TableReader:
     return _TableReader(source, cfg)
+
+
+def _json_string_bytes(value: str) -> bytes:
+    """The bytes a JSON string stood for; undecodable bytes and lone surrogates stay invalid UTF-8."""
+    try:
+        return value.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:
+        return value.encode("utf-8", "surrogatepass")
 
 
 def _json_type(value: object) -> pa.DataType:
@@ -358,28 +411,58 @@ def _as_binary(column: pa.Array | pa.ChunkedArray) -> pa.Array:
 
 def decode_utf8(column: pa.Array) -> tuple[pa.Array, np.ndarray]:
     """Binary -> string; rows that are not valid UTF-8 become null and are flagged."""
+    invalid = np.zeros(len(column), dtype=bool)
     try:
-        return column.cast(pa.string()), np.zeros(len(column), dtype=bool)
+        return column.cast(pa.string()), invalid
     except pa.ArrowInvalid:
-        values, invalid = [], np.zeros(len(column), dtype=bool)
-        for i, raw in enumerate(column.to_pylist()):
+        pass
+    _flag_invalid_utf8(column, 0, invalid)
+    valid = pc.if_else(pa.array(invalid), pa.scalar(None, column.type), column)
+    return valid.cast(pa.string()), invalid
+
+
+def _flag_invalid_utf8(column: pa.Array, offset: int, invalid: np.ndarray) -> None:
+    """Bisect `column` (which holds invalid UTF-8) down to the bad rows: cost ~ bad rows x log(rows)."""
+    if len(column) <= 16:
+        for i in range(len(column)):
             try:
-                values.append(None if raw is None else raw.decode("utf-8"))
-            except UnicodeDecodeError:
-                values.append(None)
-                invalid[i] = True
-        return pa.array(values, pa.string()), invalid
+                column.slice(i, 1).cast(pa.string())
+            except pa.ArrowInvalid:
+                invalid[offset + i] = True
+        return
+    half = len(column) // 2
+    for start, part in ((0, column.slice(0, half)), (half, column.slice(half))):
+        try:
+            part.cast(pa.string())
+        except pa.ArrowInvalid:
+            _flag_invalid_utf8(part, offset + start, invalid)
 
 
 def generated_uids(source_name: str, first_row: int, count: int) -> pa.Array:
-    prefix = f"{source_name}\x1f".encode()
-    return pa.array(
-        [
-            hashlib.blake2b(prefix + str(row).encode(), digest_size=16).hexdigest()
-            for row in range(first_row, first_row + count)
-        ],
-        pa.string(),
-    )
+    """blake2b-128 hex of "<file name>\\x1f<row>" for rows first_row .. first_row + count - 1."""
+    base = hashlib.blake2b(f"{source_name}\x1f".encode(), digest_size=16)
+    uids = []
+    for row in range(first_row, first_row + count):
+        digest = base.copy()
+        digest.update(b"%d" % row)
+        uids.append(digest.hexdigest())
+    return pa.array(uids, pa.string())
+
+
+def clean_captions(caption: pa.Array) -> tuple[pa.Array, np.ndarray]:
+    """Null -> "", control characters -> space, whitespace runs -> one space, trimmed; and which had
+    control characters. Only the few captions that need more than trimming go through the regexes."""
+    caption = pc.fill_null(caption, "")
+    had_control = np.zeros(len(caption), dtype=bool)
+    messy = pc.match_substring_regex(caption, _NEEDS_CLEANING)
+    if pc.any(messy).as_py():
+        subset = caption.filter(messy)
+        where = np.flatnonzero(messy.to_numpy(zero_copy_only=False))
+        had_control[where] = pc.match_substring_regex(subset, _CONTROL_CHARS).to_numpy(zero_copy_only=False)
+        subset = pc.replace_substring_regex(subset, _CONTROL_CHARS, " ")
+        subset = pc.replace_substring_regex(subset, r"\s+", " ")
+        caption = pc.replace_with_mask(caption, messy, subset)
+    return pc.utf8_trim_whitespace(caption), had_control
 
 
 def validate_batch(batch: pa.Table, cfg: InputConfig, uids: pa.Array, rows: pa.Array) -> pa.Table:
@@ -392,17 +475,12 @@ def validate_batch(batch: pa.Table, cfg: InputConfig, uids: pa.Array, rows: pa.A
     url_length = pc.fill_null(pc.utf8_length(url), 0).to_numpy(zero_copy_only=False)
     url_ok = pc.fill_null(pc.match_substring_regex(url, _VALID_URL), False).to_numpy(zero_copy_only=False)
 
-    had_control = pc.fill_null(pc.match_substring_regex(caption, _CONTROL_CHARS), False)
-    caption = pc.fill_null(caption, "")
-    caption = pc.replace_substring_regex(caption, _CONTROL_CHARS, " ")
-    caption = pc.utf8_trim_whitespace(pc.replace_substring_regex(caption, r"\s+", " "))
+    caption, had_control = clean_captions(caption)
     caption_length = pc.utf8_length(caption).to_numpy(zero_copy_only=False)
 
     status = np.full(n, Status.KEPT.value, dtype=object)
     reason = np.full(n, None, dtype=object)
-    detail = np.where(
-        had_control.to_numpy(zero_copy_only=False), "control characters removed from caption", None
-    ).astype(object)
+    detail = np.where(had_control, "control characters removed from caption", None).astype(object)
 
     def mark(mask: np.ndarray, new_status: Status, new_reason: str, new_detail: np.ndarray | str) -> None:
         mask = mask & (reason == None)  # noqa: E711  (object array: elementwise test for unset)
@@ -421,13 +499,12 @@ def validate_batch(batch: pa.Table, cfg: InputConfig, uids: pa.Array, rows: pa.A
     mark(~url_ok, Status.FAILED, "invalid_url", "not an http(s) url with a host")
     mark(caption_not_utf8, Status.FAILED, "invalid_caption", "caption is not valid UTF-8")
     too_long = caption_length > cfg.max_caption_chars
-    mark(
-        too_long,
-        Status.DROPPED,
-        "caption_too_long",
-        np.array([f"caption has {c} characters > {cfg.max_caption_chars}" for c in caption_length], dtype=object),
-    )
     if too_long.any():
+        too_long_detail = np.full(n, None, dtype=object)
+        too_long_detail[too_long] = [
+            f"caption has {length} characters > {cfg.max_caption_chars}" for length in caption_length[too_long]
+        ]
+        mark(too_long, Status.DROPPED, "caption_too_long", too_long_detail)
         caption = pc.utf8_slice_codeunits(caption, 0, cfg.max_caption_chars)
 
     return pa.Table.from_arrays(
@@ -444,16 +521,21 @@ def validate_batch(batch: pa.Table, cfg: InputConfig, uids: pa.Array, rows: pa.A
     )
 
 
+def _hash_strings(column: pa.ChunkedArray | pa.Array, keys: tuple[str, ...]) -> list[np.ndarray]:
+    values = column.to_numpy(zero_copy_only=False)
+    return [pd.util.hash_array(values, hash_key=key, categorize=False) for key in keys]
+
+
 def url_caption_hashes(staged: pa.Table) -> np.ndarray:
-    """128-bit hash per row of (url, caption) as an (n, 2) uint64 array."""
+    """128-bit hash per row of (url, caption) as an (n, 2) uint64 array. A caption never holds the
+    separator (control characters are cleaned away), so different pairs never join to the same string."""
     joined = pc.binary_join_element_wise(pc.fill_null(staged["url"], ""), staged["caption"], "\x1f")
-    values = joined.to_numpy(zero_copy_only=False).astype(object)
-    return np.stack([pd.util.hash_array(values, hash_key=key) for key in _HASH_KEYS], axis=1)
+    return np.stack(_hash_strings(joined, _HASH_KEYS), axis=1)
 
 
 def string_hashes(column: pa.ChunkedArray | pa.Array) -> np.ndarray:
-    values = column.to_numpy(zero_copy_only=False).astype(object)
-    return np.stack([pd.util.hash_array(values, hash_key=key) for key in _HASH_KEYS], axis=1)
+    """64-bit hash per value; equal hashes must be confirmed on the values themselves."""
+    return _hash_strings(column, (_UID_HASH_KEY,))[0]
 
 
 # ---------------------------------------------------------------- the stage
@@ -464,7 +546,7 @@ def shard_name(index: int) -> str:
 
 
 class _StagingWriter:
-    """Cuts the stream of validated rows into shards of `shard_size` input rows."""
+    """Cuts the stream of validated rows into shards of `shard_size` input rows (Arrow IPC files)."""
 
     def __init__(self, folder: Path, shard_size: int) -> None:
         self.folder, self.shard_size = folder, shard_size
@@ -485,9 +567,18 @@ class _StagingWriter:
         if not self.pending_rows:
             return
         name = shard_name(len(self.shards))
-        pq.write_table(pa.concat_tables(self.pending), self.folder / f"{name}.parquet")
+        with pa.ipc.new_file(self.path(name), _STAGING_SCHEMA) as writer:
+            writer.write_table(pa.concat_tables(self.pending))
         self.shards.append(name)
         self.pending, self.pending_rows = [], 0
+
+    def path(self, shard: str) -> Path:
+        return self.folder / f"{shard}.arrow"
+
+    def read(self, shard: str, columns: list[str] | None = None) -> pa.Table:
+        with pa.OSFile(str(self.path(shard))) as handle:
+            table = pa.ipc.open_file(handle).read_all()
+        return table.select(columns) if columns else table
 
 
 def input_fingerprint(cfg: InputConfig, sources: list[SourceFile]) -> str:
@@ -500,10 +591,13 @@ def input_fingerprint(cfg: InputConfig, sources: list[SourceFile]) -> str:
 
 
 def build_input(cfg: InputConfig, sources: list[SourceFile], stage_dir: Path, fingerprint: str) -> InputSummary:
-    """Stream every source into `stage_dir` (shards/, fates/, _done/, manifest.json), all or nothing."""
+    """Stream every source into `stage_dir` (shards/, fates/, _done/, manifest.json), all or nothing:
+    on any error nothing is left behind and an existing `stage_dir` is untouched."""
+    created = [p for p in (stage_dir.parent, *stage_dir.parent.parents) if not p.exists()]
     scratch = stage_dir.parent / f".{stage_dir.name}.{uuid.uuid4().hex[:8]}.tmp"
     staging = scratch / "staging"
     staging.mkdir(parents=True)
+    committed = False
     try:
         summary = _stream_and_shard(cfg, sources, scratch, staging, fingerprint)
         shutil.rmtree(staging)
@@ -512,19 +606,35 @@ def build_input(cfg: InputConfig, sources: list[SourceFile], stage_dir: Path, fi
             os.replace(stage_dir, retired)
             shutil.rmtree(retired)
         os.replace(scratch, stage_dir)
+        committed = True
         return summary
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
+        if not committed:
+            for folder in created:  # innermost first; only folders this call made
+                with contextlib.suppress(OSError):
+                    folder.rmdir()
+
+
+@dataclass
+class _Seen:
+    """What the first pass remembers of every row: hashes to find repeated uids and (url, caption) pairs."""
+
+    uid_hashes: list[np.ndarray]
+    pair_hashes: list[np.ndarray]  # (n, 2) uint64, for the rows still kept after validation
+    pair_rows: list[np.ndarray]  # their global row numbers
+    file_starts: list[tuple[int, SourceFile]]  # global row where each file begins
 
 
 def _stream_and_shard(
     cfg: InputConfig, sources: list[SourceFile], scratch: Path, staging: Path, fingerprint: str
 ) -> InputSummary:
     writer = _StagingWriter(staging, cfg.shard_size)
-    candidate_hashes, candidate_rows, uid_hashes = [], [], []
+    seen = _Seen([], [], [], [])
     global_row = 0
     for source in sources:
         file_row = 0
+        seen.file_starts.append((global_row, source))
         with open_table_reader(source, cfg) as reader:
             check_columns(source, reader.schema, cfg)
             for batch in reader.batches():
@@ -535,18 +645,20 @@ def _stream_and_shard(
                 else:
                     uids = generated_uids(source.name, file_row, n)
                 staged = validate_batch(batch, cfg, uids, rows)
-                uid_hashes.append(string_hashes(uids))
-                kept = pc.equal(staged["status"], Status.KEPT.value)
-                candidates = staged.filter(kept)
-                candidate_hashes.append(url_caption_hashes(candidates))
-                candidate_rows.append(candidates["row"].to_numpy())
+                seen.uid_hashes.append(string_hashes(uids))
+                candidates = staged.filter(pc.equal(staged["status"], Status.KEPT.value))
+                seen.pair_hashes.append(url_caption_hashes(candidates))
+                seen.pair_rows.append(candidates["row"].to_numpy())
                 writer.add(staged)
                 global_row += n
                 file_row += n
     writer.flush()
-    _refuse_duplicate_uids(np.concatenate(uid_hashes) if uid_hashes else np.zeros((0, 2), np.uint64), staging)
-    first_of = _first_occurrences(candidate_hashes, candidate_rows)
-    return _finalize_shards(writer.shards, staging, scratch, first_of, cfg.shard_size, fingerprint)
+    _refuse_duplicate_uids(np.concatenate(seen.uid_hashes) if seen.uid_hashes else np.zeros(0, np.uint64), writer, seen)
+    seen.uid_hashes.clear()
+    repeats, firsts = _first_occurrences(seen.pair_hashes, seen.pair_rows)
+    seen.pair_hashes.clear()
+    seen.pair_rows.clear()
+    return _finalize_shards(writer, scratch, repeats, firsts, cfg.shard_size, fingerprint)
 
 
 def _given_uids(column: pa.Array, source: SourceFile, first_row: int) -> pa.Array:
@@ -559,83 +671,119 @@ def _given_uids(column: pa.Array, source: SourceFile, first_row: int) -> pa.Arra
     return uids
 
 
-def _refuse_duplicate_uids(hashes: np.ndarray, staging: Path) -> None:
-    if not len(hashes):
+def _refuse_duplicate_uids(hashes: np.ndarray, writer: _StagingWriter, seen: _Seen) -> None:
+    """Raise InputError naming the first repeated uid and where it occurs. 64-bit hashes find the
+    candidates; the uids themselves decide, so a hash collision is never reported as a repeat."""
+    ordered = np.sort(hashes)
+    suspicious = np.unique(ordered[1:][ordered[1:] == ordered[:-1]])
+    if not len(suspicious):
         return
-    _, counts = np.unique(hashes, axis=0, return_counts=True)
-    if (counts > 1).any():
-        repeated = pq.read_table(staging, columns=["uid", "row"]).to_pandas()
-        repeated = repeated[repeated.duplicated("uid", keep=False)].sort_values("row")
-        uid, rows = repeated.iloc[0]["uid"], repeated.loc[repeated.uid == repeated.iloc[0]["uid"], "row"]
-        raise InputError(
-            f"input: uid {uid!r} appears {len(rows)} times (input rows {rows.tolist()[:5]}); "
-            "uids must be unique (give input files distinct names or provide a unique input.uid_col)"
-        )
+    parts = []
+    for shard in writer.shards:
+        staged = writer.read(shard, ["uid", "row"])
+        hit = np.isin(string_hashes(staged["uid"]), suspicious)
+        if hit.any():
+            parts.append(staged.filter(pa.array(hit)).to_pandas())
+    suspects = pd.concat(parts).sort_values("row")
+    repeated = suspects[suspects.duplicated("uid", keep=False)]
+    if repeated.empty:
+        return
+    uid = repeated.iloc[0]["uid"]
+    places = [_file_row(int(row), seen.file_starts) for row in repeated.loc[repeated.uid == uid, "row"]]
+    where = ", ".join(f"{source.path} row {row}" for source, row in places[:5])
+    raise InputError(f"{places[0][0].path}: uid {uid!r} appears {len(places)} times ({where}); uids must be unique")
 
 
-def _first_occurrences(hash_parts: list[np.ndarray], row_parts: list[np.ndarray]) -> dict[int, int]:
-    """For each repeated (url, caption) row: global row -> global row of its first occurrence."""
+def _file_row(row: int, file_starts: list[tuple[int, SourceFile]]) -> tuple[SourceFile, int]:
+    """The file a global row number belongs to, and the row number within that file."""
+    index = int(np.searchsorted([start for start, _ in file_starts], row, side="right")) - 1
+    start, source = file_starts[index]
+    return source, row - start
+
+
+def _first_occurrences(hash_parts: list[np.ndarray], row_parts: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """The global rows that repeat an earlier (url, caption) pair, ascending, and for each the global row
+    of the pair's first occurrence. `row_parts` ascend within and across parts."""
+    empty = np.zeros(0, np.int64)
     if not hash_parts:
-        return {}
-    hashes, rows = np.concatenate(hash_parts), np.concatenate(row_parts)
-    if not len(rows):
-        return {}
+        return empty, empty
+    high = np.concatenate([h[:, 0] for h in hash_parts])
+    if not len(high):
+        return empty, empty
+    # A stable sort on the first 64 bits keeps rows ascending within equal hashes; only rows whose
+    # first 64 bits repeat need the full comparison.
+    order = np.argsort(high, kind="stable")
+    sorted_high = high[order]
+    del high
+    same = sorted_high[1:] == sorted_high[:-1]
+    del sorted_high
+    in_run = np.zeros(len(order), dtype=bool)
+    in_run[1:] |= same
+    in_run[:-1] |= same
+    del same
+    candidates = np.sort(order[in_run])  # positions into the concatenated parts
+    del order, in_run
+    hashes = np.concatenate(hash_parts)[candidates]
+    rows = np.concatenate(row_parts)[candidates]
     order = np.lexsort((rows, hashes[:, 1], hashes[:, 0]))
     sorted_hashes, sorted_rows = hashes[order], rows[order]
     same_as_previous = np.zeros(len(rows), dtype=bool)
     same_as_previous[1:] = (sorted_hashes[1:] == sorted_hashes[:-1]).all(axis=1)
     group_start = np.maximum.accumulate(np.where(same_as_previous, 0, np.arange(len(rows))))
     repeats = np.flatnonzero(same_as_previous)
-    return dict(zip(sorted_rows[repeats].tolist(), sorted_rows[group_start[repeats]].tolist(), strict=True))
+    repeat_rows, first_rows = sorted_rows[repeats], sorted_rows[group_start[repeats]]
+    by_row = np.argsort(repeat_rows)
+    return repeat_rows[by_row].astype(np.int64), first_rows[by_row].astype(np.int64)
 
 
 def _finalize_shards(
-    shards: list[str],
-    staging: Path,
+    writer: _StagingWriter,
     scratch: Path,
-    first_of: dict[int, int],
+    repeats: np.ndarray,
+    firsts: np.ndarray,
     shard_size: int,
     fingerprint: str,
 ) -> InputSummary:
-    needed_first_rows = set(first_of.values())
-    uid_of_first: dict[int, str] = {}
+    """Rewrite each staging shard as its final shard and fates, marking the repeats found."""
+    needed = np.unique(firsts)  # rows whose uid some repeat names
+    needed_uids: list[pa.Array] = []  # their uids, in the order of `needed`, filled shard by shard
     total = StageStats()
-    for shard in shards:
-        staged = pq.read_table(staging / f"{shard}.parquet")
+    for path in ("shards", "fates", "_done"):
+        (scratch / path).mkdir(parents=True, exist_ok=True)
+    for shard in writer.shards:
+        staged = writer.read(shard)
+        writer.path(shard).unlink()
         rows = staged["row"].to_numpy()
-        for row, uid in zip(rows.tolist(), staged["uid"].to_pylist(), strict=True):
-            if row in needed_first_rows:
-                uid_of_first[row] = uid
-        status = staged["status"].to_numpy(zero_copy_only=False).astype(object)
-        reason = staged["reason"].to_numpy(zero_copy_only=False).astype(object)
-        detail = staged["detail"].to_numpy(zero_copy_only=False).astype(object)
-        for i, row in enumerate(rows.tolist()):
-            if row in first_of:
-                status[i], reason[i] = Status.DROPPED.value, "dup_url_caption"
-                detail[i] = uid_of_first[first_of[row]]
-        fates = make_fates(
-            staged["uid"],
-            list(status),
-            list(reason),
-            list(detail),
-            url=staged["url"],
-            caption=staged["caption"],
-        )
+        first, last = int(rows[0]), int(rows[-1])
+        assert last - first + 1 == len(rows), "staging shards hold consecutive rows"
+        lo, hi = np.searchsorted(needed, [first, last + 1])
+        needed_uids.append(staged["uid"].take(pa.array(needed[lo:hi] - first)).combine_chunks())
+        lo, hi = np.searchsorted(repeats, [first, last + 1])
+        status, reason, detail = staged["status"], staged["reason"], staged["detail"]
+        if hi > lo:
+            mask = np.zeros(len(rows), dtype=bool)
+            mask[repeats[lo:hi] - first] = True
+            mask_array = pa.array(mask)
+            first_uids = pa.chunked_array(needed_uids, pa.string()).take(
+                pa.array(np.searchsorted(needed, firsts[lo:hi]))
+            )
+            status = pc.if_else(mask_array, Status.DROPPED.value, status)
+            reason = pc.if_else(mask_array, "dup_url_caption", reason)
+            detail = pc.replace_with_mask(detail.combine_chunks(), mask_array, first_uids.combine_chunks())
+        fates = make_fates(staged["uid"], status, reason, detail, url=staged["url"], caption=staged["caption"])
         kept = pc.equal(fates["status"], Status.KEPT.value)
-        write_parquet_atomic(
-            staged.select(["uid", "url", "caption"]).filter(kept).cast(SHARD_SCHEMA),
-            scratch / "shards" / f"{shard}.parquet",
-        )
-        write_parquet_atomic(fates, scratch / "fates" / f"{shard}.parquet")
+        shard_rows = staged.select(["uid", "url", "caption"]).filter(kept).cast(SHARD_SCHEMA)
+        pq.write_table(shard_rows, scratch / "shards" / f"{shard}.parquet", use_dictionary=False)
+        pq.write_table(fates, scratch / "fates" / f"{shard}.parquet", use_dictionary=["status", "reason"])
         stats = StageStats(count_fates(fates))
         write_json_atomic(
             scratch / "_done" / f"{shard}.json",
             {"fingerprint": fingerprint, "counts": dict(stats.counts), "seconds": 0.0},
         )
         total = total + stats
-    manifest = {"fingerprint": fingerprint, "shards": shards, "rows": total.rows, "shard_size": shard_size}
+    manifest = {"fingerprint": fingerprint, "shards": writer.shards, "rows": total.rows, "shard_size": shard_size}
     write_json_atomic(scratch / "manifest.json", manifest)
-    return InputSummary(shards, total.rows, total)
+    return InputSummary(writer.shards, total.rows, total)
 
 
 def read_manifest(stage_dir: Path) -> dict[str, object] | None:

@@ -156,11 +156,11 @@ def merge_ledger(stage_fates: list[tuple[str, pa.Table]]) -> pd.DataFrame:
     and every later stage must decide exactly the uids the previous stage kept.
     """
     first_stage, first = stage_fates[0]
-    ledger = first.to_pandas().set_index("uid")
+    ledger = _fates_frame(first)
     ledger["stage"] = first_stage
     previous_kept = ledger.index[ledger["status"] == Status.KEPT.value]
     for stage, fates in stage_fates[1:]:
-        decided = fates.to_pandas().set_index("uid")
+        decided = _fates_frame(fates)
         if len(decided) != len(previous_kept) or not decided.index.isin(previous_kept).all():
             raise FateError(
                 f"stage {stage!r} decided {len(decided)} uids, but the previous stage kept {len(previous_kept)}"
@@ -170,11 +170,16 @@ def merge_ledger(stage_fates: list[tuple[str, pa.Table]]) -> pd.DataFrame:
         for attribute in (f.name for f in ATTRIBUTE_FIELDS):
             values = decided[attribute].dropna()
             if len(values):
-                if ledger[attribute].dtype != values.dtype and ledger[attribute].isna().all():
-                    ledger[attribute] = ledger[attribute].astype(values.dtype)
                 ledger.loc[values.index, attribute] = values
         previous_kept = decided.index[decided["status"] == Status.KEPT.value]
     return ledger.reset_index()[LEDGER_COLUMNS]
+
+
+_NULLABLE_DTYPES = {pa.int32(): pd.Int32Dtype(), pa.float32(): pd.Float32Dtype()}
+
+
+def _fates_frame(fates: pa.Table) -> pd.DataFrame:
+    return fates.to_pandas(types_mapper=_NULLABLE_DTYPES.get).set_index("uid")
 
 
 LEDGER_SCHEMA = pa.schema(
@@ -192,9 +197,6 @@ LEDGER_SCHEMA = pa.schema(
 
 def ledger_table(ledger: pd.DataFrame) -> pa.Table:
     return pa.Table.from_pandas(ledger, schema=LEDGER_SCHEMA, preserve_index=False)
-
-
-_NULLABLE_DTYPES = {pa.int32(): pd.Int32Dtype(), pa.float32(): pd.Float32Dtype()}
 
 
 def read_ledger(run_dir: str | Path) -> pd.DataFrame:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
+import pickle
 import shutil
 import time
 import uuid
@@ -18,7 +20,7 @@ from curate.stage import ShardStage, StageContext
 
 log = logging.getLogger(__name__)
 
-_WORKER_STAGES: dict[tuple[str, str], ShardStage] = {}
+_WORKER_STAGES: dict[tuple[str, str, str], ShardStage] = {}
 
 
 class ShardState(StrEnum):
@@ -55,7 +57,8 @@ def marker_stats(ctx: StageContext, stage: str, shard: str) -> StageStats:
 
 def worker_stage(stage: ShardStage, ctx: StageContext) -> ShardStage:
     """The set-up copy of `stage` in this process: models load once per worker, not once per shard."""
-    key = (stage.name, ctx.fingerprint)
+    # A stage pickles without its loaded resources, so equal pickles mean an equivalent stage.
+    key = (stage.name, ctx.fingerprint, hashlib.sha256(pickle.dumps(stage)).hexdigest())
     if key not in _WORKER_STAGES:
         stage.setup()
         _WORKER_STAGES[key] = stage

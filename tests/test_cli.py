@@ -1,0 +1,74 @@
+"""The command line, end to end, as a user runs it."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+
+from curate.ledger import read_ledger
+from tests.world_fixtures import ServedWorld, served_world  # noqa: F401
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def curate(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "curate", *args], cwd=cwd, capture_output=True, text=True)
+
+
+def test_run_then_status_through_the_cli(served_world: ServedWorld, tmp_path: Path):
+    pipeline = served_world.pipeline(tmp_path)
+    finished = curate("run", str(pipeline), "--no-progress", "--set", "download.processes=2")
+    assert finished.returncode == 0, finished.stderr
+    rows = len(served_world.world.truth)
+    assert f"({rows} input rows)" in finished.stdout
+    assert "download" in finished.stdout and "failed/http_404" in finished.stdout
+
+    run_dir = tmp_path / "run"
+    ledger = read_ledger(run_dir)
+    assert len(ledger) == rows and ledger.uid.is_unique
+    assert set(ledger.columns) >= {"uid", "url", "caption", "status", "stage", "reason", "detail", "clip_score",
+                                   "sha256", "width", "height"}  # fmt: skip
+    saved = (run_dir / "config.yaml").read_text()
+    assert "processes: 2" in saved and str(served_world.table) in saved
+
+    status = curate("status", str(run_dir), "--json")
+    assert status.returncode == 0, status.stderr
+    document = json.loads(status.stdout)
+    assert document["ledger_rows"] == rows
+    assert document["stages"]["download"]["shards"] == {"done": document["shards"], "stale": 0, "pending": 0}
+    stats = json.loads((run_dir / "stats.json").read_text())
+    download_losses = stats["stages"]["download"]["rows"] - stats["stages"]["download"]["kept"]
+    input_losses = stats["stages"]["input"]["rows"] - stats["stages"]["input"]["kept"]
+    assert input_losses + download_losses + stats["stages"]["download"]["kept"] == rows
+
+    changed = curate("status", str(run_dir))
+    assert "done" in changed.stdout and "ledger: " in changed.stdout
+
+
+def test_bad_config_exits_2_with_one_line_and_writes_nothing(served_world: ServedWorld, tmp_path: Path):
+    pipeline = served_world.pipeline(tmp_path)
+    finished = curate("run", str(pipeline), "--set", "download.timout=3")
+    assert finished.returncode == 2
+    assert finished.stderr.strip().count("\n") == 0
+    assert "unknown key 'download.timout'" in finished.stderr and "did you mean 'download.timeout'" in finished.stderr
+    assert not (tmp_path / "run").exists()
+
+
+def test_bad_input_file_exits_2_naming_the_file_and_writes_nothing(tmp_path: Path):
+    table = tmp_path / "crawl.csv"
+    pd.DataFrame({"link": ["http://127.0.0.1:1/a.jpg"], "text": ["a"]}).to_csv(table, index=False)
+    pipeline = tmp_path / "p.yaml"
+    pipeline.write_text(f"output: {tmp_path / 'run'}\ninput:\n  path: {table}\n")
+    finished = curate("run", str(pipeline))
+    assert finished.returncode == 2
+    assert str(table) in finished.stderr and "missing column 'url'" in finished.stderr
+    assert not (tmp_path / "run").exists()
+
+
+def test_status_of_a_directory_that_is_not_a_run(tmp_path: Path):
+    finished = curate("status", str(tmp_path))
+    assert finished.returncode == 1 and "not a curate run" in finished.stderr
