@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 
 class ConfigError(ValueError):
@@ -76,72 +76,143 @@ class PipelineConfig(Section):
     input: InputConfig
     download: DownloadConfig = Field(default_factory=DownloadConfig)
 
-    @model_validator(mode="after")
-    def _stages_in_order(self) -> PipelineConfig:
+    @field_validator("stages")
+    @classmethod
+    def _stages_in_order(cls, stages: list[str]) -> list[str]:
         order = ["input", "download"]
-        if self.stages != [s for s in order if s in self.stages] or self.stages[:1] != ["input"]:
-            raise ValueError(f"stages must start with 'input' and follow the order {order}")
-        return self
+        if stages != [s for s in order if s in stages] or stages[:1] != ["input"]:
+            raise ValueError(f"must start with 'input' and follow the order {order}, each stage once")
+        return stages
 
     def section_fingerprint(self, section: str) -> str:
         payload = json.dumps(getattr(self, section).model_dump(mode="json"), sort_keys=True)
         return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """A safe loader that refuses a key given twice in one mapping (YAML would keep the last silently)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r}", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
 def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> PipelineConfig:
     """Read a pipeline YAML, apply `key.sub=value` overrides, validate; raise ConfigError on any problem."""
     path = Path(path)
     try:
-        raw = yaml.safe_load(path.read_text())
+        with open(path, encoding="utf-8") as stream:  # a file stream: YAML errors then name the file
+            raw = yaml.load(stream, Loader=_UniqueKeyLoader)  # a SafeLoader subclass
     except FileNotFoundError:
         raise ConfigError(f"{path}: no such config file") from None
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{path}: not a UTF-8 text file ({err.reason} at byte {err.start})") from None
+    except OSError as err:
+        raise ConfigError(f"{path}: cannot read the config file: {err.strerror or err}") from None
     except yaml.YAMLError as err:
         raise ConfigError(f"{path}: not valid YAML: {err}") from None
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: the top level must be a mapping of keys, got {type(raw).__name__}")
+    origins = {}
     for override in overrides:
-        apply_override(raw, override, source=path)
-    return validate_config(raw, source=path)
+        origins[apply_override(raw, override, source=path)] = override
+    return validate_config(raw, source=path, origins=origins)
 
 
-def validate_config(raw: dict[str, Any], source: str | Path = "<config>") -> PipelineConfig:
+def validate_config(
+    raw: dict[str, Any], source: str | Path = "<config>", origins: dict[str, str] | None = None
+) -> PipelineConfig:
+    """`origins` maps dotted keys set by `--set` to the override text, so errors can point at it."""
     try:
         return PipelineConfig.model_validate(raw)
     except ValidationError as err:
-        raise ConfigError(f"{source}: {describe_validation_error(err)}") from None
+        raise ConfigError(f"{source}: {describe_validation_error(err, origins)}") from None
 
 
-def apply_override(raw: dict[str, Any], override: str, source: str | Path = "<config>") -> None:
+def apply_override(raw: dict[str, Any], override: str, source: str | Path = "<config>") -> str:
+    """Set `key.sub=value` (value parsed as YAML) in `raw`; return the dotted key."""
     key, sep, text = override.partition("=")
-    if not sep or not key.strip():
+    parts = key.strip().split(".")
+    if not sep or not all(part.strip() for part in parts):
         raise ConfigError(f"--set {override!r}: expected key.sub=value")
     try:
         value = yaml.safe_load(text)
     except yaml.YAMLError:
         value = text
     node = raw
-    parts = key.strip().split(".")
-    for part in parts[:-1]:
+    for depth, part in enumerate(parts[:-1]):
         child = node.setdefault(part, {})
         if not isinstance(child, dict):
-            raise ConfigError(f"--set {override!r}: {part!r} is not a section in {source}")
+            section = ".".join(parts[: depth + 1])
+            raise ConfigError(f"--set {override!r}: {section!r} is a value, not a section, in {source}")
         node = child
     node[parts[-1]] = value
+    return ".".join(parts)
 
 
-def describe_validation_error(err: ValidationError) -> str:
-    problems = []
+def describe_validation_error(err: ValidationError, origins: dict[str, str] | None = None) -> str:
+    """One clause per problem key, in order: 'input.shard_size: Input should be greater than 0 (got 0)'."""
+    problems: dict[str, list[str]] = {}
     for problem in err.errors():
-        location = ".".join(str(part) for part in problem["loc"])
+        loc = _field_location(problem["loc"])
+        location = ".".join(map(str, loc))
         if problem["type"] == "extra_forbidden":
-            problems.append(f"unknown key {location!r}{did_you_mean(problem['loc'])}")
+            text = f"unknown key {location!r}{did_you_mean(loc)}"
         elif problem["type"] == "missing":
-            problems.append(f"missing required key {location!r}")
+            text = f"missing required key {location!r}"
         else:
-            problems.append(f"{location}: {problem['msg']} (got {problem.get('input')!r})")
-    return "; ".join(problems)
+            message = problem["msg"].removeprefix("Value error, ")
+            text = f"{location}: {message} (got {_short_repr(problem.get('input'))})"
+        origin = _origin(location, origins or {})
+        if origin:
+            text += f" [from --set {origin}]"
+        key = location if problem["type"] not in ("extra_forbidden", "missing") else text
+        problems.setdefault(key, []).append(text)
+    return "; ".join(_merge_alternatives(texts) for texts in problems.values())
+
+
+def _field_location(loc: tuple[Any, ...]) -> tuple[Any, ...]:
+    """`loc` without pydantic's union-member tags ('str', 'list[str]'): field names and list indexes."""
+    kept: list[Any] = []
+    model: type[BaseModel] | None = PipelineConfig
+    for part in loc:
+        if model is not None:
+            kept.append(part)
+            field = model.model_fields.get(str(part))
+            annotation = field.annotation if field else None
+            model = annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else None
+        elif isinstance(part, int):
+            kept.append(part)
+    return tuple(kept)
+
+
+def _merge_alternatives(texts: list[str]) -> str:
+    """Errors from each member of a union on one key: 'input.path: Input should be a valid string, or
+    Input should be a valid list (got 5)'."""
+    if len(texts) == 1:
+        return texts[0]
+    location, _, first = texts[0].partition(": ")
+    messages = [text.partition(": ")[2].rsplit(" (got ", 1)[0] for text in texts]
+    return f"{location}: {', or '.join(dict.fromkeys(messages))} (got {first.rsplit(' (got ', 1)[-1]}"
+
+
+def _origin(location: str, origins: dict[str, str]) -> str | None:
+    for key, override in origins.items():
+        if location == key or location.startswith(f"{key}.") or key.startswith(f"{location}."):
+            return override
+    return None
+
+
+def _short_repr(value: Any, limit: int = 80) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[: limit - 3]}..."
 
 
 def did_you_mean(loc: tuple[Any, ...]) -> str:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import shutil
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
@@ -18,8 +19,8 @@ from curate.executors import Executor
 from curate.executors.local import LocalExecutor
 from curate.input import STAGE as INPUT_STAGE
 from curate.input import InputError, build_input, input_fingerprint, inspect_sources, read_manifest
-from curate.io.fs import read_json, write_bytes_atomic, write_json_atomic, write_parquet_atomic
-from curate.ledger import FateError, StageStats, Status, ledger_table, merge_ledger, read_fate_parts
+from curate.io.fs import read_json, temp_sibling, write_bytes_atomic, write_json_atomic
+from curate.ledger import LEDGER_SCHEMA, FateError, StageStats, Status, ledger_table, merge_ledger, read_fate_parts
 from curate.runner import (
     ShardState,
     clear_scratch,
@@ -89,7 +90,7 @@ def run_pipeline(
     sources = inspect_sources(config.input)
     prints = stage_fingerprints(config, input_fingerprint(config.input, sources))
 
-    created_root = not layout.root.exists()
+    first_created = first_missing_ancestor(layout.root)
     manifest = read_manifest(layout.stage_dir(INPUT_STAGE))
     if only_stage in (None, INPUT_STAGE) and (manifest is None or manifest["fingerprint"] != prints[INPUT_STAGE]):
         layout.root.mkdir(parents=True, exist_ok=True)
@@ -97,8 +98,8 @@ def run_pipeline(
             log.info("input: reading %d file(s)", len(sources))
             build_input(config.input, sources, layout.stage_dir(INPUT_STAGE), prints[INPUT_STAGE])
         except BaseException:
-            if created_root:
-                shutil.rmtree(layout.root, ignore_errors=True)
+            if first_created is not None:
+                shutil.rmtree(first_created, ignore_errors=True)
             raise
         manifest = read_manifest(layout.stage_dir(INPUT_STAGE))
     if manifest is None or manifest["fingerprint"] != prints[INPUT_STAGE]:
@@ -122,6 +123,16 @@ def run_pipeline(
                 bar.update(1)
         clear_scratch(ctx, name)
     return finalize_run(config, layout, prints, shards, int(manifest["rows"]))
+
+
+def first_missing_ancestor(path: Path) -> Path | None:
+    """The outermost folder that creating `path` would create, or None when it exists."""
+    path = path.absolute()
+    if path.exists():
+        return None
+    while not path.parent.exists():
+        path = path.parent
+    return path
 
 
 def _require_upstream_done(
@@ -166,24 +177,41 @@ def finalize_run(
     result = RunResult(layout, rows, stats)
     if any(states[name][ShardState.DONE.value] != len(shards) for name in config.stages):
         return result
-    stage_fates = [(name, read_fate_parts(layout.fates_path(name, s) for s in shards)) for name in config.stages]
-    ledger = merge_ledger(stage_fates)
-    check_run_invariants(ledger, stats, rows, config.stages)
-    write_parquet_atomic(ledger_table(ledger), layout.ledger_path)
+    ledger_rows, ledger_kept = write_ledger(config.stages, layout, shards)
+    check_run_invariants(ledger_rows, ledger_kept, stats, rows, config.stages)
     write_json_atomic(layout.stats_path, stats_document(stats, rows, prints))
     result.complete = True
     return result
 
 
-def check_run_invariants(ledger: Any, stats: dict[str, StageStats], rows: int, stages: list[str]) -> None:
-    if len(ledger) != rows or ledger["uid"].duplicated().any():
-        raise FateError(f"ledger has {len(ledger)} rows ({ledger['uid'].nunique()} uids) for {rows} input rows")
+def write_ledger(stages: list[str], layout: RunLayout, shards: list[str]) -> tuple[int, int]:
+    """Merge the fates shard by shard (a uid never changes shard), so memory stays one shard deep."""
+    rows = kept = 0
+    tmp = temp_sibling(layout.ledger_path)
+    try:
+        with pq.ParquetWriter(tmp, LEDGER_SCHEMA) as writer:
+            for shard in shards:
+                parts = [(name, read_fate_parts([layout.fates_path(name, shard)])) for name in stages]
+                ledger = merge_ledger(parts)
+                writer.write_table(ledger_table(ledger))
+                rows += len(ledger)
+                kept += int((ledger["status"] == Status.KEPT.value).sum())
+        os.replace(tmp, layout.ledger_path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return rows, kept
+
+
+def check_run_invariants(
+    ledger_rows: int, ledger_kept: int, stats: dict[str, StageStats], rows: int, stages: list[str]
+) -> None:
+    if ledger_rows != rows:
+        raise FateError(f"ledger has {ledger_rows} rows for {rows} input rows")
     accounted = sum(s.rows - s.kept for s in stats.values()) + stats[stages[-1]].kept
     if accounted != rows:
         raise FateError(f"per-stage counts add up to {accounted}, not to the {rows} input rows")
-    kept_in_ledger = int((ledger["status"] == Status.KEPT.value).sum())
-    if kept_in_ledger != stats[stages[-1]].kept:
-        raise FateError(f"ledger keeps {kept_in_ledger} rows but the last stage kept {stats[stages[-1]].kept}")
+    if ledger_kept != stats[stages[-1]].kept:
+        raise FateError(f"ledger keeps {ledger_kept} rows but the last stage kept {stats[stages[-1]].kept}")
 
 
 def stats_document(stats: dict[str, StageStats], rows: int, prints: dict[str, str]) -> dict[str, Any]:

@@ -265,9 +265,7 @@ def _background_word(rng: np.random.Generator, background: str) -> str:
     return _pick(rng, BACKGROUND_SYNONYMS.get(background, (background,)))
 
 
-def make_caption(
-    rng: np.random.Generator, shape: str, color: str, count: int, background: str
-) -> str:
+def make_caption(rng: np.random.Generator, shape: str, color: str, count: int, background: str) -> str:
     """A caption that says exactly ``count`` ``color`` ``shape``s (and the background)."""
     template = _pick(rng, CAPTION_TEMPLATES)
     noun = shape if count == 1 else _plural(shape)
@@ -309,7 +307,7 @@ def _random_canvas_size(rng: np.random.Generator) -> tuple[int, int]:
 
 def _tiny_canvas_size(rng: np.random.Generator) -> tuple[int, int]:
     short = int(rng.integers(16, 49))
-    long = int(round(short * rng.uniform(1.0, 1.5)))
+    long = round(short * rng.uniform(1.0, 1.5))
     return (short, long) if rng.random() < 0.5 else (long, short)
 
 
@@ -363,8 +361,7 @@ def _star_outline(radius: float) -> list[tuple[float, float]]:
 
 def _cross_outline(radius: float) -> list[tuple[float, float]]:
     a, b = radius * 0.85, radius * 0.3
-    return [(-b, -a), (b, -a), (b, -b), (a, -b), (a, b), (b, b),
-            (b, a), (-b, a), (-b, b), (-a, b), (-a, -b), (-b, -b)]
+    return [(-b, -a), (b, -a), (b, -b), (a, -b), (a, b), (b, b), (b, a), (-b, a), (-b, b), (-a, b), (-a, -b), (-b, -b)]
 
 
 def _heart_outline(radius: float) -> list[tuple[float, float]]:
@@ -568,15 +565,19 @@ class _WorldBuilder:
         if kind == "dup_url_caption":
             row.update({c: original[c] for c in ("url_path", "caption", "caption_shape", "caption_color")})
         else:
-            scene = Scene(original["shape"], original["color"], original["count"],
-                          original["background"], original["width"], original["height"])
+            scene = Scene(
+                original["shape"],
+                original["color"],
+                original["count"],
+                original["background"],
+                original["width"],
+                original["height"],
+            )
             row.update(_truthful_caption_fields(rng, scene))
             self._add_duplicate_file(rng, row, original)
         self.rows[key] = row
 
-    def _add_duplicate_file(
-        self, rng: np.random.Generator, row: dict[str, Any], original: dict[str, Any]
-    ) -> None:
+    def _add_duplicate_file(self, rng: np.random.Generator, row: dict[str, Any], original: dict[str, Any]) -> None:
         source = self.files[original["url_path"]]
         if row["kind"] == "dup_exact":
             data, ext = source, Path(original["url_path"]).suffix
@@ -600,9 +601,7 @@ class _WorldBuilder:
             seen.add((row["url_path"], row["caption"]))
 
 
-def _pick_originals(
-    rng: np.random.Generator, clean_keys: list[str], n_needed: int
-) -> list[str]:
+def _pick_originals(rng: np.random.Generator, clean_keys: list[str], n_needed: int) -> list[str]:
     replace = n_needed > len(clean_keys)
     return [clean_keys[i] for i in rng.choice(len(clean_keys), size=n_needed, replace=replace)]
 
@@ -650,7 +649,7 @@ def generate_world(root: Path, n_base: int = 600, seed: int = 0) -> World:
             builder.add_original(index, kind)
     clean_keys = [key for key, row in builder.rows.items() if row["kind"] == "clean"]
     dup_indices = [i for i, kind in enumerate(kinds) if kind in DUP_KINDS]
-    for index, original_key in zip(dup_indices, _pick_originals(rng, clean_keys, len(dup_indices))):
+    for index, original_key in zip(dup_indices, _pick_originals(rng, clean_keys, len(dup_indices)), strict=True):
         builder.add_duplicate(index, kinds[index], original_key)
     builder.make_invalid_pairs_unique()
     rows = [builder.rows[f"r{i:05d}"] for i in range(len(kinds))]
@@ -679,7 +678,7 @@ def input_table(world: World, base_url: str) -> pd.DataFrame:
     """The crawl table (``url``, ``caption``), row ``i`` describing ``world.truth.iloc[i]``."""
     urls = [
         row_url(base_url, kind, url_path)
-        for kind, url_path in zip(world.truth["kind"], world.truth["url_path"])
+        for kind, url_path in zip(world.truth["kind"], world.truth["url_path"], strict=True)
     ]
     return pd.DataFrame({"url": urls, "caption": world.truth["caption"].tolist()})
 
@@ -776,8 +775,13 @@ class _DemoRequestHandler(BaseHTTPRequestHandler):
             if file_path is None:
                 self._send(HTTPStatus.NOT_FOUND, b"not found\n", "text/plain", {}, send_body)
             else:
-                self._send(HTTPStatus.OK, file_path.read_bytes(), _content_type(prefix, file_path),
-                           _extra_headers(prefix), send_body)
+                self._send(
+                    HTTPStatus.OK,
+                    file_path.read_bytes(),
+                    _content_type(prefix, file_path),
+                    _extra_headers(prefix),
+                    send_body,
+                )
         except (BrokenPipeError, ConnectionResetError):
             log.debug("demo server: client went away during %s", url_path)
 
@@ -848,9 +852,7 @@ class DemoServer:
         files_dir = self.world_root / "files"
         if not files_dir.is_dir():
             raise FileNotFoundError(f"no demo world files at {files_dir}; run generate_world first")
-        self._httpd = _DemoHTTPServer(
-            (self.host, self.port), files_dir, self.slow_delay_s, self.hang_s, self.hits
-        )
+        self._httpd = _DemoHTTPServer((self.host, self.port), files_dir, self.slow_delay_s, self.hang_s, self.hits)
         self._thread = threading.Thread(
             target=self._httpd.serve_forever,
             kwargs={"poll_interval": 0.05},
@@ -897,8 +899,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 def _cmd_serve(args: argparse.Namespace) -> int:
     stop_requested = threading.Event()
     previous = signal.signal(signal.SIGTERM, lambda *_: stop_requested.set())
-    server = DemoServer(Path(args.root), host=args.host, port=args.port,
-                        slow_delay_s=args.slow_delay, hang_s=args.hang)
+    server = DemoServer(Path(args.root), host=args.host, port=args.port, slow_delay_s=args.slow_delay, hang_s=args.hang)
     try:
         with server:
             print(f"serving {args.root} at {server.base_url} (Ctrl-C to stop)", flush=True)
@@ -942,8 +943,9 @@ def _build_parser() -> argparse.ArgumentParser:
     table.add_argument("--root", required=True)
     table.add_argument("--base-url", required=True)
     table.add_argument("--out", required=True)
-    table.add_argument("--format", choices=TABLE_FORMATS, default=None,
-                       help="default: from the --out suffix, else parquet")
+    table.add_argument(
+        "--format", choices=TABLE_FORMATS, default=None, help="default: from the --out suffix, else parquet"
+    )
     table.set_defaults(handler=_cmd_table)
     return parser
 
