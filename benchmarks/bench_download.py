@@ -42,8 +42,12 @@ def make_clean_web(root: Path, images: int, seed: int = 0) -> Path:
 
 
 def write_table(root: Path, base_url: str, images: int) -> Path:
-    table = pd.DataFrame({"url": [f"{base_url}/img/{i:06d}.jpg" for i in range(images)],
-                          "caption": [f"image number {i}" for i in range(images)]})  # fmt: skip
+    table = pd.DataFrame(
+        {
+            "url": [f"{base_url}/img/{i:06d}.jpg" for i in range(images)],
+            "caption": [f"image number {i}" for i in range(images)],
+        }
+    )
     path = root / "crawl.parquet"
     table.to_parquet(path, index=False)
     return path
@@ -64,20 +68,36 @@ def time_bare(table: Path, out: Path) -> float:
     shutil.rmtree(out, ignore_errors=True)
     script = BARE_SCRIPT.format(p=PROCESSES, t=THREADS, s=SHARD_SIZE, i=IMAGE_SIZE)
     started = time.perf_counter()
-    subprocess.run([sys.executable, "-c", script, str(table), str(out)], check=True, capture_output=True,
-                   env={**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1"})  # fmt: skip
+    subprocess.run(
+        [sys.executable, "-c", script, str(table), str(out)],
+        check=True,
+        capture_output=True,
+        env={**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1"},
+    )
     return time.perf_counter() - started
 
 
 def time_curate(table: Path, out: Path, work: Path) -> float:
     shutil.rmtree(out, ignore_errors=True)
     pipeline = work / "bench_download.yaml"
-    pipeline.write_text(yaml.safe_dump({
-        "output": str(out),
-        "input": {"path": str(table), "shard_size": SHARD_SIZE},
-        "download": {"processes": PROCESSES, "threads": THREADS, "image_size": IMAGE_SIZE, "resize_mode": "border",
-                     "encode_quality": 95, "timeout": 10, "retries": 0, "compute_hash": "sha256"},
-    }))  # fmt: skip
+    pipeline.write_text(
+        yaml.safe_dump(
+            {
+                "output": str(out),
+                "input": {"path": str(table), "shard_size": SHARD_SIZE},
+                "download": {
+                    "processes": PROCESSES,
+                    "threads": THREADS,
+                    "image_size": IMAGE_SIZE,
+                    "resize_mode": "border",
+                    "encode_quality": 95,
+                    "timeout": 10,
+                    "retries": 0,
+                    "compute_hash": "sha256",
+                },
+            }
+        )
+    )
     command = [sys.executable, "-m", "curate"]
     subprocess.run([*command, "input", str(pipeline), "--no-progress"], check=True, capture_output=True)
     started = time.perf_counter()

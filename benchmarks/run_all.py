@@ -1,6 +1,6 @@
 """`make bench`: run every benchmark, write the results as a markdown table plus JSON.
 
-    python -m benchmarks.run_all [--out benchmarks/results.md] [--quick]
+python -m benchmarks.run_all [--out benchmarks/results.md] [--quick]
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """`make demo`: generate the demo world, serve it on loopback, run the demo pipeline through the CLI.
 
-    python -m examples.run_demo [--out runs/demo] [--world runs/demo-world] [--n-base 600]
+python -m examples.run_demo [--out runs/demo] [--world runs/demo-world] [--n-base 600]
 """
 
 from __future__ import annotations
@@ -31,8 +31,17 @@ def main(argv: list[str] | None = None) -> int:
     with DemoServer(world.root) as server:
         table = write_input_table(world, server.base_url, args.world / "input.parquet")
         print(f"serving {len(world.truth)} rows at {server.base_url}", flush=True)
-        command = [sys.executable, "-m", "curate", "run", str(args.pipeline),
-                   "--set", f"input.path={table}", "--set", f"output={args.out}"]  # fmt: skip
+        command = [
+            sys.executable,
+            "-m",
+            "curate",
+            "run",
+            str(args.pipeline),
+            "--set",
+            f"input.path={table}",
+            "--set",
+            f"output={args.out}",
+        ]
         finished = subprocess.run(command, check=False)
     if finished.returncode != 0:
         return finished.returncode

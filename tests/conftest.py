@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 
 from curate.config import PipelineConfig, validate_config
+from tests.world_fixtures import served_world  # noqa: F401  (session fixture: the demo world on loopback)
 
 
 @pytest.fixture
@@ -22,3 +23,4 @@ def input_config(tmp_path: Path) -> Callable[..., PipelineConfig]:
         return validate_config(raw)
 
     return make
+

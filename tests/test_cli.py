@@ -10,7 +10,7 @@ from pathlib import Path
 import pandas as pd
 
 from curate.ledger import read_ledger
-from tests.world_fixtures import ServedWorld, served_world  # noqa: F401
+from tests.world_fixtures import ServedWorld
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -30,8 +30,19 @@ def test_run_then_status_through_the_cli(served_world: ServedWorld, tmp_path: Pa
     run_dir = tmp_path / "run"
     ledger = read_ledger(run_dir)
     assert len(ledger) == rows and ledger.uid.is_unique
-    assert set(ledger.columns) >= {"uid", "url", "caption", "status", "stage", "reason", "detail", "clip_score",
-                                   "sha256", "width", "height"}  # fmt: skip
+    assert set(ledger.columns) >= {
+        "uid",
+        "url",
+        "caption",
+        "status",
+        "stage",
+        "reason",
+        "detail",
+        "clip_score",
+        "sha256",
+        "width",
+        "height",
+    }
     saved = (run_dir / "config.yaml").read_text()
     assert "processes: 2" in saved and str(served_world.table) in saved
 

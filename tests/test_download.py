@@ -22,7 +22,7 @@ from curate.download import classify_error
 from curate.ledger import Status, read_ledger
 from curate.pipeline import run_pipeline
 from examples.demo_checks import compare_download_fates, truth_by_uid
-from tests.world_fixtures import ServedWorld, served_world  # noqa: F401
+from tests.world_fixtures import ServedWorld
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -136,8 +136,9 @@ def test_killed_run_resumes_without_refetching_and_matches_an_uninterrupted_run(
     subprocess.run([*command, str(reference_pipeline)], check=True, env=env, capture_output=True)
 
     hits_before = Counter(server.hits)
-    process = subprocess.Popen([*command, str(resumed_pipeline)], env=env, stdout=subprocess.DEVNULL,
-                               stderr=subprocess.DEVNULL)  # fmt: skip
+    process = subprocess.Popen(
+        [*command, str(resumed_pipeline)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     wait_for_markers(resumed_dir / "download" / "_done", 3, process)
     os.kill(process.pid, signal.SIGKILL)
     process.wait()

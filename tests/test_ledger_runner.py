@@ -31,16 +31,32 @@ def test_check_fates_demands_exactly_one_fate_per_uid():
 
 
 def test_merge_takes_the_last_decision_and_accumulates_attributes():
-    first = make_fates(["a", "b", "c", "d"], ["kept", "kept", "kept", "failed"], [None, None, None, "invalid_url"],
-                       url=["u1", "u2", "u3", "bad"], caption=["x", "y", "z", "w"])  # fmt: skip
-    second = make_fates(["a", "b", "c"], ["kept", "failed", "kept"], [None, "http_404", None],
-                        sha256=["h1", None, "h3"], width=[10, None, 30], height=[11, None, 31])  # fmt: skip
+    first = make_fates(
+        ["a", "b", "c", "d"],
+        ["kept", "kept", "kept", "failed"],
+        [None, None, None, "invalid_url"],
+        url=["u1", "u2", "u3", "bad"],
+        caption=["x", "y", "z", "w"],
+    )
+    second = make_fates(
+        ["a", "b", "c"],
+        ["kept", "failed", "kept"],
+        [None, "http_404", None],
+        sha256=["h1", None, "h3"],
+        width=[10, None, 30],
+        height=[11, None, 31],
+    )
     third = make_fates(["a", "c"], ["kept", "dropped"], [None, "clip_score"], ["", "0.1"], clip_score=[0.4, 0.1])
     ledger = merge_ledger([("input", first), ("download", second), ("filter", third)]).set_index("uid")
 
     assert ledger.loc["a", ["status", "stage", "sha256", "width"]].tolist() == ["kept", "filter", "h1", 10]
     assert ledger.loc["b", ["status", "stage", "reason"]].tolist() == ["failed", "download", "http_404"]
-    assert ledger.loc["c", ["status", "stage", "reason", "detail"]].tolist() == ["dropped", "filter", "clip_score", "0.1"]
+    assert ledger.loc["c", ["status", "stage", "reason", "detail"]].tolist() == [
+        "dropped",
+        "filter",
+        "clip_score",
+        "0.1",
+    ]
     assert ledger.loc["d", ["status", "stage", "url"]].tolist() == ["failed", "input", "bad"]
     assert ledger.loc["c", "clip_score"] == pytest.approx(0.1)
     assert ledger.loc["c", "width"] == 30
@@ -78,8 +94,11 @@ class UpperStage:
         if self.crash:
             raise RuntimeError("boom")
         failed = [u.startswith("x") for u in self.uids]
-        return make_fates(self.uids, [Status.FAILED.value if f else "kept" for f in failed],
-                          ["bad_uid" if f else None for f in failed])  # fmt: skip
+        return make_fates(
+            self.uids,
+            [Status.FAILED.value if f else "kept" for f in failed],
+            ["bad_uid" if f else None for f in failed],
+        )
 
 
 def make_ctx(tmp_path: Path, fingerprint: str) -> StageContext:
