@@ -23,4 +23,3 @@ def input_config(tmp_path: Path) -> Callable[..., PipelineConfig]:
         return validate_config(raw)
 
     return make
-
