@@ -12,10 +12,10 @@ from typing import Any
 
 from tqdm import tqdm
 
-from curate.config import ConfigError, load_config
+from curate.config import STAGE_ORDER, ConfigError, load_config
 from curate.input import InputError
 from curate.ledger import FateError, StageStats
-from curate.pipeline import STAGE_ORDER, IncompleteRun, RunResult, run_pipeline, run_status
+from curate.pipeline import IncompleteRun, RunResult, run_pipeline, run_status
 from curate.runner import ShardFailed
 
 log = logging.getLogger("curate")

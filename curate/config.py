@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 
 class ConfigError(ValueError):
@@ -68,20 +68,63 @@ class DownloadConfig(Section):
     extract_exif: bool = False
 
 
+class EmbedConfig(Section):
+    model: str = Field("ViT-B-32", description="open_clip model name, or a path to a model-config JSON")
+    pretrained: str | None = Field(None, description="open_clip pretrained tag, or a local checkpoint file")
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    batch_size: int = Field(256, gt=0)
+    decode_threads: int = Field(2, gt=0, description="threads decoding and preprocessing images ahead of the model")
+    workers: int = Field(1, gt=0, description="shards embedded at once by the local executor (one model each)")
+
+
+FILTER_PRESETS: dict[str, dict[str, Any]] = {
+    "laion": {"clip_threshold": 0.28, "caption_min_chars": 5},
+    "datacomp_basic": {"caption_min_words": 3, "caption_min_chars": 6, "min_side": 200, "max_aspect_ratio": 3.0},
+}
+
+
+class FilterConfig(Section):
+    preset: Literal["laion", "datacomp_basic"] | None = Field(
+        None, description="named settings; keys given explicitly win over the preset's"
+    )
+    caption_min_words: int | None = Field(None, ge=1, description="keep captions with at least this many words")
+    caption_min_chars: int | None = Field(None, ge=1, description="keep captions with at least this many characters")
+    min_side: int | None = Field(None, ge=1, description="keep images whose shorter original side is >= this")
+    max_aspect_ratio: float | None = Field(None, ge=1, description="keep images with long/short side <= this")
+    clip_threshold: float | None = Field(None, ge=-1, le=1, description="keep pairs with CLIP score >= this")
+    clip_top_fraction: float | None = Field(
+        None, gt=0, le=1, description="keep this fraction of the run's pairs with the highest CLIP score"
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _apply_preset(cls, raw: Any) -> Any:
+        if isinstance(raw, dict) and raw.get("preset") in FILTER_PRESETS:
+            return {**FILTER_PRESETS[raw["preset"]], **{k: v for k, v in raw.items() if v is not None}}
+        return raw
+
+
+STAGE_ORDER = ("input", "download", "embed", "filter")
+StageName = Literal["input", "download", "embed", "filter"]
+
+
 class PipelineConfig(Section):
     output: str
     executor: Literal["local", "dask"] = "local"
     scheduler: str | None = Field(None, description="address of a running Dask scheduler")
-    stages: list[Literal["input", "download"]] = Field(default_factory=lambda: ["input", "download"])
+    stages: list[StageName] = Field(default_factory=lambda: list(STAGE_ORDER))
     input: InputConfig
     download: DownloadConfig = Field(default_factory=DownloadConfig)
+    embed: EmbedConfig = Field(default_factory=EmbedConfig)
+    filter: FilterConfig = Field(default_factory=FilterConfig)
 
     @field_validator("stages")
     @classmethod
     def _stages_in_order(cls, stages: list[str]) -> list[str]:
-        order = ["input", "download"]
-        if stages != [s for s in order if s in stages] or stages[:1] != ["input"]:
-            raise ValueError(f"must start with 'input' and follow the order {order}, each stage once")
+        order = list(STAGE_ORDER)
+        if stages != order[: len(stages)] or not stages:
+            raise ValueError(f"must be the first stages of {order}, in that order")
         return stages
 
     def section_fingerprint(self, section: str) -> str:

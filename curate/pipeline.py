@@ -32,9 +32,11 @@ from curate.stage import RunLayout, ShardStage, StageContext
 
 log = logging.getLogger(__name__)
 
-STAGE_ORDER = ["input", "download"]
 # Settings that change how fast a stage runs, never what it produces: not part of its fingerprint.
-SCHEDULING_KEYS = {"download": {"threads", "processes"}}
+SCHEDULING_KEYS = {
+    "download": {"threads", "processes"},
+    "embed": {"batch_size", "decode_threads", "workers", "device"},
+}
 
 
 ProgressFactory = Callable[[str, int], AbstractContextManager[Any]]
@@ -57,11 +59,19 @@ def make_stage(name: str, config: PipelineConfig) -> ShardStage:
         from curate.download import DownloadStage
 
         return DownloadStage(config.download)
+    if name == "embed":
+        from curate.embed import EmbedStage
+
+        return EmbedStage(config.embed)
+    if name == "filter":
+        from curate.filters import FilterStage
+
+        return FilterStage(config.filter)
     raise ValueError(f"unknown stage {name!r}")
 
 
 def stage_workers(name: str, config: PipelineConfig) -> int:
-    return config.download.processes if name == "download" else 1
+    return {"download": config.download.processes, "embed": config.embed.workers}.get(name, 1)
 
 
 def stage_fingerprints(config: PipelineConfig, input_print: str) -> dict[str, str]:
@@ -87,6 +97,11 @@ def run_pipeline(
     progress = progress or (lambda _desc, _total: nullcontext(_NoProgress()))
     executor = executor or LocalExecutor()
     layout = RunLayout(Path(config.output))
+    stages = {name: make_stage(name, config) for name in config.stages[1:]}
+    for stage in stages.values():
+        preflight = getattr(stage, "preflight", None)
+        if preflight is not None:
+            preflight()  # raises ConfigError (unknown model, missing file) before anything is written
     sources = inspect_sources(config.input)
     prints = stage_fingerprints(config, input_fingerprint(config.input, sources))
 
@@ -110,11 +125,14 @@ def run_pipeline(
     for name in config.stages[1:]:
         if only_stage not in (None, name):
             continue
-        stage = make_stage(name, config)
+        stage = stages[name]
         ctx = StageContext(config, layout, prints[name])
         _require_upstream_done(config, layout, prints, name, shards)
         remove_orphans(ctx, name, shards)
         clear_scratch(ctx, name)
+        prepare = getattr(stage, "prepare", None)
+        if prepare is not None:
+            prepare(ctx, shards)  # a global step in the driver, e.g. a run-wide score cutoff
         pending = [s for s in shards if shard_state(ctx, name, s) is not ShardState.DONE]
         log.info("%s: %d of %d shards to run", name, len(pending), len(shards))
         with progress(name, len(shards)) as bar:
@@ -179,7 +197,7 @@ def finalize_run(
         return result
     ledger_rows, ledger_kept = write_ledger(config.stages, layout, shards)
     check_run_invariants(ledger_rows, ledger_kept, stats, rows, config.stages)
-    write_json_atomic(layout.stats_path, stats_document(stats, rows, prints))
+    write_json_atomic(layout.stats_path, stats_document(stats, rows, prints, layout))
     result.complete = True
     return result
 
@@ -214,11 +232,16 @@ def check_run_invariants(
         raise FateError(f"ledger keeps {ledger_kept} rows but the last stage kept {stats[stages[-1]].kept}")
 
 
-def stats_document(stats: dict[str, StageStats], rows: int, prints: dict[str, str]) -> dict[str, Any]:
-    return {
-        "input_rows": rows,
-        "stages": {name: {**s.to_json(), "fingerprint": prints[name]} for name, s in stats.items()},
-    }
+def stats_document(
+    stats: dict[str, StageStats], rows: int, prints: dict[str, str], layout: RunLayout
+) -> dict[str, Any]:
+    stages = {}
+    for name, stage_stats in stats.items():
+        stages[name] = {**stage_stats.to_json(), "fingerprint": prints[name]}
+        summary = layout.stage_dir(name) / "summary.json"
+        if summary.exists():
+            stages[name]["summary"] = read_json(summary)
+    return {"input_rows": rows, "stages": stages}
 
 
 def run_status(run_dir: Path) -> dict[str, Any]:

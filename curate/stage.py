@@ -51,6 +51,15 @@ class StageContext:
     """Fingerprint of this stage's config and of everything upstream; a marker with another one is stale."""
 
 
+def kept_uids(layout: RunLayout, stage: str, shard: str) -> pa.Array:
+    """The uids `stage` kept in `shard`: what the next stage must decide."""
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    fates = pq.read_table(layout.fates_path(stage, shard), columns=["uid", "status"])
+    return fates.filter(pc.equal(fates["status"], "kept"))["uid"].combine_chunks()
+
+
 class ShardStage(Protocol):
     """A stage that turns one shard into outputs plus exactly one fate per uid it was given.
 

@@ -73,7 +73,7 @@ def test_bad_input_file_exits_2_naming_the_file_and_writes_nothing(tmp_path: Pat
     table = tmp_path / "crawl.csv"
     pd.DataFrame({"link": ["http://127.0.0.1:1/a.jpg"], "text": ["a"]}).to_csv(table, index=False)
     pipeline = tmp_path / "p.yaml"
-    pipeline.write_text(f"output: {tmp_path / 'run'}\ninput:\n  path: {table}\n")
+    pipeline.write_text(f"output: {tmp_path / 'run'}\nstages: [input, download]\ninput:\n  path: {table}\n")
     finished = curate("run", str(pipeline))
     assert finished.returncode == 2
     assert str(table) in finished.stderr and "missing column 'url'" in finished.stderr

@@ -75,7 +75,7 @@ def test_yaml_becomes_typed_sections_with_defaults(tmp_path: Path) -> None:
 def test_minimal_config_and_single_path(tmp_path: Path) -> None:
     config = load_config(write(tmp_path, "output: out\ninput:\n  path: crawl.csv\n"))
     assert config.input.paths() == ["crawl.csv"]
-    assert config.stages == ["input", "download"]
+    assert config.stages == ["input", "download", "embed", "filter"]
     assert config.input.shard_size == 10_000
 
 
@@ -140,8 +140,9 @@ def test_every_problem_is_reported_once(tmp_path: Path) -> None:
         ("  resize_mode: center_crop", "  resize_mode: squash", "download.resize_mode: Input should be 'no'"),
         ("  url_col: URL", "  header: maybe", "input.header: Input should be 'auto', 'yes' or 'no' (got 'maybe')"),
         ("executor: local", "executor: spark", "executor: Input should be 'local' or 'dask' (got 'spark')"),
-        ("stages: [input, download]", "stages: [download]", "stages: must start with 'input'"),
-        ("stages: [input, download]", "stages: [input, embed]", "stages.1: Input should be 'input' or 'download'"),
+        ("stages: [input, download]", "stages: [download]", "stages: must be the first stages of"),
+        ("stages: [input, download]", "stages: [input, embed]", "stages: must be the first stages of"),
+        ("stages: [input, download]", "stages: [input, dedupe]", "stages.1: Input should be 'input', 'download'"),
         ("  path: [data/part-0.parquet, data/part-1.parquet]", "  path: []", "input.path: must name at least one"),
         ("  path: [data/part-0.parquet, data/part-1.parquet]", "  path: 5", "input.path: Input should be a valid"),
     ],

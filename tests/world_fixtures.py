@@ -24,6 +24,7 @@ class ServedWorld:
         """Write a pipeline YAML over this world; `sections` update the default settings."""
         config = {
             "output": str(output or tmp_path / "run"),
+            "stages": ["input", "download"],
             "input": {"path": str(self.table), "shard_size": 25},
             "download": {"image_size": 64, "min_image_size": 64, "timeout": 1, "threads": 16, "processes": 1},
         }
