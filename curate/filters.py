@@ -1,0 +1,200 @@
+"""Filter stage: score columns, then keep decisions, from a small registry of named filters.
+
+Each filter computes one value per sample and keeps it or not; a sample is dropped by the first
+filter (in registry order, cheapest first) that rejects it, with the filter's name as the ledger
+reason and the value in `detail`. The CLIP scores were computed once by the embed stage, so changing
+a threshold re-runs this stage and later ones only.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import ClassVar
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from curate.config import FilterConfig
+from curate.io.fs import write_json_atomic
+from curate.ledger import FATE_SCHEMA, Status, make_fates
+from curate.stage import StageContext, kept_uids
+
+SCORE_QUANTILES = (0.01, 0.05, 0.1, 0.25, 0.5, 0.75, 0.9, 0.95, 0.99)
+
+
+@dataclass(frozen=True)
+class Filter:
+    """A named rule: `value` computes one number per sample, `keep` decides from it."""
+
+    name: str
+    value: Callable[[pa.Table], np.ndarray]
+    keep: Callable[[np.ndarray], np.ndarray]
+    rule: str  # how the detail explains a drop, e.g. ">= 3 words"
+
+
+def _column(table: pa.Table, name: str) -> np.ndarray:
+    return table[name].to_numpy(zero_copy_only=False).astype(np.float64)
+
+
+def _caption_words(t: pa.Table) -> np.ndarray:
+    return pc.list_value_length(pc.utf8_split_whitespace(t["caption"])).to_numpy(zero_copy_only=False).astype(float)
+
+
+def _caption_chars(t: pa.Table) -> np.ndarray:
+    return pc.utf8_length(t["caption"]).to_numpy(zero_copy_only=False).astype(float)
+
+
+def _min_side(t: pa.Table) -> np.ndarray:
+    return np.fmin(_column(t, "width"), _column(t, "height"))
+
+
+def _aspect_ratio(t: pa.Table) -> np.ndarray:
+    width, height = _column(t, "width"), _column(t, "height")
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.fmax(width, height) / np.fmin(width, height)
+
+
+def build_filters(cfg: FilterConfig, clip_cutoff: float | None) -> list[Filter]:
+    """The enabled filters in the order they are applied (cheap caption checks first)."""
+    filters = []
+    if cfg.caption_min_words is not None:
+        n = cfg.caption_min_words
+        filters.append(Filter("caption_words", _caption_words, lambda v: v >= n, f">= {n} words"))
+    if cfg.caption_min_chars is not None:
+        n = cfg.caption_min_chars
+        filters.append(Filter("caption_chars", _caption_chars, lambda v: v >= n, f">= {n} characters"))
+    if cfg.min_side is not None:
+        px = cfg.min_side
+        filters.append(Filter("min_side", _min_side, lambda v: v >= px, f">= {px} px"))
+    if cfg.max_aspect_ratio is not None:
+        r = cfg.max_aspect_ratio
+        filters.append(Filter("max_aspect_ratio", _aspect_ratio, lambda v: v <= r, f"<= {r:g}"))
+    if clip_cutoff is not None:
+        cutoff = clip_cutoff
+        filters.append(
+            Filter("clip_score", lambda t: _column(t, "clip_score"), lambda v: v >= cutoff, f">= {cutoff:.4f}")
+        )
+    return filters
+
+
+def apply_filters(table: pa.Table, filters: list[Filter]) -> pa.Table:
+    """Fates for `table` (uid, caption, width, height, clip_score): first rejecting filter wins."""
+    n = table.num_rows
+    status = np.full(n, Status.KEPT.value, dtype=object)
+    reason = np.full(n, None, dtype=object)
+    detail = np.full(n, None, dtype=object)
+    undecided = np.ones(n, dtype=bool)
+    for rule in filters:
+        values = rule.value(table)
+        # NaN compares False: a missing value (no size, no score) does not pass a filter that needs it
+        rejected = undecided & ~np.asarray(rule.keep(values), dtype=bool)
+        status[rejected] = Status.DROPPED.value
+        reason[rejected] = rule.name
+        detail[rejected] = [f"{rule.name}={_format(v)} (needs {rule.rule})" for v in values[rejected]]
+        undecided &= ~rejected
+    return make_fates(table["uid"], list(status), list(reason), list(detail), clip_score=table["clip_score"])
+
+
+def _format(value: float) -> str:
+    if math.isnan(value):
+        return "missing"
+    return f"{value:.4f}" if not float(value).is_integer() else f"{int(value)}"
+
+
+def top_fraction_cutoff(scores: np.ndarray, fraction: float) -> float:
+    """The score of the last sample inside the top `fraction` (ties at the cutoff are kept too)."""
+    if not len(scores):
+        return math.inf
+    keep = max(1, math.ceil(fraction * len(scores)))
+    return float(np.sort(scores)[::-1][keep - 1])
+
+
+def score_summary(scores: np.ndarray, grid_points: int = 41) -> dict[str, object]:
+    """Quantiles and the kept fraction over a grid of thresholds: what a user needs to pick one."""
+    if not len(scores):
+        return {"count": 0}
+    low, high = float(scores.min()), float(scores.max())
+    grid = np.unique(np.round(np.concatenate([np.linspace(low, high, grid_points), np.arange(0.0, 0.5, 0.02)]), 4))
+    sorted_scores = np.sort(scores)
+    kept_fraction = 1.0 - np.searchsorted(sorted_scores, grid, side="left") / len(scores)
+    return {
+        "count": int(len(scores)),
+        "mean": float(scores.mean()),
+        "quantiles": {f"{q:g}": float(np.quantile(scores, q)) for q in SCORE_QUANTILES},
+        "kept_fraction_at_threshold": [
+            {"threshold": float(t), "kept_fraction": round(float(f), 6)}
+            for t, f in zip(grid, kept_fraction, strict=True)
+        ],
+    }
+
+
+def histogram(scores: np.ndarray, bins: int = 50) -> dict[str, list[float]]:
+    counts, edges = np.histogram(scores, bins=bins) if len(scores) else (np.zeros(0), np.zeros(0))
+    return {"counts": counts.astype(int).tolist(), "edges": [float(e) for e in edges]}
+
+
+class FilterStage:
+    name: ClassVar[str] = "filter"
+    upstream: ClassVar[str] = "embed"
+
+    def __init__(self, cfg: FilterConfig) -> None:
+        self.cfg = cfg
+
+    def setup(self) -> None:
+        pass
+
+    def summary_path(self, ctx: StageContext) -> Path:
+        return ctx.layout.stage_dir(self.name) / "summary.json"
+
+    def prepare(self, ctx: StageContext, shards: list[str]) -> None:
+        """Run-wide step: the score distribution, and the cutoff a top fraction implies."""
+        scores = np.concatenate([self._shard_scores(ctx, s) for s in shards]) if shards else np.zeros(0)
+        cutoffs = []
+        if self.cfg.clip_threshold is not None:
+            cutoffs.append(self.cfg.clip_threshold)
+        top_cutoff = None
+        if self.cfg.clip_top_fraction is not None:
+            top_cutoff = top_fraction_cutoff(scores, self.cfg.clip_top_fraction)
+            cutoffs.append(top_cutoff)
+        summary = {
+            "clip_score": score_summary(scores),
+            "clip_score_histogram": histogram(scores),
+            "clip_threshold": self.cfg.clip_threshold,
+            "clip_top_fraction": self.cfg.clip_top_fraction,
+            "top_fraction_cutoff": top_cutoff,
+            "clip_cutoff": max(cutoffs) if cutoffs else None,
+            "filters": [f.name for f in build_filters(self.cfg, max(cutoffs) if cutoffs else None)],
+        }
+        write_json_atomic(self.summary_path(ctx), summary)
+
+    def _shard_scores(self, ctx: StageContext, shard: str) -> np.ndarray:
+        metadata = ctx.layout.stage_dir(self.upstream) / "metadata" / f"metadata_{shard}.parquet"
+        return pq.read_table(metadata, columns=["clip_score"])["clip_score"].to_numpy(zero_copy_only=False)
+
+    def expected_uids(self, ctx: StageContext, shard: str) -> pa.Array:
+        return kept_uids(ctx.layout, self.upstream, shard)
+
+    def process_shard(self, ctx: StageContext, shard: str, workdir: Path) -> pa.Table:
+        cutoff = json.loads(self.summary_path(ctx).read_text())["clip_cutoff"]
+        table = self.filter_inputs(ctx, shard)
+        return apply_filters(table, build_filters(self.cfg, cutoff))
+
+    def filter_inputs(self, ctx: StageContext, shard: str) -> pa.Table:
+        """uid, caption, clip_score of the embedded samples, with the original size from download."""
+        layout = ctx.layout
+        metadata = pq.read_table(
+            layout.stage_dir(self.upstream) / "metadata" / f"metadata_{shard}.parquet",
+            columns=["uid", "caption", "clip_score"],
+        )
+        kept = set(self.expected_uids(ctx, shard).to_pylist())
+        metadata = metadata.filter(pc.is_in(metadata["uid"], pa.array(sorted(kept), pa.string())))
+        sizes = pq.read_table(layout.fates_path("download", shard), schema=FATE_SCHEMA).select(
+            ["uid", "width", "height"]
+        )
+        return metadata.join(sizes, "uid", join_type="left outer").sort_by("uid")
