@@ -84,6 +84,7 @@ def time_curate(table: Path, out: Path, work: Path) -> float:
         yaml.safe_dump(
             {
                 "output": str(out),
+            "stages": ["input", "download"],
                 "input": {"path": str(table), "shard_size": SHARD_SIZE},
                 "download": {
                     "processes": PROCESSES,

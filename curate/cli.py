@@ -92,7 +92,11 @@ def run_command(args: argparse.Namespace) -> int:
 
 def make_executor(config: Any) -> Any:
     if config.executor == "dask":
-        raise ConfigError("executor 'dask' is not available yet in this version; use executor: local")
+        from curate.executors.dask import DaskExecutor
+
+        executor = DaskExecutor(config.dask, scheduler=config.scheduler)
+        print(f"dask dashboard: {executor.dashboard_link}", flush=True)
+        return executor
     from curate.executors.local import LocalExecutor
 
     return LocalExecutor()

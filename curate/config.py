@@ -105,6 +105,14 @@ class FilterConfig(Section):
         return raw
 
 
+class DaskConfig(Section):
+    n_workers: int | None = Field(None, gt=0, description="LocalCluster worker processes (default: one per core)")
+    threads_per_worker: int = Field(1, gt=0)
+    memory_limit: str = Field("auto", description="per LocalCluster worker, e.g. '4GiB'")
+    dashboard_address: str = Field(":0", description="LocalCluster dashboard; ':0' picks a free port")
+    shard_retries: int = Field(2, ge=0, description="extra attempts for a shard whose task raised")
+
+
 STAGE_ORDER = ("input", "download", "embed", "filter")
 StageName = Literal["input", "download", "embed", "filter"]
 
@@ -114,6 +122,7 @@ class PipelineConfig(Section):
     executor: Literal["local", "dask"] = "local"
     scheduler: str | None = Field(None, description="address of a running Dask scheduler")
     stages: list[StageName] = Field(default_factory=lambda: list(STAGE_ORDER))
+    dask: DaskConfig = Field(default_factory=DaskConfig)
     input: InputConfig
     download: DownloadConfig = Field(default_factory=DownloadConfig)
     embed: EmbedConfig = Field(default_factory=EmbedConfig)

@@ -124,7 +124,7 @@ def score_summary(scores: np.ndarray, grid_points: int = 41) -> dict[str, object
     sorted_scores = np.sort(scores)
     kept_fraction = 1.0 - np.searchsorted(sorted_scores, grid, side="left") / len(scores)
     return {
-        "count": int(len(scores)),
+        "count": len(scores),
         "mean": float(scores.mean()),
         "quantiles": {f"{q:g}": float(np.quantile(scores, q)) for q in SCORE_QUANTILES},
         "kept_fraction_at_threshold": [
