@@ -3,7 +3,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test bench lint clean
+.PHONY: install demo dask-demo test bench lint clean
 
 install: $(STAMP)
 
@@ -15,6 +15,9 @@ $(STAMP): pyproject.toml
 
 demo: $(STAMP)
 	$(BIN)/python -m examples.run_demo --out runs/demo
+
+dask-demo: $(STAMP)
+	$(BIN)/python -m examples.run_demo --out runs/dask-demo --executor dask
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -p no:cacheprovider

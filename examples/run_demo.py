@@ -21,6 +21,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--n-base", type=int, default=600)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--pipeline", type=Path, default=Path("pipelines/demo.yaml"))
+    parser.add_argument("--executor", choices=["local", "dask"], default="local")
     args = parser.parse_args(argv)
 
     if (args.world / "truth.parquet").exists():
@@ -41,6 +42,8 @@ def main(argv: list[str] | None = None) -> int:
             f"input.path={table}",
             "--set",
             f"output={args.out}",
+            "--executor",
+            args.executor,
         ]
         finished = subprocess.run(command, check=False)
     if finished.returncode != 0:
