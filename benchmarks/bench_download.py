@@ -4,7 +4,9 @@
 
 Both sides run as fresh processes with the same settings (2 processes x 32 threads, 256 px border
 resize, jpg q95, sha256) against the same fault-free images; the order alternates between repeats and
-the ratio of medians is reported. Target: curate / img2dataset >= 0.95.
+the ratio of medians is reported. Our side runs with the guarded fetch on (address guard with the
+loopback server allow-listed, robots.txt, deadline, byte cap, per-host cap at its default), so the
+ratio is the price of crawling safely. Target: curate / img2dataset >= 0.9.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ import yaml
 from examples.demo_world import DemoServer, encode_image, random_scene, render_scene
 
 PROCESSES, THREADS, SHARD_SIZE, IMAGE_SIZE = 2, 32, 1000, 256
-TARGET = 0.95
+TARGET = 0.9
 
 
 def make_clean_web(root: Path, images: int, seed: int = 0) -> Path:
@@ -77,14 +79,14 @@ def time_bare(table: Path, out: Path) -> float:
     return time.perf_counter() - started
 
 
-def time_curate(table: Path, out: Path, work: Path) -> float:
+def time_curate(table: Path, out: Path, work: Path, server_netloc: str) -> float:
     shutil.rmtree(out, ignore_errors=True)
     pipeline = work / "bench_download.yaml"
     pipeline.write_text(
         yaml.safe_dump(
             {
                 "output": str(out),
-            "stages": ["input", "download"],
+                "stages": ["input", "download"],
                 "input": {"path": str(table), "shard_size": SHARD_SIZE},
                 "download": {
                     "processes": PROCESSES,
@@ -95,6 +97,8 @@ def time_curate(table: Path, out: Path, work: Path) -> float:
                     "timeout": 10,
                     "retries": 0,
                     "compute_hash": "sha256",
+                    "guarded_fetch": True,
+                    "allow_hosts": [server_netloc],
                 },
             }
         )
@@ -122,7 +126,9 @@ def run(images: int = 4000, repeats: int = 3, work: Path = Path("/tmp/curate-ben
                     bare_times.append(time_bare(table, work / "bare-out"))
                     assert count_successes(work / "bare-out") == images
                 else:
-                    curate_times.append(time_curate(table, work / "curate-out", work))
+                    curate_times.append(
+                        time_curate(table, work / "curate-out", work, server.base_url.removeprefix("http://"))
+                    )
                     assert count_successes(work / "curate-out" / "download") == images
     bare, ours = statistics.median(bare_times), statistics.median(curate_times)
     ratio = bare / ours

@@ -55,7 +55,7 @@ class DownloadConfig(Section):
     min_image_size: int = Field(0, ge=0, description="shorter side below this is dropped (min_side)")
     max_aspect_ratio: float = Field(float("inf"), gt=0)
     max_image_area: float = Field(float("inf"), gt=0)
-    timeout: float = Field(10, gt=0, description="seconds per socket read (img2dataset semantics)")
+    timeout: float = Field(10, gt=0, description="seconds per socket read; deadline_s bounds the whole request")
     retries: int = Field(0, ge=0)
     threads: int = Field(64, gt=0, description="concurrent fetches per shard")
     processes: int = Field(2, gt=0, description="shards downloaded at once by the local executor")
@@ -66,6 +66,24 @@ class DownloadConfig(Section):
     )
     compute_hash: Literal["sha256", "md5", "sha512"] | None = "sha256"
     extract_exif: bool = False
+    guarded_fetch: bool = Field(
+        True, description="fetch through curate's guarded client (deadline, byte cap, address guard, robots.txt)"
+    )
+    deadline_s: float = Field(30, gt=0, description="whole-request deadline, on top of the per-read timeout")
+    max_bytes: int = Field(32 * 2**20, gt=0, description="bodies larger than this fail as too_large")
+    max_pixels: int = Field(100_000_000, gt=0, description="declared pixel count above this: decompression_bomb")
+    allow_hosts: list[str] = Field(
+        default_factory=list, description="host or host:port allowed even if not globally routable (tests, demo)"
+    )
+    max_redirects: int = Field(5, ge=0)
+    respect_robots_txt: bool = True
+    user_agent: str = Field(
+        "curate/0.1 (image-text dataset curation; +https://example.invalid/curate)",
+        description="always names the tool and a contact",
+    )
+    per_host_connections: int = Field(8, gt=0, description="concurrent requests to one host")
+    backoff_s: float = Field(0.5, ge=0, description="first retry delay for transient failures (doubles)")
+    max_retry_after_s: float = Field(10, ge=0, description="longest Retry-After honoured on a 429")
 
 
 class EmbedConfig(Section):
@@ -105,6 +123,29 @@ class FilterConfig(Section):
         return raw
 
 
+class DedupConfig(Section):
+    exact: bool = Field(True, description="drop byte-identical images (sha256), keeping the best CLIP score")
+    near_threshold: float | None = Field(
+        0.95, ge=-1, le=1, description="image-embedding cosine at which two samples are one group; null disables"
+    )
+    near_method: Literal["auto", "flat", "ivf"] = Field(
+        "auto", description="'auto': exact search up to 10k samples, then the partitioned approximate search"
+    )
+    semantic_eps: float | None = Field(
+        None, gt=0, lt=1, description="SemDeDup: drop within a k-means cluster above cosine 1 - eps; null disables"
+    )
+    semantic_clusters: int | None = Field(None, gt=0, description="k-means clusters (default from the run size)")
+    eval_sets: list[str] = Field(
+        default_factory=list, description="folders of images or webdataset tar globs to decontaminate against"
+    )
+    contamination_threshold: float = Field(0.95, ge=-1, le=1)
+    seed: int = 0
+
+
+class MaterializeConfig(Section):
+    samples_per_shard: int = Field(10_000, gt=0)
+
+
 class DaskConfig(Section):
     n_workers: int | None = Field(None, gt=0, description="LocalCluster worker processes (default: one per core)")
     threads_per_worker: int = Field(1, gt=0)
@@ -113,8 +154,8 @@ class DaskConfig(Section):
     shard_retries: int = Field(2, ge=0, description="extra attempts for a shard whose task raised")
 
 
-STAGE_ORDER = ("input", "download", "embed", "filter")
-StageName = Literal["input", "download", "embed", "filter"]
+STAGE_ORDER = ("input", "download", "embed", "filter", "dedup", "materialize")
+StageName = Literal["input", "download", "embed", "filter", "dedup", "materialize"]
 
 
 class PipelineConfig(Section):
@@ -127,6 +168,8 @@ class PipelineConfig(Section):
     download: DownloadConfig = Field(default_factory=DownloadConfig)
     embed: EmbedConfig = Field(default_factory=EmbedConfig)
     filter: FilterConfig = Field(default_factory=FilterConfig)
+    dedup: DedupConfig = Field(default_factory=DedupConfig)
+    materialize: MaterializeConfig = Field(default_factory=MaterializeConfig)
 
     @field_validator("stages")
     @classmethod

@@ -1,23 +1,31 @@
-"""Download stage: img2dataset fetches and resizes one input shard into a webdataset tar shard.
+"""Download stage: one input shard -> one webdataset tar shard, with a fate for every row.
 
-We drive img2dataset's own shard downloader (fetch, resize, encode, hash, tar + parquet writer) one
-shard at a time, so that the shard is our unit of work, retry and resume, and map every row's
-img2dataset status and error message to a fate with a normalised reason code.
+We drive img2dataset's own shard downloader (resize, encode, hash, tar + parquet writer) one shard at a
+time, so that the shard is our unit of work, retry and resume. With `download.guarded_fetch` (the
+default) the fetching is ours (`curate.fetch`: address guard, deadline, byte cap, robots.txt, opt-outs,
+retries): the shard's rows are fetched into scratch files first and img2dataset reads those files, while
+the tar and parquet still record each row's real URL. Without it img2dataset fetches as it always has.
+Every row's outcome is mapped to a fate with a normalised reason code.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
 import re
+import shutil
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import ClassVar
+from typing import Any, ClassVar, Protocol
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from curate.config import DownloadConfig
+from curate.fetch import Fetched, FetchFailure, FetchOutcome, GuardedFetcher
 from curate.input import read_manifest, read_shard_rows
 from curate.ledger import Status, empty_fates, make_fates
 from curate.stage import StageContext
@@ -72,15 +80,26 @@ class DownloadError(RuntimeError):
     """img2dataset gave up on a whole shard (not an image-level failure)."""
 
 
+# The URL handed to img2dataset for a row the guarded fetch already failed: urllib refuses the unknown
+# scheme without any I/O, so the row still gets its key and parquet record, and our writer records why.
+FETCH_FAILED_URL = "curate-fetch-failed:"
+
+
 class DownloadStage:
     name: ClassVar[str] = "download"
     upstream: ClassVar[str] = "input"
 
     def __init__(self, cfg: DownloadConfig) -> None:
         self.cfg = cfg
+        self._fetcher: GuardedFetcher | None = None
+
+    def __getstate__(self) -> dict:
+        return {"cfg": self.cfg, "_fetcher": None}
 
     def setup(self) -> None:
-        pass
+        """Once per worker: the guarded fetcher's connections and robots.txt cache serve every shard."""
+        if self.cfg.guarded_fetch and self._fetcher is None:
+            self._fetcher = GuardedFetcher(self.cfg)
 
     def expected_uids(self, ctx: StageContext, shard: str) -> pa.Array:
         return read_shard_rows(ctx.layout.stage_dir(self.upstream), shard)["uid"].combine_chunks()
@@ -90,20 +109,58 @@ class DownloadStage:
         if rows.num_rows == 0:
             return empty_fates()
         shard_size = int(read_manifest(ctx.layout.stage_dir(self.upstream))["shard_size"])  # type: ignore[index]
+        samples_per_shard = max(shard_size, rows.num_rows)
+        if not self.cfg.guarded_fetch:
+            results = self._run_img2dataset(rows, shard, workdir, samples_per_shard, WebDatasetWriter())
+            return self.fates_from_results(rows, results)
+        return self._download_guarded(rows, shard, workdir, samples_per_shard)
+
+    def _download_guarded(self, rows: pa.Table, shard: str, workdir: Path, samples_per_shard: int) -> pa.Table:
+        """Guarded fetch into scratch files, then img2dataset over those files (resize, hash, write)."""
+        uids, urls = rows["uid"].to_pylist(), rows["url"].to_pylist()
+        fetch_dir = workdir / "_fetched"
+        try:
+            outcomes = self.fetch_rows(rows, fetch_dir)
+            handed = rows.set_column(rows.schema.get_field_index("url"), "url", pa.array(local_urls(uids, outcomes)))
+            writer = SourceRecordingWriter(dict(zip(uids, urls, strict=True)), outcomes)
+            results = self._run_img2dataset(handed, shard, workdir, samples_per_shard, writer)
+        finally:
+            shutil.rmtree(fetch_dir, ignore_errors=True)
+        restate_error_counts(workdir / f"{shard}_stats.json", results)
+        return self.fates_from_results(rows, results, outcomes)
+
+    def fetch_rows(self, rows: pa.Table, fetch_dir: Path) -> dict[str, FetchOutcome]:
+        """Guarded fetch of every row into `fetch_dir`, `threads` at a time: uid -> file or failure."""
+        if self._fetcher is None:
+            self.setup()
+        fetcher = self._fetcher
+        assert fetcher is not None
+        fetch_dir.mkdir(parents=True, exist_ok=True)
+        uids, urls = rows["uid"].to_pylist(), rows["url"].to_pylist()
+        paths = [fetch_dir / f"{i:06d}" for i in range(len(urls))]
+        with ThreadPoolExecutor(max_workers=self.cfg.threads, thread_name_prefix="fetch") as pool:
+            outcomes = list(pool.map(fetcher.fetch_to_file, urls, paths))
+        failed = sum(isinstance(outcome, FetchFailure) for outcome in outcomes)
+        log.debug("guarded fetch: %d of %d rows fetched", len(outcomes) - failed, len(outcomes))
+        return dict(zip(uids, outcomes, strict=True))
+
+    def _run_img2dataset(
+        self, rows: pa.Table, shard: str, workdir: Path, samples_per_shard: int, writer: WriterFactory
+    ) -> pa.Table:
+        """img2dataset's shard downloader over `rows`: fetch (or read the local file), resize, hash, write."""
         arrow_path = workdir / "_input.arrow"
-        with pa.OSFile(str(arrow_path), "wb") as sink, pa.ipc.new_file(sink, rows.schema) as writer:
-            writer.write_table(rows)
-        downloader = self._downloader(str(workdir), max(shard_size, rows.num_rows))
+        with pa.OSFile(str(arrow_path), "wb") as sink, pa.ipc.new_file(sink, rows.schema) as arrow_writer:
+            arrow_writer.write_table(rows)
+        downloader = self._downloader(str(workdir), samples_per_shard, writer)
         succeeded, _ = downloader((int(shard), str(arrow_path)))
         arrow_path.unlink(missing_ok=True)
         if not succeeded:
             raise DownloadError(f"img2dataset could not process shard {shard} (see its log above)")
-        return self.fates_from_results(rows, pq.read_table(workdir / f"{shard}.parquet"))
+        return pq.read_table(workdir / f"{shard}.parquet")
 
-    def _downloader(self, output_folder: str, samples_per_shard: int):  # type: ignore[no-untyped-def]
+    def _downloader(self, output_folder: str, samples_per_shard: int, writer: WriterFactory):  # type: ignore[no-untyped-def]
         from img2dataset.downloader import Downloader
         from img2dataset.resizer import Resizer
-        from img2dataset.writer import WebDatasetSampleWriter
 
         cfg = self.cfg
         resizer = Resizer(
@@ -116,8 +173,9 @@ class DownloadStage:
             max_image_area=cfg.max_image_area,
             max_aspect_ratio=cfg.max_aspect_ratio,
         )
+        guarded = cfg.guarded_fetch  # img2dataset then reads local files: retries and opt-outs are done
         return Downloader(
-            sample_writer_class=WebDatasetSampleWriter,
+            sample_writer_class=writer,
             resizer=resizer,
             thread_count=cfg.threads,
             save_caption=True,
@@ -130,17 +188,24 @@ class DownloadStage:
             compute_hash=cfg.compute_hash,
             verify_hash_type=None,
             encode_format=cfg.encode_format,
-            retries=cfg.retries,
+            retries=0 if guarded else cfg.retries,
             user_agent_token=cfg.user_agent_token,
-            disallowed_header_directives=cfg.disallowed_header_directives or None,
+            disallowed_header_directives=None if guarded else (cfg.disallowed_header_directives or None),
         )
 
-    def fates_from_results(self, rows: pa.Table, results: pa.Table) -> pa.Table:
+    def fates_from_results(
+        self, rows: pa.Table, results: pa.Table, fetched: dict[str, FetchOutcome] | None = None
+    ) -> pa.Table:
+        """One fate per row: the guarded fetch's failure if it had one, else img2dataset's record."""
         by_uid = {r["uid"]: r for r in results.to_pylist()}
+        fetched = fetched or {}
         statuses, reasons, details, hashes, widths, heights = [], [], [], [], [], []
         for uid in rows["uid"].to_pylist():
-            result = by_uid.get(uid)
-            if result is None:
+            outcome = fetched.get(uid)
+            result = None if isinstance(outcome, FetchFailure) else by_uid.get(uid)
+            if isinstance(outcome, FetchFailure):
+                status, reason, detail = outcome.status, outcome.reason, outcome.detail
+            elif result is None:
                 status, reason, detail = (
                     Status.FAILED,
                     "download_error",
@@ -148,6 +213,8 @@ class DownloadStage:
                 )
             elif result["status"] == "success":
                 status, reason, detail = Status.KEPT, None, None
+                if isinstance(outcome, Fetched) and outcome.attempts > 1:
+                    detail = f"fetched after {outcome.attempts} attempts"
             else:
                 detail = result.get("error_message") or result["status"]
                 status, reason = classify_error(detail)
@@ -166,6 +233,64 @@ class DownloadStage:
             width=widths,
             height=heights,
         )
+
+
+def local_urls(uids: list[str], outcomes: dict[str, FetchOutcome]) -> list[str]:
+    """What img2dataset reads for each row: the fetched file, or a placeholder it refuses at once."""
+    return [
+        outcome.path.resolve().as_uri() if isinstance(outcome, Fetched) else FETCH_FAILED_URL + uid
+        for uid, outcome in ((uid, outcomes[uid]) for uid in uids)
+    ]
+
+
+class WriterFactory(Protocol):
+    def __call__(
+        self, shard_id: int, output_folder: str, save_caption: bool, oom_shard_count: int, schema: pa.Schema, fmt: str
+    ) -> Any: ...
+
+
+class WebDatasetWriter:
+    """img2dataset's own webdataset writer, imported when a shard is written (img2dataset is heavy)."""
+
+    def __call__(self, *args: Any) -> Any:
+        from img2dataset.writer import WebDatasetSampleWriter
+
+        return WebDatasetSampleWriter(*args)
+
+
+class SourceRecordingWriter:
+    """img2dataset's webdataset writer, recording each row's source URL (not the local file img2dataset
+    read) and, for rows the guarded fetch failed, its reason instead of img2dataset's placeholder error."""
+
+    def __init__(self, source_urls: dict[str, str], outcomes: dict[str, FetchOutcome]) -> None:
+        self.source_urls, self.outcomes = source_urls, outcomes
+
+    def __call__(self, *args: Any) -> _SourceRecordingSampleWriter:
+        return _SourceRecordingSampleWriter(WebDatasetWriter()(*args), self.source_urls, self.outcomes)
+
+
+class _SourceRecordingSampleWriter:
+    def __init__(self, inner: Any, source_urls: dict[str, str], outcomes: dict[str, FetchOutcome]) -> None:
+        self.inner, self.source_urls, self.outcomes = inner, source_urls, outcomes
+
+    def write(self, img_str: bytes | None, key: str, caption: str | None, meta: dict[str, Any]) -> None:
+        uid = meta["uid"]
+        meta["url"] = self.source_urls[uid]
+        outcome = self.outcomes[uid]
+        if isinstance(outcome, FetchFailure):
+            meta["status"], meta["error_message"] = "failed_to_download", f"{outcome.reason}: {outcome.detail}"
+        self.inner.write(img_str, key, caption, meta)
+
+    def close(self) -> None:
+        self.inner.close()
+
+
+def restate_error_counts(stats_path: Path, results: pa.Table) -> None:
+    """img2dataset counted its placeholder errors; count the recorded messages instead."""
+    stats = json.loads(stats_path.read_text())
+    messages = results["error_message"].to_pylist()
+    stats["status_dict"] = dict(Counter(message or "success" for message in messages).most_common())
+    stats_path.write_text(json.dumps(stats, indent=4))
 
 
 def _int_or_none(result: dict | None, key: str) -> int | None:

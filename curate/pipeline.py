@@ -34,7 +34,7 @@ log = logging.getLogger(__name__)
 
 # Settings that change how fast a stage runs, never what it produces: not part of its fingerprint.
 SCHEDULING_KEYS = {
-    "download": {"threads", "processes"},
+    "download": {"threads", "processes", "per_host_connections"},
     "embed": {"batch_size", "decode_threads", "workers", "device"},
 }
 
@@ -54,6 +54,11 @@ class RunResult:
     complete: bool = False
 
 
+def fate_stages(config: PipelineConfig) -> list[str]:
+    """The configured stages that decide fates per shard (materialize only copies what they kept)."""
+    return [name for name in config.stages if name != "materialize"]
+
+
 def make_stage(name: str, config: PipelineConfig) -> ShardStage:
     if name == "download":
         from curate.download import DownloadStage
@@ -67,6 +72,10 @@ def make_stage(name: str, config: PipelineConfig) -> ShardStage:
         from curate.filters import FilterStage
 
         return FilterStage(config.filter)
+    if name == "dedup":
+        from curate.dedup.stage import DedupStage
+
+        return DedupStage(config.dedup, config.embed)
     raise ValueError(f"unknown stage {name!r}")
 
 
@@ -97,7 +106,7 @@ def run_pipeline(
     progress = progress or (lambda _desc, _total: nullcontext(_NoProgress()))
     executor = executor or LocalExecutor()
     layout = RunLayout(Path(config.output))
-    stages = {name: make_stage(name, config) for name in config.stages[1:]}
+    stages = {name: make_stage(name, config) for name in fate_stages(config)[1:]}
     for stage in stages.values():
         preflight = getattr(stage, "preflight", None)
         if preflight is not None:
@@ -122,7 +131,7 @@ def run_pipeline(
     write_bytes_atomic(layout.config_path, dump_config(config).encode())
 
     shards: list[str] = list(manifest["shards"])
-    for name in config.stages[1:]:
+    for name in fate_stages(config)[1:]:
         if only_stage not in (None, name):
             continue
         stage = stages[name]
@@ -140,7 +149,18 @@ def run_pipeline(
             for _report in executor.map_shards(stage, ctx, pending, stage_workers(name, config)):
                 bar.update(1)
         clear_scratch(ctx, name)
+    if "materialize" in config.stages and only_stage in (None, "materialize"):
+        run_materialize(config, layout, prints, shards)
     return finalize_run(config, layout, prints, shards, int(manifest["rows"]))
+
+
+def run_materialize(config: PipelineConfig, layout: RunLayout, prints: dict[str, str], shards: list[str]) -> None:
+    from curate.materialize import is_done, materialize
+
+    last = fate_stages(config)[-1]
+    _require_upstream_done(config, layout, prints, "materialize", shards)
+    if not is_done(layout, prints["materialize"]):
+        materialize(config.materialize, layout, shards, last, prints["materialize"])
 
 
 def first_missing_ancestor(path: Path) -> Path | None:
@@ -176,7 +196,7 @@ def collect_stats(
     """Sum of per-shard marker stats per stage, and per stage the shard states."""
     stats: dict[str, StageStats] = {}
     states: dict[str, dict[str, int]] = {}
-    for name in config.stages:
+    for name in fate_stages(config):
         ctx = StageContext(config, layout, prints[name])
         total, state_counts = StageStats(), {state.value: 0 for state in ShardState}
         for shard in shards:
@@ -193,10 +213,20 @@ def finalize_run(
 ) -> RunResult:
     stats, states = collect_stats(config, layout, prints, shards)
     result = RunResult(layout, rows, stats)
-    if any(states[name][ShardState.DONE.value] != len(shards) for name in config.stages):
+    stages = fate_stages(config)
+    if any(states[name][ShardState.DONE.value] != len(shards) for name in stages):
         return result
-    ledger_rows, ledger_kept = write_ledger(config.stages, layout, shards)
-    check_run_invariants(ledger_rows, ledger_kept, stats, rows, config.stages)
+    if "materialize" in config.stages:
+        from curate.materialize import count_curated_samples, is_done
+
+        if not is_done(layout, prints["materialize"]):
+            return result
+    ledger_rows, ledger_kept = write_ledger(stages, layout, shards)
+    check_run_invariants(ledger_rows, ledger_kept, stats, rows, stages)
+    if "materialize" in config.stages:
+        curated = count_curated_samples(layout)
+        if curated != ledger_kept:
+            raise FateError(f"curated/ holds {curated} samples but the ledger keeps {ledger_kept}")
     write_json_atomic(layout.stats_path, stats_document(stats, rows, prints, layout))
     result.complete = True
     return result
@@ -269,7 +299,7 @@ def run_status(run_dir: Path) -> dict[str, Any]:
         "input_rows": manifest["rows"],
         "shards": len(shards),
         "ledger_rows": ledger_rows,
-        "stages": {name: {"shards": states[name], **stats[name].to_json()} for name in config.stages},
+        "stages": {name: {"shards": states[name], **stats[name].to_json()} for name in fate_stages(config)},
     }
 
 

@@ -75,7 +75,7 @@ def test_yaml_becomes_typed_sections_with_defaults(tmp_path: Path) -> None:
 def test_minimal_config_and_single_path(tmp_path: Path) -> None:
     config = load_config(write(tmp_path, "output: out\ninput:\n  path: crawl.csv\n"))
     assert config.input.paths() == ["crawl.csv"]
-    assert config.stages == ["input", "download", "embed", "filter"]
+    assert config.stages == ["input", "download", "embed", "filter", "dedup", "materialize"]
     assert config.input.shard_size == 10_000
 
 

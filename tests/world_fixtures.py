@@ -26,7 +26,14 @@ class ServedWorld:
             "output": str(output or tmp_path / "run"),
             "stages": ["input", "download"],
             "input": {"path": str(self.table), "shard_size": 25},
-            "download": {"image_size": 64, "min_image_size": 64, "timeout": 1, "threads": 16, "processes": 1},
+            "download": {
+                "image_size": 64,
+                "min_image_size": 64,
+                "timeout": 1,
+                "threads": 16,
+                "processes": 1,
+                "allow_hosts": [self.server.base_url.removeprefix("http://")],  # the loopback server only
+            },
         }
         for key, values in sections.items():
             config[key] = {**config.get(key, {}), **values}

@@ -1,0 +1,125 @@
+"""Decontamination: drop training samples whose image embedding is too close to an evaluation image.
+
+Each sample's nearest evaluation embedding comes from an exact search (blocked inner products; the
+evaluation sets are small). It is the same search as a faiss `IndexFlatIP` with k=1, done with numpy's
+BLAS because the faiss-cpu wheel's bundled BLAS is several times slower on these machines (see
+`curate.dedup.compute`).
+"""
+
+from __future__ import annotations
+
+import glob
+import io
+import logging
+import tarfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import numpy as np
+from PIL import Image
+
+from curate.dedup.compute import as_matrix, nearest
+from curate.dedup.decisions import Decisions, as_uids, canonical_order
+
+log = logging.getLogger(__name__)
+
+
+class Contamination(NamedTuple):
+    mask: np.ndarray  # bool per sample: cosine to its nearest evaluation embedding >= threshold
+    nearest_eval_index: np.ndarray  # int64 row of that evaluation embedding (-1 when there are none)
+    similarity: np.ndarray  # float32 cosine to it (-inf when there are none)
+
+
+def contaminated(
+    emb: np.ndarray,
+    eval_emb: np.ndarray,
+    threshold: float,
+    *,
+    order: np.ndarray | None = None,
+    threads: int | None = None,
+) -> Contamination:
+    """Each sample's nearest evaluation embedding and whether it is within `threshold`. `order` (e.g. by
+    uid) fixes the order rows are multiplied in, so no last-bit rounding depends on the row layout."""
+    x = as_matrix(emb)
+    evals = as_matrix(eval_emb, "eval embeddings")
+    if len(evals) and len(x) and x.shape[1] != evals.shape[1]:
+        raise ValueError(f"embedding dimensions differ: samples {x.shape[1]}, evaluation set {evals.shape[1]}")
+    if len(evals) == 0:
+        return Contamination(
+            np.zeros(len(x), bool), np.full(len(x), -1, np.int64), np.full(len(x), -np.inf, np.float32)
+        )
+    order = np.arange(len(x)) if order is None else np.asarray(order)
+    index = np.empty(len(x), dtype=np.int64)
+    similarity = np.empty(len(x), dtype=np.float32)
+    index[order], similarity[order] = nearest(x, evals, threads=threads, rows=order)
+    mask = similarity >= threshold
+    log.info(
+        "decontamination: %d of %d samples within cosine %g of %d eval items", mask.sum(), len(x), threshold, len(evals)
+    )
+    return Contamination(mask, index, similarity)
+
+
+def contamination_decisions(
+    uids: np.ndarray,
+    emb: np.ndarray,
+    eval_emb: np.ndarray,
+    threshold: float,
+    eval_ids: Sequence[str] | None = None,
+    *,
+    threads: int | None = None,
+) -> Decisions:
+    """`contaminated` as a dedup layer: a dropped row's `kept_uid` is the matched evaluation item's id
+    (when `eval_ids` are given) and `similarity` the cosine to it."""
+    uids = as_uids(uids)
+    if len(uids) != len(emb):
+        raise ValueError(f"uids and emb differ in length: {len(uids)}, {len(emb)}")
+    if eval_ids is not None and len(eval_ids) != len(eval_emb):
+        raise ValueError(f"eval_ids and eval_emb differ in length: {len(eval_ids)}, {len(eval_emb)}")
+    found = contaminated(emb, eval_emb, threshold, order=canonical_order(uids), threads=threads)
+    matched = np.full(len(uids), None, dtype=object)
+    if eval_ids is not None:
+        ids = np.asarray(eval_ids, dtype=object)
+        matched[found.mask] = ids[found.nearest_eval_index[found.mask]]
+    similarity = np.where(found.mask, found.similarity, np.nan).astype(np.float32)
+    return Decisions(uids, found.mask, matched, similarity)
+
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
+
+
+def load_eval_images(paths: Sequence[str]) -> tuple[list[Image.Image], list[str]]:
+    """Images of the evaluation sets: folders of image files and/or webdataset tars (globs allowed)."""
+    images: list[Image.Image] = []
+    ids: list[str] = []
+    for pattern in paths:
+        matches = sorted(glob.glob(pattern)) or [pattern]
+        for match in map(Path, matches):
+            if match.is_dir():
+                for file in sorted(p for p in match.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES):
+                    images.append(_open_rgb(file.read_bytes()))
+                    ids.append(f"{match.name}/{file.relative_to(match)}")
+            elif match.suffix == ".tar" and match.exists():
+                with tarfile.open(match) as tar:
+                    for member in tar:
+                        if member.isfile() and Path(member.name).suffix.lower() in IMAGE_SUFFIXES:
+                            images.append(_open_rgb(tar.extractfile(member).read()))  # type: ignore[union-attr]
+                            ids.append(f"{match.name}/{member.name}")
+            else:
+                raise FileNotFoundError(f"dedup.eval_sets: {pattern!r} is not a folder of images or a .tar")
+    return images, ids
+
+
+def _open_rgb(data: bytes) -> Image.Image:
+    with Image.open(io.BytesIO(data)) as image:
+        return image.convert("RGB")
+
+
+def embed_eval_sets(paths: Sequence[str], embed_cfg: Any) -> tuple[np.ndarray, list[str]]:
+    """Embed the evaluation images with the run's own model, so similarities are comparable."""
+    from curate.embed import embed_images, load_clip
+
+    images, ids = load_eval_images(paths)
+    if not images:
+        return np.zeros((0, 1), np.float32), []
+    return embed_images(load_clip(embed_cfg), images), ids
