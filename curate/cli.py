@@ -47,6 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
     status = commands.add_parser("status", help="per-stage progress and counts of a run")
     status.add_argument("output", type=Path)
     status.add_argument("--json", action="store_true", help="machine-readable output")
+    add_view_commands(commands)
     return parser
 
 
@@ -59,6 +60,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "status":
             return print_status(args.output, as_json=args.json)
+        if args.command in VIEW_COMMANDS:
+            return VIEW_COMMANDS[args.command](args)
         return run_command(args)
     except (ConfigError, InputError) as err:
         print(f"curate: error: {err}", file=sys.stderr)
@@ -133,6 +136,83 @@ def print_status(run_dir: Path, as_json: bool) -> int:
     ledger = status["ledger_rows"]
     print(f"  ledger: {'not written yet' if ledger is None else f'{ledger} rows'}")
     return 0
+
+
+# ---- report, search, serve: commands that read a finished run
+
+
+def add_view_commands(commands: Any) -> None:
+    report = commands.add_parser("report", help="(re)build OUTPUT/report/index.html and report/stats.json")
+    report.add_argument("output", type=Path)
+    search = commands.add_parser("search", help="CLIP search over the curated images of a run")
+    search.add_argument("output", type=Path)
+    search.add_argument("query", nargs="?", help="text to search for (or --image)")
+    search.add_argument("-k", type=int, default=16, help="results (default 16)")
+    search.add_argument("--image", type=Path, help="search by this image instead of text")
+    search.add_argument("--html", type=Path, help="also write the results as an HTML gallery to this file")
+    search.add_argument("--json", action="store_true", help="machine-readable output")
+    serve = commands.add_parser("serve", help="a search page for a run's curated images on localhost")
+    serve.add_argument("output", type=Path)
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--host", default="127.0.0.1")
+
+
+def report_command(args: argparse.Namespace) -> int:
+    from curate.report import write_report
+
+    print(f"report: {write_report(args.output)}")
+    return 0
+
+
+def search_command(args: argparse.Namespace) -> int:
+    from curate.search import RunSearch, SearchError, hits_json, write_gallery
+
+    if (args.query is None) == (args.image is None):
+        print("curate: error: give either a text query or --image PATH", file=sys.stderr)
+        return 2
+    if args.k < 1:
+        print("curate: error: -k must be at least 1", file=sys.stderr)
+        return 2
+    if args.image is not None and not args.image.is_file():
+        print(f"curate: error: no such image file {str(args.image)!r}", file=sys.stderr)
+        return 2
+    try:
+        search = RunSearch(args.output)
+        hits = search.image(args.image, args.k) if args.image else search.text(args.query, args.k)
+    except SearchError as err:
+        print(f"curate: error: {err}", file=sys.stderr)
+        return 1
+    label = args.query if args.query is not None else str(args.image)
+    if args.json:
+        print(hits_json(label, hits))
+    else:
+        for rank, hit in enumerate(hits, 1):
+            print(f"{rank:>3}  {hit.score:.4f}  {hit.uid}  {hit.caption[:60]:<60}  {hit.url or ''}")
+    if args.html:
+        print(f"gallery: {write_gallery(search, label, hits, args.html)}", file=sys.stderr if args.json else sys.stdout)
+    return 0
+
+
+def serve_command(args: argparse.Namespace) -> int:
+    from curate.search import SearchError
+    from curate.serve import make_server
+
+    try:
+        server = make_server(args.output, args.host, args.port)
+    except SearchError as err:
+        print(f"curate: error: {err}", file=sys.stderr)
+        return 1
+    print(f"serving {args.output} at {server.url}  (Ctrl-C to stop)", flush=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
+    return 0
+
+
+VIEW_COMMANDS = {"report": report_command, "search": search_command, "serve": serve_command}
 
 
 if __name__ == "__main__":

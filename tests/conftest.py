@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from curate.config import PipelineConfig, validate_config
-from tests.world_fixtures import served_world  # noqa: F401  (session fixture: the demo world on loopback)
+from tests.world_fixtures import served_world, tiny_checkpoint  # noqa: F401  (session fixtures)
 
 
 @pytest.fixture

@@ -15,7 +15,7 @@ from curate.ledger import make_fates, read_ledger
 from curate.pipeline import run_pipeline
 from curate.stage import RunLayout, StageContext
 from tests.test_download import tar_samples
-from tests.world_fixtures import ServedWorld
+from tests.world_fixtures import ServedWorld, full_pipeline_overrides
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -85,3 +85,63 @@ def test_a_stage_asking_for_a_gpu_runs_only_on_workers_that_offer_one(tmp_path: 
         Client(cluster).close()
         cluster.close()
     assert gpu_names == {"gpu-worker"}
+
+
+def kill_one_worker_when_embedding_starts(executor: DaskExecutor, run_dir: Path, killed: list[int]) -> None:
+    """Waits for the first committed embed shard, then SIGKILLs one worker process."""
+    import signal
+    import time
+
+    pids = executor.client.run(os.getpid)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        if len(list((run_dir / "embed" / "_done").glob("*.json"))) >= 1:
+            victim = sorted(pids.values())[0]
+            os.kill(victim, signal.SIGKILL)
+            killed.append(victim)
+            return
+        time.sleep(0.02)
+
+
+def test_a_worker_killed_during_embed_costs_only_its_shards(
+    served_world: ServedWorld, tmp_path: Path, tiny_checkpoint: Path
+):
+    import threading
+
+    overrides = full_pipeline_overrides(tiny_checkpoint)
+    local_dir, dask_dir = tmp_path / "local-run", tmp_path / "dask-run"
+    run_pipeline(load_config(served_world.pipeline(tmp_path / "l", output=local_dir), overrides))
+    dask_config = load_config(served_world.pipeline(tmp_path / "d", output=dask_dir), [*overrides, "executor=dask"])
+    for stage in ("input", "download"):  # the kill must land in embed, not in download
+        run_pipeline(dask_config, only_stage=stage)
+
+    executor = DaskExecutor(DaskConfig(n_workers=2, shard_retries=3))
+    killed: list[int] = []
+    killer = threading.Thread(target=kill_one_worker_when_embedding_starts, args=(executor, dask_dir, killed))
+    killer.start()
+    try:
+        result = run_pipeline(dask_config, executor=executor)
+    finally:
+        killer.join()
+        executor.close()
+    assert killed, "no worker was killed: embed finished before the first marker was seen"
+    assert result.complete
+
+    ledger = read_ledger(dask_dir)
+    assert len(ledger) == len(served_world.world.truth) and ledger.uid.is_unique
+    columns = ["uid", "status", "stage", "reason"]
+    local = read_ledger(local_dir)[columns].sort_values("uid").reset_index(drop=True)
+    assert local.equals(ledger[columns].sort_values("uid").reset_index(drop=True))
+    curated = tar_samples_in(dask_dir / "curated")
+    assert len(curated) == len(set(curated)) == int((ledger.status == "kept").sum())
+    assert sorted(curated) == sorted(ledger.loc[ledger.status == "kept", "uid"])
+
+
+def tar_samples_in(folder: Path) -> list[str]:
+    import tarfile
+
+    uids = []
+    for tar_path in sorted(folder.glob("*.tar")):
+        with tarfile.open(tar_path) as tar:
+            uids += [m.name.split(".")[0] for m in tar if m.name.endswith(".json")]
+    return uids

@@ -50,3 +50,33 @@ def served_world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServedWor
     with DemoServer(world.root, slow_delay_s=0.3, hang_s=3.0) as server:
         table = write_input_table(world, server.base_url, root / "crawl.parquet")
         yield ServedWorld(world, server, table)
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Fixed tiny-model weights: every process (and every worker) must load the same model."""
+    import open_clip
+    import torch
+
+    from curate.embed import register_model_configs
+
+    register_model_configs()
+    torch.manual_seed(0)
+    model = open_clip.create_model("curate-tiny")
+    path = tmp_path_factory.mktemp("ckpt") / "tiny.pt"
+    torch.save({"state_dict": model.state_dict()}, path)
+    return path
+
+
+def full_pipeline_overrides(checkpoint: Path) -> list[str]:
+    """Every stage up to materialize, small shards, the tiny model with fixed weights."""
+    return [
+        "stages=[input,download,embed,filter,dedup,materialize]",
+        "input.shard_size=8",
+        "embed.model=curate-tiny",
+        f"embed.pretrained={checkpoint}",
+        "embed.batch_size=16",
+        "filter.caption_min_words=2",
+        "dedup.near_threshold=null",
+        "materialize.samples_per_shard=40",
+    ]

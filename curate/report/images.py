@@ -1,0 +1,103 @@
+"""Find a sample's image by uid in a run's webdataset tars, and make small thumbnails of it.
+
+img2dataset's download tars name samples by its own keys, and the uid is in each sample's .json, so
+finding an image means reading a tar's .json members once; the result is an `ImageRef` (tar, byte
+offset, size) that reads the image back with one seek.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import tarfile
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from curate.stage import RunLayout
+
+log = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
+
+
+@dataclass(frozen=True)
+class ImageRef:
+    tar: Path
+    offset: int
+    size: int
+
+    def read(self) -> bytes:
+        with open(self.tar, "rb") as stream:
+            stream.seek(self.offset)
+            return stream.read(self.size)
+
+
+def scan_tar(tar_path: Path, wanted: set[str] | None = None) -> dict[str, ImageRef]:
+    """uid -> ImageRef for the samples of a webdataset tar (only the `wanted` uids, when given)."""
+    images: dict[str, tarfile.TarInfo] = {}
+    uid_of_key: dict[str, str] = {}
+    with tarfile.open(tar_path) as tar:
+        for member in tar:
+            if not member.isfile():
+                continue
+            key, _, extension = member.name.partition(".")
+            if extension in IMAGE_EXTENSIONS:
+                images[key] = member
+            elif extension == "json":
+                payload = tar.extractfile(member)
+                uid = json.loads(payload.read()).get("uid") if payload is not None else None
+                if uid is not None:
+                    uid_of_key[key] = str(uid)
+    refs = {}
+    for key, uid in uid_of_key.items():
+        member = images.get(key)
+        if member is not None and (wanted is None or uid in wanted):
+            refs[uid] = ImageRef(tar_path, member.offset_data, member.size)
+    return refs
+
+
+def download_shards_of(layout: RunLayout, uids: Iterable[str]) -> dict[str, list[str]]:
+    """download shard -> the given uids it downloaded, from the download stage's fate parts."""
+    remaining = set(uids)
+    shards: dict[str, list[str]] = {}
+    for path in sorted((layout.stage_dir("download") / "fates").glob("*.parquet")):
+        if not remaining:
+            break
+        fates = pq.read_table(path, columns=["uid", "status"])
+        kept = fates.filter(pc.equal(fates["status"], "kept"))["uid"].to_pylist()
+        found = remaining.intersection(kept)
+        if found:
+            shards[path.stem] = sorted(found)
+            remaining -= found
+    return shards
+
+
+def locate_images(layout: RunLayout, uids: Iterable[str]) -> dict[str, ImageRef]:
+    """uid -> ImageRef in the download tars, for the given uids that have a downloaded image."""
+    refs: dict[str, ImageRef] = {}
+    for shard, shard_uids in download_shards_of(layout, uids).items():
+        tar_path = layout.stage_dir("download") / f"{shard}.tar"
+        if tar_path.exists():
+            refs.update(scan_tar(tar_path, set(shard_uids)))
+    return refs
+
+
+def thumbnail(data: bytes, max_px: int, quality: int = 82) -> bytes | None:
+    """A JPEG no larger than max_px on either side; None when the bytes are not a readable image."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            image = image.convert("RGB")
+            image.thumbnail((max_px, max_px), Image.Resampling.LANCZOS)
+            out = io.BytesIO()
+            image.save(out, format="JPEG", quality=quality, optimize=True)
+            return out.getvalue()
+    except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError) as err:
+        log.debug("cannot thumbnail an image: %s", err)
+        return None

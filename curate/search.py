@@ -1,0 +1,306 @@
+"""CLIP search over a run's curated images: `curate search OUTPUT "a red circle"`.
+
+The index holds the image embeddings the embed stage saved, for the uids the run kept (the ledger's
+`kept` rows, i.e. what `curated/` holds). It is built once into OUTPUT/search/ and rebuilt when the run
+changes (a new ledger, other embeddings or another curated set):
+
+    search/index.faiss     inner-product faiss index over L2-normalised image embeddings
+    search/items.parquet   row i of the index: uid, caption, url, clip_score, and where its image is
+                           (tar path relative to OUTPUT, byte offset and size of the image member)
+    search/meta.json       fingerprint of the run state it was built from, count, dim, index type
+
+Queries are embedded with the run's own model (the `embed` section of OUTPUT/config.yaml), on the CPU:
+one query is a single forward pass.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import math
+import threading
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from curate.io.fs import read_json, write_bytes_atomic, write_json_atomic, write_parquet_atomic
+from curate.report.images import ImageRef, locate_images, scan_tar
+from curate.stage import RunLayout
+
+log = logging.getLogger(__name__)
+
+SEARCH_DIR = "search"
+INDEX_FORMAT = 1
+FLAT_LIMIT = 200_000  # above this many images an IVF index (approximate, much faster) replaces exact search
+IVF_NPROBE = 32
+IVF_TRAIN_SAMPLES = 100_000
+ITEM_SCHEMA = pa.schema(
+    [
+        ("uid", pa.string()),
+        ("caption", pa.string()),
+        ("url", pa.string()),
+        ("clip_score", pa.float32()),
+        ("tar", pa.string()),
+        ("offset", pa.int64()),
+        ("size", pa.int64()),
+    ]
+)
+
+
+class SearchError(RuntimeError):
+    """The run cannot be searched (not embedded, not finished)."""
+
+
+@dataclass(frozen=True)
+class SearchHit:
+    uid: str
+    score: float
+    caption: str
+    url: str | None
+    clip_score: float | None
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+# --------------------------------------------------------------------------------------------------
+# Building the index
+
+
+def search_dir(layout: RunLayout) -> Path:
+    return layout.root / SEARCH_DIR
+
+
+def run_fingerprint(layout: RunLayout) -> str:
+    """Changes whenever the curated set or the embeddings may have changed."""
+    digest = hashlib.sha256(f"format {INDEX_FORMAT}".encode())
+    ledger = layout.ledger_path.stat()
+    digest.update(f"ledger {ledger.st_size} {ledger.st_mtime_ns}".encode())
+    for marker in [layout.root / "curated" / "_done.json", *sorted((layout.stage_dir("embed") / "_done").glob("*"))]:
+        if marker.exists():
+            digest.update(marker.name.encode() + marker.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def curated_uids(layout: RunLayout) -> set[str]:
+    if not layout.ledger_path.exists():
+        raise SearchError(f"{layout.root}: no ledger.parquet; finish the run first (`curate run`)")
+    ledger = pq.read_table(layout.ledger_path, columns=["uid", "status"])
+    return set(ledger.filter(pc.equal(ledger["status"], "kept"))["uid"].to_pylist())
+
+
+def embedded_shards(layout: RunLayout) -> Iterator[tuple[pa.Table, np.ndarray]]:
+    """(metadata, image embeddings) of each embed shard, row-aligned."""
+    root = layout.stage_dir("embed")
+    for meta_path in sorted((root / "metadata").glob("metadata_*.parquet")):
+        shard = meta_path.stem.removeprefix("metadata_")
+        yield pq.read_table(meta_path), np.load(root / "img_emb" / f"img_emb_{shard}.npy")
+
+
+def image_refs(layout: RunLayout, uids: set[str]) -> dict[str, ImageRef]:
+    """Where each curated image is: in curated/*.tar when materialize ran, else in the download tars."""
+    curated_tars = sorted((layout.root / "curated").glob("*.tar"))
+    if not curated_tars:
+        return locate_images(layout, uids)
+    refs: dict[str, ImageRef] = {}
+    for tar in curated_tars:
+        refs.update(scan_tar(tar, uids))
+    return refs
+
+
+def build_index(layout: RunLayout) -> None:
+    import faiss
+
+    if not (layout.stage_dir("embed") / "metadata").is_dir():
+        raise SearchError(f"{layout.root}: no embeddings; the run needs the embed stage to be searchable")
+    fingerprint = run_fingerprint(layout)
+    wanted = curated_uids(layout)
+    tables, vectors = [], []
+    for metadata, embeddings in embedded_shards(layout):
+        mask = pc.is_in(metadata["uid"], pa.array(sorted(wanted), pa.string()))
+        tables.append(metadata.filter(mask).select(["uid", "caption", "url", "clip_score"]))
+        vectors.append(embeddings[np.asarray(mask)].astype(np.float32))
+    items = pa.concat_tables(tables) if tables else pa.table({"uid": pa.array([], pa.string())})
+    dim = vectors[0].shape[1] if vectors else 0
+    matrix = normalise(np.concatenate(vectors) if vectors else np.zeros((0, dim), np.float32))
+    missing = len(wanted) - items.num_rows
+    if missing:
+        log.warning("search: %d kept uids have no embedding; they are not searchable", missing)
+    index = make_index(matrix)
+    refs = image_refs(layout, set(items["uid"].to_pylist()))
+    table = with_image_columns(layout, items, refs)
+    out = search_dir(layout)
+    write_bytes_atomic(out / "index.faiss", faiss.serialize_index(index).tobytes())
+    write_parquet_atomic(table, out / "items.parquet")
+    meta = {"fingerprint": fingerprint, "count": len(matrix), "dim": dim, "index": type(index).__name__}
+    write_json_atomic(out / "meta.json", meta)
+    log.info("search: indexed %d curated images (%s) in %s", len(matrix), meta["index"], out)
+
+
+def normalise(matrix: np.ndarray) -> np.ndarray:
+    norms = np.linalg.norm(matrix, axis=1, keepdims=True)
+    return np.ascontiguousarray(matrix / np.where(norms == 0, 1, norms), dtype=np.float32)  # float16 storage
+
+
+def make_index(matrix: np.ndarray, flat_limit: int = FLAT_LIMIT) -> Any:
+    import faiss
+
+    dim = matrix.shape[1] if matrix.ndim == 2 and matrix.shape[1] else 1
+    if len(matrix) <= flat_limit:
+        index = faiss.IndexFlatIP(dim)
+    else:
+        nlist = int(4 * math.sqrt(len(matrix)))
+        index = faiss.index_factory(dim, f"IVF{nlist},Flat", faiss.METRIC_INNER_PRODUCT)
+        sample = np.random.default_rng(0).permutation(len(matrix))[:IVF_TRAIN_SAMPLES]
+        index.train(matrix[np.sort(sample)])
+    if len(matrix):
+        index.add(matrix)
+    return index
+
+
+def with_image_columns(layout: RunLayout, items: pa.Table, refs: dict[str, ImageRef]) -> pa.Table:
+    uids = items["uid"].to_pylist()
+    found = [refs.get(uid) for uid in uids]
+    columns = {
+        "uid": items["uid"],
+        "caption": items["caption"],
+        "url": items["url"],
+        "clip_score": items["clip_score"],
+        "tar": [str(r.tar.relative_to(layout.root)) if r else None for r in found],
+        "offset": [r.offset if r else None for r in found],
+        "size": [r.size if r else None for r in found],
+    }
+    return pa.table(columns, schema=ITEM_SCHEMA)
+
+
+def is_fresh(layout: RunLayout) -> bool:
+    meta_path = search_dir(layout) / "meta.json"
+    if not meta_path.exists() or not (search_dir(layout) / "index.faiss").exists():
+        return False
+    return read_json(meta_path).get("fingerprint") == run_fingerprint(layout)
+
+
+def ensure_index(layout: RunLayout) -> None:
+    if not layout.ledger_path.exists():
+        raise SearchError(f"{layout.root}: no ledger.parquet; finish the run first (`curate run`)")
+    if not is_fresh(layout):
+        build_index(layout)
+
+
+# --------------------------------------------------------------------------------------------------
+# Searching
+
+
+class SearchIndex:
+    """The saved index and its items, loaded in memory."""
+
+    def __init__(self, layout: RunLayout) -> None:
+        import faiss
+
+        folder = search_dir(layout)
+        self.layout = layout
+        self.index = faiss.deserialize_index(np.frombuffer((folder / "index.faiss").read_bytes(), dtype=np.uint8))
+        if hasattr(self.index, "nprobe"):
+            self.index.nprobe = IVF_NPROBE
+            self.index.make_direct_map()  # so that `vector(uid)` can read a stored embedding back
+        self.items = pq.read_table(folder / "items.parquet", schema=ITEM_SCHEMA).to_pylist()
+        self.row_of = {item["uid"]: i for i, item in enumerate(self.items)}
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def search(self, query: np.ndarray, k: int) -> list[SearchHit]:
+        k = min(k, len(self.items))
+        if k <= 0:
+            return []
+        scores, rows = self.index.search(normalise(query.reshape(1, -1)), k)
+        return [self.hit(int(row), float(score)) for row, score in zip(rows[0], scores[0], strict=True) if row >= 0]
+
+    def hit(self, row: int, score: float) -> SearchHit:
+        item = self.items[row]
+        return SearchHit(item["uid"], score, item["caption"] or "", item["url"], item["clip_score"])
+
+    def vector(self, uid: str) -> np.ndarray:
+        row = self.row_of.get(uid)
+        if row is None:
+            raise KeyError(uid)
+        return self.index.reconstruct(row)
+
+    def image(self, uid: str) -> bytes | None:
+        row = self.row_of.get(uid)
+        if row is None or self.items[row]["tar"] is None:
+            return None
+        item = self.items[row]
+        return ImageRef(self.layout.root / item["tar"], item["offset"], item["size"]).read()
+
+
+class RunSearch:
+    """Search one run by text, image or uid; the run's model loads on the first text or image query."""
+
+    def __init__(self, run_dir: str | Path) -> None:
+        self.layout = RunLayout(Path(run_dir))
+        if not self.layout.config_path.exists():
+            raise SearchError(f"{run_dir}: not a curate run (no config.yaml)")
+        ensure_index(self.layout)
+        self.index = SearchIndex(self.layout)
+        self._model: Any = None
+        self._lock = threading.Lock()  # one model, shared by the server's threads
+
+    @property
+    def model(self) -> Any:
+        with self._lock:
+            if self._model is None:
+                from curate.config import load_config
+                from curate.embed import load_clip
+
+                embed = load_config(self.layout.config_path).embed
+                self._model = load_clip(embed, device="cpu", precision="fp32")
+            return self._model
+
+    def text(self, query: str, k: int = 16) -> list[SearchHit]:
+        from curate.embed import embed_texts
+
+        model = self.model
+        with self._lock:
+            vector = embed_texts(model, [query])[0]
+        return self.index.search(vector, k)
+
+    def image(self, image: bytes | Path, k: int = 16) -> list[SearchHit]:
+        from PIL import Image
+
+        from curate.embed import embed_images
+
+        data = image.read_bytes() if isinstance(image, Path) else image
+        model = self.model
+        with Image.open(io.BytesIO(data)) as opened, self._lock:
+            vector = embed_images(model, [opened.convert("RGB")])[0]
+        return self.index.search(vector, k)
+
+    def similar(self, uid: str, k: int = 16) -> list[SearchHit]:
+        return self.index.search(self.index.vector(uid), k)
+
+
+def hits_json(query: str, hits: list[SearchHit]) -> str:
+    return json.dumps({"query": query, "results": [hit.to_json() for hit in hits]}, indent=2)
+
+
+def write_gallery(search: RunSearch, query: str, hits: list[SearchHit], path: Path) -> Path:
+    """A self-contained HTML page of the results (thumbnails embedded)."""
+    from curate.report.html import THUMB_PX, render_gallery
+    from curate.report.images import thumbnail
+
+    items = []
+    for hit in hits:
+        data = search.index.image(hit.uid)
+        items.append({**hit.to_json(), "thumb": thumbnail(data, THUMB_PX * 2) if data else None})
+    subtitle = f"{len(hits)} nearest curated images in {search.layout.root.resolve()}"
+    write_bytes_atomic(path, render_gallery(f"search: {query}", subtitle, items).encode("utf-8"))
+    return path
