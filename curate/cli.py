@@ -135,6 +135,11 @@ def print_status(run_dir: Path, as_json: bool) -> int:
         print("  " + format_stage_line("", stage).strip())
     ledger = status["ledger_rows"]
     print(f"  ledger: {'not written yet' if ledger is None else f'{ledger} rows'}")
+    if status["top_failures"]:
+        print("top reasons rows were dropped or failed:")
+        for item in status["top_failures"]:
+            detail = f"   e.g. {item['common_detail']}" if item.get("common_detail") else ""
+            print(f"  {item['rows']:>8}  {item['stage']:<10} {item['outcome']}{detail}")
     return 0
 
 

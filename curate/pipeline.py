@@ -300,7 +300,29 @@ def run_status(run_dir: Path) -> dict[str, Any]:
         "shards": len(shards),
         "ledger_rows": ledger_rows,
         "stages": {name: {"shards": states[name], **stats[name].to_json()} for name in fate_stages(config)},
+        "top_failures": top_failures(layout, stats),
     }
+
+
+def top_failures(layout: RunLayout, stats: dict[str, StageStats], limit: int = 8) -> list[dict[str, Any]]:
+    """The most frequent failed/dropped reasons across stages, with their most common detail when a
+    ledger exists (it tells, say, a robots.txt timeout from a plain timeout)."""
+    totals = [
+        {"stage": stage, "outcome": key, "rows": rows}
+        for stage, stage_stats in stats.items()
+        for key, rows in stage_stats.counts.items()
+        if key != Status.KEPT.value
+    ]
+    totals.sort(key=lambda item: (-item["rows"], item["stage"], item["outcome"]))
+    totals = totals[:limit]
+    if totals and layout.ledger_path.exists():
+        ledger = pq.read_table(layout.ledger_path, columns=["stage", "status", "reason", "detail"]).to_pandas()
+        for item in totals:
+            status, _, reason = item["outcome"].partition("/")
+            same = ledger[(ledger.stage == item["stage"]) & (ledger.status == status) & (ledger.reason == reason)]
+            details = same["detail"].dropna()
+            item["common_detail"] = str(details.mode().iloc[0])[:160] if len(details) else None
+    return totals
 
 
 def read_stats(run_dir: Path) -> dict[str, Any]:
