@@ -128,6 +128,9 @@ class DedupConfig(Section):
     near_threshold: float | None = Field(
         0.95, ge=-1, le=1, description="image-embedding cosine at which two samples are one group; null disables"
     )
+    near_features: Literal["clip", "thumbnail"] = Field(
+        "clip", description="what near-duplicate search compares: CLIP image embeddings or 16x16 colour thumbnails"
+    )
     near_method: Literal["auto", "flat", "ivf"] = Field(
         "auto", description="'auto': exact search up to 10k samples, then the partitioned approximate search"
     )

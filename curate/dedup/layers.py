@@ -53,8 +53,11 @@ def deduplicate(
     eval_emb: np.ndarray | None = None,
     eval_ids: Sequence[str] | None = None,
     params: DedupParams | None = None,
+    near_emb: np.ndarray | None = None,
 ) -> pa.Table:
-    """The decision table (uid, reason, kept_uid, similarity) for every row, reason null for kept rows."""
+    """The decision table (uid, reason, kept_uid, similarity) for every row, reason null for kept rows.
+
+    `near_emb` (row-aligned with `emb`) replaces `emb` for the near-duplicate layer only."""
     params = params or DedupParams()
     uids = as_uids(uids)
     clip_score = np.asarray(clip_score, dtype=np.float32)
@@ -81,7 +84,7 @@ def deduplicate(
             "dup_near",
             near_duplicates(
                 uids[alive],
-                rows_of(emb, alive),
+                rows_of(emb if near_emb is None else near_emb, alive),
                 clip_score[alive],
                 params.near_threshold,
                 params.near_method,  # type: ignore[arg-type]
@@ -118,6 +121,7 @@ class DedupArrays(Protocol):
     clip_score: np.ndarray
     sha256: np.ndarray
     image_embeddings: np.ndarray
+    near_embeddings: np.ndarray | None
 
 
 def run_layers(
@@ -132,4 +136,5 @@ def run_layers(
         eval_emb=eval_embeddings,
         eval_ids=eval_ids,
         params=DedupParams.from_config(cfg),
+        near_emb=inputs.near_embeddings,
     )

@@ -20,6 +20,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from curate.config import DedupConfig, EmbedConfig
+from curate.dedup.thumbnails import shard_thumbnail_features
 from curate.io.fs import write_json_atomic, write_parquet_atomic
 from curate.ledger import FATE_SCHEMA, Status, make_fates
 from curate.stage import RunLayout, StageContext, kept_uids
@@ -39,10 +40,11 @@ class DedupInputs:
     clip_score: np.ndarray
     sha256: np.ndarray
     image_embeddings: np.ndarray
+    near_embeddings: np.ndarray | None = None  # thumbnail features when dedup.near_features is "thumbnail"
 
 
-def gather_inputs(layout: RunLayout, shards: list[str], upstream: str) -> DedupInputs:
-    uid_parts, score_parts, sha_parts, emb_parts = [], [], [], []
+def gather_inputs(layout: RunLayout, shards: list[str], upstream: str, thumbnails: bool = False) -> DedupInputs:
+    uid_parts, score_parts, sha_parts, emb_parts, thumb_parts = [], [], [], [], []
     for shard in shards:
         wanted = kept_uids(layout, upstream, shard)
         fates = pq.read_table(layout.fates_path(upstream, shard), schema=FATE_SCHEMA).select(["uid", "clip_score"])
@@ -61,6 +63,8 @@ def gather_inputs(layout: RunLayout, shards: list[str], upstream: str) -> DedupI
         score_parts.append(table["clip_score"].to_numpy(zero_copy_only=False).astype(np.float32))
         sha_parts.append(np.array(table["sha256"].to_pylist(), dtype=object))
         emb_parts.append(embeddings[[row_of[u] for u in uids]] if uids else embeddings[:0])
+        if thumbnails:
+            thumb_parts.append(shard_thumbnail_features(layout, shard, uids))
     if not uid_parts:
         return DedupInputs(
             np.zeros(0, object), np.zeros(0, np.float32), np.zeros(0, object), np.zeros((0, 1), np.float32)
@@ -70,7 +74,10 @@ def gather_inputs(layout: RunLayout, shards: list[str], upstream: str) -> DedupI
     embeddings = np.concatenate(emb_parts)[order]
     norms = np.linalg.norm(embeddings, axis=1, keepdims=True)
     embeddings = embeddings / np.where(norms == 0, 1, norms)  # float16 storage: renormalise
-    return DedupInputs(uids[order], np.concatenate(score_parts)[order], np.concatenate(sha_parts)[order], embeddings)
+    near = np.concatenate(thumb_parts)[order] if thumbnails else None
+    return DedupInputs(
+        uids[order], np.concatenate(score_parts)[order], np.concatenate(sha_parts)[order], embeddings, near
+    )
 
 
 class DedupStage:
@@ -87,7 +94,7 @@ class DedupStage:
         return ctx.layout.stage_dir(self.name) / "decisions.parquet"
 
     def prepare(self, ctx: StageContext, shards: list[str]) -> None:
-        inputs = gather_inputs(ctx.layout, shards, self.upstream)
+        inputs = gather_inputs(ctx.layout, shards, self.upstream, thumbnails=self.cfg.near_features == "thumbnail")
         decisions = self.decide(inputs)
         write_parquet_atomic(decisions, self.decisions_path(ctx))
         reasons = Counter(r for r in decisions["reason"].to_pylist() if r)
