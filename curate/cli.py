@@ -90,6 +90,10 @@ def run_command(args: argparse.Namespace) -> int:
         print(f"curate: run in {result.layout.root} is not complete; see `curate status {result.layout.root}`")
         return 0 if args.command != "run" else 1
     print(f"ledger: {result.layout.ledger_path}")
+    if "embed" in config.stages:
+        from curate.report import write_report
+
+        print(f"report: {write_report(result.layout.root)}")
     return 0
 
 

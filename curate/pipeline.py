@@ -89,9 +89,21 @@ def stage_fingerprints(config: PipelineConfig, input_print: str) -> dict[str, st
     previous = input_print
     for name in config.stages[1:]:
         settings = getattr(config, name).model_dump(mode="json", exclude=SCHEDULING_KEYS.get(name, set()))
+        if name == "embed":
+            settings["files"] = file_identities([config.embed.model, config.embed.pretrained])
         digest = hashlib.sha256(f"{name}|{previous}|{sorted(settings.items())}".encode()).hexdigest()[:16]
         prints[name] = previous = digest
     return prints
+
+
+def file_identities(values: list[str | None]) -> list[list[object]]:
+    """Size and mtime of the values that are files (a checkpoint replaced in place is a new model)."""
+    identities: list[list[object]] = []
+    for value in values:
+        if value and Path(value).is_file():
+            stat = Path(value).stat()
+            identities.append([value, stat.st_size, stat.st_mtime_ns])
+    return identities
 
 
 def run_pipeline(

@@ -33,7 +33,7 @@ import pyarrow.parquet as pq
 
 from curate.io.fs import read_json, write_bytes_atomic, write_json_atomic, write_parquet_atomic
 from curate.report.images import ImageRef, locate_images, scan_tar
-from curate.stage import RunLayout
+from curate.stage import RunLayout, kept_uids
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +42,9 @@ INDEX_FORMAT = 1
 FLAT_LIMIT = 200_000  # above this many images an IVF index (approximate, much faster) replaces exact search
 IVF_NPROBE = 32
 IVF_TRAIN_SAMPLES = 100_000
+METADATA_SCHEMA = pa.schema(
+    [("uid", pa.string()), ("caption", pa.string()), ("url", pa.string()), ("clip_score", pa.float32())]
+)
 ITEM_SCHEMA = pa.schema(
     [
         ("uid", pa.string()),
@@ -90,19 +93,24 @@ def run_fingerprint(layout: RunLayout) -> str:
     return digest.hexdigest()[:16]
 
 
-def curated_uids(layout: RunLayout) -> set[str]:
-    if not layout.ledger_path.exists():
-        raise SearchError(f"{layout.root}: no ledger.parquet; finish the run first (`curate run`)")
-    ledger = pq.read_table(layout.ledger_path, columns=["uid", "status"])
-    return set(ledger.filter(pc.equal(ledger["status"], "kept"))["uid"].to_pylist())
+def last_fate_stage(layout: RunLayout) -> str:
+    """The stage whose kept rows are the run's kept rows (materialize only copies them)."""
+    from curate.config import load_config
+
+    stages = [s for s in load_config(layout.config_path).stages if s != "materialize"]
+    return stages[-1]
 
 
-def embedded_shards(layout: RunLayout) -> Iterator[tuple[pa.Table, np.ndarray]]:
-    """(metadata, image embeddings) of each embed shard, row-aligned."""
+def curated_shards(layout: RunLayout) -> Iterator[tuple[pa.Table, np.ndarray]]:
+    """Per embed shard, the metadata and image embeddings of the rows the run kept (joined by uid)."""
+    last = last_fate_stage(layout)
     root = layout.stage_dir("embed")
     for meta_path in sorted((root / "metadata").glob("metadata_*.parquet")):
         shard = meta_path.stem.removeprefix("metadata_")
-        yield pq.read_table(meta_path), np.load(root / "img_emb" / f"img_emb_{shard}.npy")
+        metadata = pq.read_table(meta_path, columns=["uid", "caption", "url", "clip_score"])
+        mask = pc.is_in(metadata["uid"], kept_uids(layout, last, shard)).to_numpy(zero_copy_only=False)
+        embeddings = np.load(root / "img_emb" / f"img_emb_{shard}.npy")
+        yield metadata.filter(mask), embeddings[mask].astype(np.float32)
 
 
 def image_refs(layout: RunLayout, uids: set[str]) -> dict[str, ImageRef]:
@@ -122,18 +130,13 @@ def build_index(layout: RunLayout) -> None:
     if not (layout.stage_dir("embed") / "metadata").is_dir():
         raise SearchError(f"{layout.root}: no embeddings; the run needs the embed stage to be searchable")
     fingerprint = run_fingerprint(layout)
-    wanted = curated_uids(layout)
     tables, vectors = [], []
-    for metadata, embeddings in embedded_shards(layout):
-        mask = pc.is_in(metadata["uid"], pa.array(sorted(wanted), pa.string()))
-        tables.append(metadata.filter(mask).select(["uid", "caption", "url", "clip_score"]))
-        vectors.append(embeddings[np.asarray(mask)].astype(np.float32))
-    items = pa.concat_tables(tables) if tables else pa.table({"uid": pa.array([], pa.string())})
+    for metadata, embeddings in curated_shards(layout):
+        tables.append(metadata)
+        vectors.append(embeddings)
+    items = pa.concat_tables(tables) if tables else METADATA_SCHEMA.empty_table()
     dim = vectors[0].shape[1] if vectors else 0
     matrix = normalise(np.concatenate(vectors) if vectors else np.zeros((0, dim), np.float32))
-    missing = len(wanted) - items.num_rows
-    if missing:
-        log.warning("search: %d kept uids have no embedding; they are not searchable", missing)
     index = make_index(matrix)
     refs = image_refs(layout, set(items["uid"].to_pylist()))
     table = with_image_columns(layout, items, refs)
@@ -211,21 +214,25 @@ class SearchIndex:
         if hasattr(self.index, "nprobe"):
             self.index.nprobe = IVF_NPROBE
             self.index.make_direct_map()  # so that `vector(uid)` can read a stored embedding back
-        self.items = pq.read_table(folder / "items.parquet", schema=ITEM_SCHEMA).to_pylist()
-        self.row_of = {item["uid"]: i for i, item in enumerate(self.items)}
+        self.items = pq.read_table(folder / "items.parquet", schema=ITEM_SCHEMA)
+        self.uids: list[str] = self.items["uid"].to_pylist()
+        self.row_of = {uid: i for i, uid in enumerate(self.uids)}
 
     def __len__(self) -> int:
-        return len(self.items)
+        return len(self.uids)
+
+    def item(self, row: int) -> dict[str, Any]:
+        return self.items.slice(row, 1).to_pylist()[0]
 
     def search(self, query: np.ndarray, k: int) -> list[SearchHit]:
-        k = min(k, len(self.items))
+        k = min(k, len(self))
         if k <= 0:
             return []
         scores, rows = self.index.search(normalise(query.reshape(1, -1)), k)
         return [self.hit(int(row), float(score)) for row, score in zip(rows[0], scores[0], strict=True) if row >= 0]
 
     def hit(self, row: int, score: float) -> SearchHit:
-        item = self.items[row]
+        item = self.item(row)
         return SearchHit(item["uid"], score, item["caption"] or "", item["url"], item["clip_score"])
 
     def vector(self, uid: str) -> np.ndarray:
@@ -236,9 +243,11 @@ class SearchIndex:
 
     def image(self, uid: str) -> bytes | None:
         row = self.row_of.get(uid)
-        if row is None or self.items[row]["tar"] is None:
+        if row is None:
             return None
-        item = self.items[row]
+        item = self.item(row)
+        if item["tar"] is None:
+            return None
         return ImageRef(self.layout.root / item["tar"], item["offset"], item["size"]).read()
 
 

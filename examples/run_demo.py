@@ -1,16 +1,20 @@
-"""`make demo`: generate the demo world, serve it on loopback, run the demo pipeline through the CLI.
+"""`make demo`: generate the demo world, train (or reuse) its scorer, serve the world on loopback,
+run the demo pipeline through the CLI, and compare every decision with the planted truth.
 
-python -m examples.run_demo [--out runs/demo] [--world runs/demo-world] [--n-base 600]
+    python -m examples.run_demo [--out runs/demo] [--world runs/demo-world] [--executor local|dask]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
-from examples.demo_checks import compare_download_fates
+from examples.demo_checks import compare_download_fates, dedup_quality, filter_quality
+from examples.demo_scorer import ensure_demo_scorer
 from examples.demo_world import DemoServer, generate_world, load_world, write_input_table
 
 
@@ -18,43 +22,62 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path("runs/demo"))
     parser.add_argument("--world", type=Path, default=Path("runs/demo-world"))
+    parser.add_argument("--scorer", type=Path, default=Path("runs/demo-scorer"))
     parser.add_argument("--n-base", type=int, default=600)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--pipeline", type=Path, default=Path("pipelines/demo.yaml"))
     parser.add_argument("--executor", choices=["local", "dask"], default="local")
     args = parser.parse_args(argv)
+    started = time.perf_counter()
 
     if (args.world / "truth.parquet").exists():
         world = load_world(args.world)
     else:
         print(f"generating the demo world in {args.world} ...", flush=True)
         world = generate_world(args.world, n_base=args.n_base, seed=args.seed)
+    print(f"demo scorer in {args.scorer} (trained once on a separate clean split, then reused) ...", flush=True)
+    scorer = ensure_demo_scorer(args.scorer)
+    threshold = round(float(scorer["calibration"]["suggested_threshold"]), 4)
+
     with DemoServer(world.root) as server:
         table = write_input_table(world, server.base_url, args.world / "input.parquet")
         print(f"serving {len(world.truth)} rows at {server.base_url}", flush=True)
-        command = [
-            sys.executable,
-            "-m",
-            "curate",
-            "run",
-            str(args.pipeline),
-            "--set",
-            f"input.path={table}",
-            "--set",
-            f"output={args.out}",
-            "--executor",
-            args.executor,
-        ]
+        overrides = {
+            "input.path": table,
+            "output": args.out,
+            "embed.pretrained": scorer["checkpoint"],
+            "filter.clip_threshold": threshold,
+        }
+        command = [sys.executable, "-m", "curate", "run", str(args.pipeline), "--executor", args.executor]
+        for key, value in overrides.items():
+            command += ["--set", f"{key}={value}"]
         finished = subprocess.run(command, check=False)
     if finished.returncode != 0:
         return finished.returncode
 
-    report = compare_download_fates(args.out, world.truth, table)
+    downloads = compare_download_fates(args.out, world.truth, table)
     print("\nplanted faults vs ledger (input + download stages):")
-    print(report.to_string(index=False))
-    matched, total = int(report["as_expected"].sum()), int(report["rows"].sum())
-    print(f"\n{matched}/{total} rows got the fate their planted kind calls for")
-    print(f"\nrun written to {args.out.resolve()}")
+    print(downloads.to_string(index=False))
+    matched, total = int(downloads["as_expected"].sum()), int(downloads["rows"].sum())
+    print(f"{matched}/{total} rows got the fate their planted kind calls for")
+
+    filtering = filter_quality(args.out, world.truth, table)
+    dedup = dedup_quality(args.out, world.truth, table)
+    print(f"\nfilter (CLIP score >= {threshold}) vs planted mismatched + junk captions:")
+    print(
+        f"  precision {filtering['mismatch+junk']['precision']:.3f}  recall {filtering['mismatch+junk']['recall']:.3f}"
+        f"   (recall: mismatch {filtering['mismatch']['recall']:.3f}, junk {filtering['junk_caption']['recall']:.3f})"
+    )
+    print("dedup vs planted copies:")
+    for kind, quality in dedup.items():
+        print(
+            f"  {kind:<10} precision {quality['precision']:.3f}  recall {quality['recall']:.3f}"
+            f"  ({quality['pairs']} pairs)"
+        )
+    summary = {"downloads_as_expected": [matched, total], "filter": filtering, "dedup": dedup}
+    (args.out / "demo_checks.json").write_text(json.dumps(summary, indent=2, default=float))
+    print(f"\ndemo finished in {time.perf_counter() - started:.0f} s; run written to {args.out.resolve()}")
+    print(f"report: {(args.out / 'report' / 'index.html').resolve()}")
     return 0 if matched == total else 1
 
 

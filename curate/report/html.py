@@ -52,8 +52,8 @@ td.num { text-align: right; font-variant-numeric: tabular-nums; }
 figure.cell { margin: 0; }
 figure.cell .img { width: 100%; aspect-ratio: 1; background: #f1f3f5; border-radius: 8px; display: flex;
                    align-items: center; justify-content: center; overflow: hidden; }
-figure.cell img { max-width: 100%; max-height: 100%; }
-figure.cell .noimg { color: var(--muted); font-size: 12px; padding: 8px; text-align: center; }
+figure.cell img { width: 100%; height: 100%; object-fit: contain; }
+figure.cell .noimg { color: var(--muted); font-size: 12px; padding: 8px; text-align: center; word-break: break-all; }
 figcaption { font-size: 12.5px; margin-top: 6px; line-height: 1.35; }
 figcaption .cap { display: -webkit-box; -webkit-line-clamp: 3; -webkit-box-orient: vertical; overflow: hidden; }
 figcaption .meta { color: var(--muted); font-size: 11.5px; font-variant-numeric: tabular-nums; }
@@ -290,7 +290,7 @@ class ReportPage:
             image = f'<img alt="{escape(caption[:80])}" src="{data_uri(thumb, "image/jpeg")}">'
         else:
             image = f'<div class="noimg">no image<br>{escape(record.get("detail") or "")[:80]}</div>'
-        meta = [f"score {_score(record.get('clip_score'))}"]
+        meta = [f"score {_score(record['clip_score'])}"] if record.get("clip_score") is not None else []
         if similarity is not None:
             meta.append(f"sim {similarity:.3f}")
         if survivor and record.get("status") and record["status"] != "kept":

@@ -89,7 +89,7 @@ def locate_images(layout: RunLayout, uids: Iterable[str]) -> dict[str, ImageRef]
 
 def thumbnail(data: bytes, max_px: int, quality: int = 82) -> bytes | None:
     """A JPEG no larger than max_px on either side; None when the bytes are not a readable image."""
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image
 
     try:
         with Image.open(io.BytesIO(data)) as image:
@@ -98,6 +98,6 @@ def thumbnail(data: bytes, max_px: int, quality: int = 82) -> bytes | None:
             out = io.BytesIO()
             image.save(out, format="JPEG", quality=quality, optimize=True)
             return out.getvalue()
-    except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError) as err:
+    except (OSError, ValueError, Image.DecompressionBombError) as err:  # the bomb error is not an OSError
         log.debug("cannot thumbnail an image: %s", err)
         return None

@@ -7,21 +7,24 @@ same run gives the same report.
 
 from __future__ import annotations
 
+import heapq
 import logging
 import math
-from dataclasses import dataclass
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 import pyarrow.parquet as pq
 import yaml
 
 from curate.config import STAGE_ORDER
 from curate.io.fs import read_json
-from curate.ledger import read_ledger
 from curate.stage import RunLayout
 
 log = logging.getLogger(__name__)
@@ -32,15 +35,16 @@ GROUPS_PER_REASON = 4
 COPIES_PER_GROUP = 5
 DETAIL_CHARS = 160
 DUP_REASONS = ("dup_exact", "dup_near", "dup_semantic")
+LEDGER_BATCH_ROWS = 65_536
 
 
 @dataclass
 class RunData:
-    """What the report reads from a run directory, loaded once."""
+    """What the report reads from a run directory (the ledger is streamed, never loaded whole)."""
 
     layout: RunLayout
     config: dict[str, Any]
-    ledger: pd.DataFrame | None
+    ledger_path: Path | None
     run_stats: dict[str, Any] | None
     filter_summary: dict[str, Any] | None
     decisions: pd.DataFrame | None
@@ -49,13 +53,13 @@ class RunData:
 
 def load_run(run_dir: Path) -> RunData:
     layout = RunLayout(Path(run_dir))
-    if not layout.root.is_dir():
-        raise FileNotFoundError(f"{run_dir}: no such run directory")
+    if not layout.config_path.exists():
+        raise FileNotFoundError(f"{run_dir}: not a curate run (no config.yaml)")
     decisions_path = layout.stage_dir("dedup") / "decisions.parquet"
     return RunData(
         layout=layout,
         config=_read_yaml(layout.config_path),
-        ledger=read_ledger(layout.root) if layout.ledger_path.exists() else None,
+        ledger_path=layout.ledger_path if layout.ledger_path.exists() else None,
         run_stats=_read_optional_json(layout.stats_path),
         filter_summary=_read_optional_json(layout.stage_dir("filter") / "summary.json"),
         decisions=pq.read_table(decisions_path).to_pandas() if decisions_path.exists() else None,
@@ -80,6 +84,68 @@ def _read_optional_json(path: Path) -> Any:
         return None
 
 
+def ledger_batches(path: Path, columns: list[str]) -> Iterator[pd.DataFrame]:
+    for batch in pq.ParquetFile(path).iter_batches(batch_size=LEDGER_BATCH_ROWS, columns=columns):
+        yield batch.to_pandas(types_mapper=_NULLABLE.get)
+
+
+_NULLABLE = {pa.float32(): pd.Float32Dtype()}
+
+
+# --------------------------------------------------------------------------------------------------
+# One pass over the ledger
+
+
+@dataclass
+class LedgerDigest:
+    """Everything the report needs from the ledger, gathered in one streaming pass. The kept lists hold at most
+    a few rows each, chosen by (score, uid) or uid order, so the result does not depend on the batch size."""
+
+    cutoff: float | None
+    edges: np.ndarray | None
+    counts: Counter[tuple[str, str, str]] = field(default_factory=Counter)
+    reason_uids: dict[tuple[str, str, str], list[str]] = field(default_factory=dict)
+    kept_lowest: pd.DataFrame = field(default_factory=lambda: pd.DataFrame({"uid": [], "clip_score": []}))
+    dropped_highest: pd.DataFrame = field(default_factory=lambda: pd.DataFrame({"uid": [], "clip_score": []}))
+    kept_first: list[str] = field(default_factory=list)
+    curated_counts: np.ndarray | None = None
+
+    def add(self, rows: pd.DataFrame) -> None:
+        rows = rows.assign(reason=rows["reason"].fillna(""))
+        for key, n in rows.groupby(["stage", "status", "reason"]).size().items():
+            self.counts[key] += int(n)
+        removed = rows[rows["status"] != "kept"]
+        for key, group in removed.groupby(["stage", "status", "reason"]):
+            self.reason_uids[key] = _smallest([*self.reason_uids.get(key, []), *group["uid"]], SAMPLES_PER_REASON)
+        kept = rows[rows["status"] == "kept"]
+        self.kept_first = _smallest([*self.kept_first, *kept["uid"]], NEAR_THRESHOLD_SAMPLES)
+        scored = kept.dropna(subset=["clip_score"])
+        self.kept_lowest = _top(self.kept_lowest, scored[["uid", "clip_score"]], ascending=True)
+        below = rows[(rows["reason"] == "clip_score")].dropna(subset=["clip_score"])
+        self.dropped_highest = _top(self.dropped_highest, below[["uid", "clip_score"]], ascending=False)
+        if self.edges is not None:
+            values = np.clip(scored["clip_score"].to_numpy(np.float64), self.edges[0], self.edges[-1])
+            counts, _ = np.histogram(values, bins=self.edges)
+            self.curated_counts = counts if self.curated_counts is None else self.curated_counts + counts
+
+
+def _smallest(uids: list[str], n: int) -> list[str]:
+    return heapq.nsmallest(n, uids)
+
+
+def _top(best: pd.DataFrame, new: pd.DataFrame, ascending: bool) -> pd.DataFrame:
+    both = pd.concat([best, new.astype({"clip_score": "float64"})], ignore_index=True) if len(new) else best
+    ordered = both.sort_values(["clip_score", "uid"], ascending=[ascending, True], kind="stable")
+    return ordered.head(NEAR_THRESHOLD_SAMPLES)
+
+
+def digest_ledger(path: Path, cutoff: float | None, edges: list[float] | None) -> LedgerDigest:
+    digest = LedgerDigest(cutoff, np.asarray(edges, dtype=np.float64) if edges and len(edges) > 1 else None)
+    for rows in ledger_batches(path, ["uid", "status", "stage", "reason", "clip_score"]):
+        digest.add(rows)
+    return digest
+
+
 # --------------------------------------------------------------------------------------------------
 # Funnel
 
@@ -88,10 +154,10 @@ def stage_rank(stage: str) -> int:
     return STAGE_ORDER.index(stage) if stage in STAGE_ORDER else len(STAGE_ORDER)
 
 
-def funnel(data: RunData) -> list[dict[str, Any]] | None:
+def funnel(data: RunData, digest: LedgerDigest | None) -> list[dict[str, Any]] | None:
     """Per stage in pipeline order: rows in, rows kept, and rows removed per 'status/reason'."""
-    if data.ledger is not None:
-        return funnel_from_ledger(data.ledger, _configured_stages(data))
+    if digest is not None:
+        return funnel_from_counts(digest.counts, _configured_stages(data))
     if data.run_stats is not None:
         stages = data.run_stats.get("stages", {})
         return [
@@ -110,19 +176,17 @@ def _configured_stages(data: RunData) -> list[str]:
     return [s for s in data.config.get("stages", []) if s != "materialize"]
 
 
-def funnel_from_ledger(ledger: pd.DataFrame, configured: list[str]) -> list[dict[str, Any]]:
-    stages = sorted(set(configured) | set(ledger["stage"].dropna()), key=stage_rank)
-    rank = ledger["stage"].map({s: i for i, s in enumerate(stages)})
-    removed_rows = ledger[ledger["status"] != "kept"]
+def funnel_from_counts(counts: Counter[tuple[str, str, str]], configured: list[str]) -> list[dict[str, Any]]:
+    """The ledger's final (stage, status, reason) counts as a funnel: a row decided at a stage went through
+    every stage before it."""
+    stages = sorted(set(configured) | {stage for stage, _, _ in counts}, key=stage_rank)
     rows = []
     for i, stage in enumerate(stages):
-        entered = int((rank >= i).sum())
-        here = removed_rows[removed_rows["stage"] == stage]
-        removed = (here["status"] + "/" + here["reason"].fillna("unknown")).value_counts()
-        removed_counts = {k: int(v) for k, v in sorted(removed.items(), key=lambda kv: (-kv[1], kv[0]))}
-        rows.append(
-            {"stage": stage, "rows": entered, "kept": entered - sum(removed_counts.values()), "removed": removed_counts}
-        )
+        entered = sum(n for (s, _, _), n in counts.items() if stages.index(s) >= i)
+        removed = {f"{status}/{reason or 'unknown'}": n for (s, status, reason), n in counts.items() if s == stage}
+        removed.pop("kept/unknown", None)
+        ordered = dict(sorted(removed.items(), key=lambda kv: (-kv[1], kv[0])))
+        rows.append({"stage": stage, "rows": entered, "kept": entered - sum(ordered.values()), "removed": ordered})
     return rows
 
 
@@ -136,7 +200,7 @@ def score_stats(data: RunData) -> dict[str, Any] | None:
 
     summary = data.filter_summary
     if summary is not None and summary.get("clip_score", {}).get("count"):
-        result = {
+        return {
             "source": "filter/summary.json",
             "histogram": summary["clip_score_histogram"],
             "summary": summary["clip_score"],
@@ -144,20 +208,17 @@ def score_stats(data: RunData) -> dict[str, Any] | None:
             "threshold": summary.get("clip_threshold"),
             "top_fraction": summary.get("clip_top_fraction"),
         }
-    else:
-        scores = _embedded_scores(data.layout)
-        if scores is None or not len(scores):
-            return None
-        result = {
-            "source": "embed/metadata",
-            "histogram": histogram(scores),
-            "summary": score_summary(scores),
-            "cutoff": None,
-            "threshold": None,
-            "top_fraction": None,
-        }
-    result["curated_counts"] = _curated_histogram(data.ledger, result["histogram"]["edges"])
-    return result
+    scores = _embedded_scores(data.layout)
+    if scores is None or not len(scores):
+        return None
+    return {
+        "source": "embed/metadata",
+        "histogram": histogram(scores),
+        "summary": score_summary(scores),
+        "cutoff": None,
+        "threshold": None,
+        "top_fraction": None,
+    }
 
 
 def _embedded_scores(layout: RunLayout) -> np.ndarray | None:
@@ -168,54 +229,28 @@ def _embedded_scores(layout: RunLayout) -> np.ndarray | None:
     return np.concatenate(parts).astype(np.float64)
 
 
-def _curated_histogram(ledger: pd.DataFrame | None, edges: list[float]) -> list[int] | None:
-    """Counts of the finally kept rows over the same bins, so the plot can show what survived."""
-    if ledger is None or len(edges) < 2:
-        return None
-    scores = ledger.loc[ledger["status"] == "kept", "clip_score"].dropna().to_numpy(dtype=np.float64)
-    counts, _ = np.histogram(np.clip(scores, edges[0], edges[-1]), bins=np.asarray(edges))
-    return counts.astype(int).tolist()
-
-
 # --------------------------------------------------------------------------------------------------
 # Sample grids
 
 
-def sample_grids(data: RunData, cutoff: float | None) -> dict[str, Any] | None:
+def sample_grids(digest: LedgerDigest | None) -> dict[str, Any] | None:
     """uids to show: kept rows next to the threshold, the dropped rows just below it, and each reason's rows."""
-    ledger = data.ledger
-    if ledger is None:
+    if digest is None:
         return None
-    kept = ledger[ledger["status"] == "kept"]
-    scored = kept.dropna(subset=["clip_score"])
-    grids: dict[str, Any] = {"cutoff": cutoff}
-    if cutoff is not None and len(scored):
-        grids["kept_near_threshold"] = _by_score(scored, ascending=True)
-        below = ledger[(ledger["reason"] == "clip_score")].dropna(subset=["clip_score"])
-        grids["dropped_near_threshold"] = _by_score(below, ascending=False)
-    elif len(scored):
-        grids["kept_lowest_scores"] = _by_score(scored, ascending=True)
+    grids: dict[str, Any] = {"cutoff": digest.cutoff}
+    if digest.cutoff is not None and len(digest.kept_lowest):
+        grids["kept_near_threshold"] = digest.kept_lowest["uid"].tolist()
+        grids["dropped_near_threshold"] = digest.dropped_highest["uid"].tolist()
+    elif len(digest.kept_lowest):
+        grids["kept_lowest_scores"] = digest.kept_lowest["uid"].tolist()
     else:
-        grids["kept_sample"] = sorted(kept["uid"])[:NEAR_THRESHOLD_SAMPLES]
-    grids["by_reason"] = _reason_samples(ledger)
-    return grids
-
-
-def _by_score(rows: pd.DataFrame, ascending: bool) -> list[str]:
-    ordered = rows.sort_values(["clip_score", "uid"], ascending=[ascending, True], kind="stable")
-    return ordered["uid"].head(NEAR_THRESHOLD_SAMPLES).tolist()
-
-
-def _reason_samples(ledger: pd.DataFrame) -> list[dict[str, Any]]:
-    removed = ledger[ledger["status"] != "kept"].copy()
-    removed["reason"] = removed["reason"].fillna("unknown")
+        grids["kept_sample"] = list(digest.kept_first)
     groups = []
-    for (stage, status, reason), rows in removed.groupby(["stage", "status", "reason"], sort=False):
-        uids = sorted(rows["uid"])
-        groups.append(
-            {"stage": stage, "status": status, "reason": reason, "count": len(uids), "uids": uids[:SAMPLES_PER_REASON]}
-        )
-    return sorted(groups, key=lambda g: (stage_rank(g["stage"]), -g["count"], g["reason"]))
+    for (stage, status, reason), uids in digest.reason_uids.items():
+        count = digest.counts[(stage, status, reason)]
+        groups.append({"stage": stage, "status": status, "reason": reason or "unknown", "count": count, "uids": uids})
+    grids["by_reason"] = sorted(groups, key=lambda g: (stage_rank(g["stage"]), -g["count"], g["reason"]))
+    return grids
 
 
 # --------------------------------------------------------------------------------------------------
@@ -321,7 +356,7 @@ def run_summary(data: RunData, funnel_rows: list[dict[str, Any]] | None) -> dict
         "name": data.layout.root.resolve().name,
         "generated": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "stages": list(config.get("stages", [])),
-        "complete": data.ledger is not None,
+        "complete": data.ledger_path is not None,
         "input_rows": input_rows,
         "kept": curated,
         "kept_fraction": (curated / input_rows) if input_rows else None,
@@ -335,25 +370,26 @@ def run_summary(data: RunData, funnel_rows: list[dict[str, Any]] | None) -> dict
 
 def sample_records(data: RunData, uids: set[str]) -> dict[str, dict[str, Any]]:
     """What a grid cell shows about each uid, from the ledger."""
-    if data.ledger is None or not uids:
+    if data.ledger_path is None or not uids:
         return {}
-    rows = data.ledger[data.ledger["uid"].isin(uids)]
+    columns = ["uid", "url", "caption", "status", "stage", "reason", "detail", "clip_score"]
     records = {}
-    for row in rows.itertuples(index=False):
-        records[row.uid] = {
-            "caption": _text(row.caption),
-            "url": _text(row.url),
-            "clip_score": _finite(row.clip_score),
-            "status": row.status,
-            "stage": row.stage,
-            "reason": _text(row.reason) or None,
-            "detail": (_text(row.detail) or "")[:DETAIL_CHARS] or None,
-        }
-    return records
+    for rows in ledger_batches(data.ledger_path, columns):
+        for row in rows[rows["uid"].isin(uids)].itertuples(index=False):
+            records[row.uid] = {
+                "caption": _text(row.caption),
+                "url": _text(row.url),
+                "clip_score": _finite(row.clip_score),
+                "status": row.status,
+                "stage": row.stage,
+                "reason": _text(row.reason) or None,
+                "detail": _text(row.detail)[:DETAIL_CHARS] or None,
+            }
+    return dict(sorted(records.items()))
 
 
 def _text(value: Any) -> str:
-    return "" if value is None or (isinstance(value, float) and math.isnan(value)) or value is pd.NA else str(value)
+    return "" if value is None or value is pd.NA or (isinstance(value, float) and math.isnan(value)) else str(value)
 
 
 def shown_uids(grids: dict[str, Any] | None, groups: list[dict[str, Any]] | None) -> set[str]:
@@ -371,9 +407,15 @@ def shown_uids(grids: dict[str, Any] | None, groups: list[dict[str, Any]] | None
 
 def build_stats(data: RunData) -> dict[str, Any]:
     """The report's numbers as one JSON-able document (written to report/stats.json)."""
-    funnel_rows = funnel(data)
     scores = score_stats(data)
-    grids = sample_grids(data, scores["cutoff"] if scores else None)
+    digest = None
+    if data.ledger_path is not None:
+        edges = scores["histogram"]["edges"] if scores else None
+        digest = digest_ledger(data.ledger_path, scores["cutoff"] if scores else None, edges)
+    if scores is not None and digest is not None and digest.curated_counts is not None:
+        scores["curated_counts"] = digest.curated_counts.astype(int).tolist()
+    funnel_rows = funnel(data, digest)
+    grids = sample_grids(digest)
     groups = duplicate_groups(data)
     return {
         "summary": run_summary(data, funnel_rows),
