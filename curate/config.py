@@ -5,6 +5,7 @@ from __future__ import annotations
 import difflib
 import hashlib
 import json
+import warnings
 from pathlib import Path
 from typing import Any, Literal
 
@@ -149,6 +150,35 @@ class MaterializeConfig(Section):
     samples_per_shard: int = Field(10_000, gt=0)
 
 
+class ValidateConfig(Section):
+    objective: Literal["clip", "simclr"] = Field("clip", description="simclr: image-only, NT-Xent on two views")
+    model: str = Field("curate-tiny", description="open_clip model name, or a path to a model-config JSON")
+    batch_size: int = Field(256, gt=0)
+    samples_seen: int = Field(25_600, gt=0, description="the compute budget, the same for every arm and seed")
+    lr: float = Field(1e-3, gt=0)
+    warmup_steps: int = Field(10, ge=0)
+    weight_decay: float = Field(0.1, ge=0)
+    seeds: int = Field(3, gt=0, description="both arms are trained with seeds 0..seeds-1")
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    augment: bool = True
+    checkpoint_every: int = Field(100, gt=0, description="steps")
+    decode_threads: int = Field(2, gt=0)
+    shuffle_buffer: int = Field(2_000, gt=0)
+    simclr_temperature: float = Field(0.1, gt=0)
+    baseline_size: int | Literal["curated", "all"] = Field(
+        "curated", description="samples in the baseline's random subset of the download: as many as curated/, or all"
+    )
+    baseline_seed: int = Field(0, description="seed of the baseline's subset (one subset for every training seed)")
+    eval_set: str | None = Field(None, description="folder with images/ and labels.json, fixed before curation")
+    classnames: list[str] | None = Field(None, description="zero-shot class names; default: the eval set's classes")
+    templates: list[str] = Field(default_factory=lambda: ["a photo of a {}.", "a drawing of a {}.", "a {} shape."])
+    recall_ks: list[int] = Field(default_factory=lambda: [1, 5, 10])
+    probe_train_fraction: float = Field(0.5, gt=0, lt=1)
+    probe_l2: float = Field(1e-3, ge=0)
+    eval_batch_size: int = Field(256, gt=0)
+
+
 class DaskConfig(Section):
     n_workers: int | None = Field(None, gt=0, description="LocalCluster worker processes (default: one per core)")
     threads_per_worker: int = Field(1, gt=0)
@@ -157,15 +187,20 @@ class DaskConfig(Section):
     shard_retries: int = Field(2, ge=0, description="extra attempts for a shard whose task raised")
 
 
-STAGE_ORDER = ("input", "download", "embed", "filter", "dedup", "materialize")
-StageName = Literal["input", "download", "embed", "filter", "dedup", "materialize"]
+STAGE_ORDER = ("input", "download", "embed", "filter", "dedup", "materialize", "validate")
+StageName = Literal["input", "download", "embed", "filter", "dedup", "materialize", "validate"]
+DEFAULT_STAGES = ("input", "download", "embed", "filter", "dedup", "materialize")
+
+
+# A field named `validate` shadows a deprecated BaseModel method; the field is what we want.
+warnings.filterwarnings("ignore", message='Field name "validate"', category=UserWarning)
 
 
 class PipelineConfig(Section):
     output: str
     executor: Literal["local", "dask"] = "local"
     scheduler: str | None = Field(None, description="address of a running Dask scheduler")
-    stages: list[StageName] = Field(default_factory=lambda: list(STAGE_ORDER))
+    stages: list[StageName] = Field(default_factory=lambda: list(DEFAULT_STAGES))
     dask: DaskConfig = Field(default_factory=DaskConfig)
     input: InputConfig
     download: DownloadConfig = Field(default_factory=DownloadConfig)
@@ -173,6 +208,7 @@ class PipelineConfig(Section):
     filter: FilterConfig = Field(default_factory=FilterConfig)
     dedup: DedupConfig = Field(default_factory=DedupConfig)
     materialize: MaterializeConfig = Field(default_factory=MaterializeConfig)
+    validate: ValidateConfig = Field(default_factory=ValidateConfig)
 
     @field_validator("stages")
     @classmethod

@@ -36,6 +36,7 @@ log = logging.getLogger(__name__)
 SCHEDULING_KEYS = {
     "download": {"threads", "processes", "per_host_connections"},
     "embed": {"batch_size", "decode_threads", "workers", "device"},
+    "validate": {"device", "checkpoint_every", "decode_threads", "eval_batch_size"},
 }
 
 
@@ -56,7 +57,7 @@ class RunResult:
 
 def fate_stages(config: PipelineConfig) -> list[str]:
     """The configured stages that decide fates per shard (materialize only copies what they kept)."""
-    return [name for name in config.stages if name != "materialize"]
+    return [name for name in config.stages if name not in ("materialize", "validate")]
 
 
 def make_stage(name: str, config: PipelineConfig) -> ShardStage:
@@ -163,7 +164,12 @@ def run_pipeline(
         clear_scratch(ctx, name)
     if "materialize" in config.stages and only_stage in (None, "materialize"):
         run_materialize(config, layout, prints, shards)
-    return finalize_run(config, layout, prints, shards, int(manifest["rows"]))
+    result = finalize_run(config, layout, prints, shards, int(manifest["rows"]))
+    if result.complete and "validate" in config.stages and only_stage in (None, "validate"):
+        from curate.validate.stage import run_validation
+
+        run_validation(config, layout, progress)
+    return result
 
 
 def run_materialize(config: PipelineConfig, layout: RunLayout, prints: dict[str, str], shards: list[str]) -> None:

@@ -37,6 +37,10 @@ def compare_download_fates(run_dir: Path, truth: pd.DataFrame, table_path: Path)
     """One row per kind: rows, how many got the expected fate, and the fates actually seen."""
     ledger = read_ledger(run_dir)
     joined = truth_by_uid(truth, table_path).merge(ledger, on="uid", how="left", suffixes=("_truth", ""))
+    # a row that went past download was kept by it, whatever later stages decided
+    decided_early = joined["stage"].isin(["input", "download"])
+    joined["status"] = joined["status"].where(decided_early, "kept")
+    joined["reason"] = joined["reason"].where(decided_early, None)
     rows = []
     for kind, group in joined.groupby("kind"):
         status, reason = EXPECTED_DOWNLOAD_FATES[kind]

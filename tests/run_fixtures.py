@@ -46,6 +46,18 @@ def demo_scorer() -> tuple[Path, float] | None:
     return checkpoint, float(info["calibration"]["suggested_threshold"])
 
 
+def fixed_random_checkpoint(path: Path) -> Path:
+    import open_clip
+    import torch
+
+    from curate.embed import register_model_configs
+
+    register_model_configs()
+    torch.manual_seed(0)
+    torch.save({"state_dict": open_clip.create_model("curate-tiny").state_dict()}, path)
+    return path
+
+
 def build_curated_run(world: ServedWorld, folder: Path) -> CuratedRun:
     scorer = demo_scorer()
     overrides = [
@@ -60,8 +72,8 @@ def build_curated_run(world: ServedWorld, folder: Path) -> CuratedRun:
     ]
     if scorer is not None:
         overrides += [f"embed.pretrained={scorer[0]}", f"filter.clip_threshold={scorer[1]:.4f}"]
-    else:
-        overrides += ["filter.clip_top_fraction=0.7"]
+    else:  # fixed random weights: the search must load the very model the run embedded with
+        overrides += [f"embed.pretrained={fixed_random_checkpoint(folder / 'tiny.pt')}", "filter.clip_top_fraction=0.7"]
     # the scorer was trained on images resized like the demo pipeline's download (224 px)
     pipeline = world.pipeline(folder, output=folder / "run", download={"image_size": 224})
     result = run_pipeline(load_config(pipeline, overrides))

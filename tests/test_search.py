@@ -13,6 +13,7 @@ import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
+from urllib.parse import quote
 
 import numpy as np
 import pytest
@@ -128,10 +129,12 @@ def test_search_needs_a_finished_embedded_run(curated_run: CuratedRun, tmp_path:
 def test_image_query_finds_that_image_first(search: RunSearch, curated_run: CuratedRun):
     uid = sorted(kept_uids(curated_run))[0]
     hits = search.image(curated_image(curated_run, uid), k=5)
-    assert hits[0].uid == uid
+    # the tiny demo model can give other images of the same scene the same embedding: ties are allowed
     assert hits[0].score == pytest.approx(1.0, abs=5e-3)  # embeddings are stored as float16
+    assert uid in [h.uid for h in hits if h.score >= hits[0].score - 1e-3]
     assert [h.score for h in hits] == sorted((h.score for h in hits), reverse=True)
-    assert search.similar(uid, k=3)[0].uid == uid
+    similar = search.similar(uid, k=3)
+    assert uid in [h.uid for h in similar if h.score >= similar[0].score - 1e-3]
 
 
 def test_text_query_returns_k_ranked_curated_hits(search: RunSearch, curated_run: CuratedRun):
@@ -195,8 +198,10 @@ def test_search_cli_by_image_and_errors(curated_run: CuratedRun, tmp_path: Path,
     uid = sorted(kept_uids(curated_run))[1]
     query = tmp_path / "query.png"
     Image.open(io.BytesIO(curated_image(curated_run, uid))).save(query)
-    assert main(["search", str(curated_run.root), "--image", str(query), "-k", "1"]) == 0
-    assert capsys.readouterr().out.split()[2] == uid
+    assert main(["search", str(curated_run.root), "--image", str(query), "-k", "5", "--json"]) == 0
+    results = json.loads(capsys.readouterr().out)["results"]
+    assert results[0]["score"] == pytest.approx(1.0, abs=5e-3)
+    assert uid in [r["uid"] for r in results if r["score"] >= results[0]["score"] - 1e-3]
     assert main(["search", str(curated_run.root)]) == 2
     assert main(["search", str(curated_run.root), "--image", str(tmp_path / "missing.jpg")]) == 2
     assert main(["search", str(tmp_path), "red"]) == 1
@@ -254,7 +259,7 @@ def test_search_page_in_chromium(server: SearchServer, curated_run: CuratedRun, 
     assert not errors, errors
     assert not broken, broken
     assert len(shown) == 8 and "8 results" in status
-    expected = [r["uid"] for r in json.loads(get(server, f"/api/search?q={query}&k=8")[1])["results"]]
+    expected = [r["uid"] for r in json.loads(get(server, f"/api/search?q={quote(query)}&k=8")[1])["results"]]
     assert shown == expected
     if curated_run.scorer is not None:
         top = [curated_run.truth.loc[uid, "color"] for uid in shown[:5]]

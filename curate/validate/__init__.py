@@ -1,0 +1,1 @@
+"""Validation: train a small CLIP on curated (and unfiltered) shards, then evaluate it."""

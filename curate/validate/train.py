@@ -1,0 +1,507 @@
+"""Train a small CLIP on webdataset shards: open_clip's model, preprocess, tokenizer, loss and LR schedule.
+
+The data stream is a pure function of the recipe's seed: shards are shuffled per epoch, samples pass a
+seeded shuffle buffer, and each sample's augmentation draws from its own generator (seeded by its
+position in the stream), so decoding in a thread pool does not change what the model sees. A run
+resumed from a checkpoint therefore ends with the same weights as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import math
+import os
+import random
+import time
+from collections import deque
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+import numpy as np
+
+from curate.io.fs import temp_sibling
+
+if TYPE_CHECKING:
+    import torch
+    from torchvision.transforms import Compose
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_NAME = "checkpoint.pt"
+# Recipe fields that change how a run is executed, not what it computes: a checkpoint written under
+# other values of these is still resumable.
+EXECUTION_FIELDS = frozenset({"checkpoint_every", "num_decode_threads"})
+PREFETCH_BATCHES = 2  # batches decoded or decoding at once, the one the model takes next included
+LOG_EVERY_STEPS = 10
+MAX_LOGIT_SCALE = math.log(100)  # open_clip_train's clamp
+
+Device = Literal["auto", "cpu", "cuda"]
+Precision = Literal["fp32", "bf16", "fp16"]
+Progress = Callable[[int], object]
+"""Called after every step with the number of samples it consumed (e.g. a tqdm bar's `update`)."""
+
+
+@dataclass(frozen=True)
+class TrainRecipe:
+    model: str = "curate-tiny"  # open_clip model name, or a path to a model-config JSON
+    batch_size: int = 256
+    samples_seen: int = 25_600  # the compute budget: steps = samples_seen // batch_size
+    lr: float = 1e-3
+    warmup_steps: int = 10
+    weight_decay: float = 0.1
+    seed: int = 0
+    device: Device = "auto"
+    precision: Precision = "fp32"
+    augment: bool = True
+    checkpoint_every: int = 100  # steps
+    num_decode_threads: int = 2
+    shuffle_buffer: int = 2_000  # samples
+
+    def __post_init__(self) -> None:
+        for name in ("batch_size", "samples_seen", "checkpoint_every", "num_decode_threads", "shuffle_buffer"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"TrainRecipe.{name} must be > 0, got {getattr(self, name)}")
+        if self.samples_seen < self.batch_size:
+            raise ValueError(f"TrainRecipe.samples_seen ({self.samples_seen}) is less than one batch")
+        if not 0 <= self.warmup_steps < self.total_steps:
+            raise ValueError(f"TrainRecipe.warmup_steps must be in [0, {self.total_steps}), got {self.warmup_steps}")
+        if self.lr <= 0 or self.weight_decay < 0:
+            raise ValueError("TrainRecipe.lr must be > 0 and weight_decay >= 0")
+        if self.device not in ("auto", "cpu", "cuda") or self.precision not in ("fp32", "bf16", "fp16"):
+            raise ValueError(f"TrainRecipe: unknown device {self.device!r} or precision {self.precision!r}")
+
+    @property
+    def total_steps(self) -> int:
+        return self.samples_seen // self.batch_size
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> TrainRecipe:
+        return cls(**raw)
+
+    def same_run(self, other: TrainRecipe | dict[str, Any]) -> bool:
+        """True when `other` computes the same weights (fields like checkpoint_every may differ)."""
+        theirs = other if isinstance(other, dict) else other.to_dict()
+        ours = self.to_dict()
+        return {k: v for k, v in ours.items() if k not in EXECUTION_FIELDS} == {
+            k: v for k, v in theirs.items() if k not in EXECUTION_FIELDS
+        }
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    checkpoint: Path
+    losses: list[float]
+    samples_seen: int
+    seconds: float
+    steps: int
+    resumed_from_step: int = 0
+
+
+@dataclass
+class TrainState:
+    """Everything a step changes; what a checkpoint saves and restores."""
+
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    step: int = 0
+    losses: list[float] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+# ---------------------------------------------------------------- model names and devices
+
+
+def resolve_model_name(model: str) -> str:
+    """The open_clip name for `model`: a registered name (curate's own configs included), or a model-config
+    JSON path, which is registered under its file stem."""
+    import open_clip
+
+    from curate.embed import register_model_configs
+
+    register_model_configs()
+    path = Path(model).expanduser()
+    if path.suffix == ".json":
+        if not path.is_file():
+            raise FileNotFoundError(f"no model config at {path}")
+        register_model_configs(path)
+        return path.stem
+    name = model.replace("/", "-")  # open_clip spells ViT-B/32 as ViT-B-32
+    if name not in open_clip.list_models():
+        raise ValueError(f"unknown open_clip model {model!r} (not a registered name nor a .json config path)")
+    return name
+
+
+def resolve_device(device: str) -> torch.device:
+    import torch
+
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("device 'cuda' was asked for but torch sees no CUDA device")
+    return torch.device(device)
+
+
+def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
+    import torch
+
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
+
+
+# ---------------------------------------------------------------- data
+
+
+def iter_raw_samples(shards: Sequence[Path], seed: int, shuffle_buffer: int) -> Iterator[tuple[bytes, str]]:
+    """(jpg bytes, caption) forever: epoch after epoch, shard order and samples shuffled with the seed."""
+    import webdataset as wds
+
+    for epoch in range(1 << 62):
+        order = [str(s) for s in shards]
+        random.Random(f"{seed}:{epoch}:shards").shuffle(order)
+        pipeline = wds.DataPipeline(
+            wds.SimpleShardList(order),
+            wds.tarfile_to_samples(),
+            wds.shuffle(shuffle_buffer, initial=shuffle_buffer, rng=random.Random(f"{seed}:{epoch}:samples")),
+        )
+        n = 0
+        for sample in pipeline:
+            if "jpg" not in sample or "txt" not in sample:
+                log.debug("skipping %s: no jpg+txt pair", sample.get("__key__"))
+                continue
+            n += 1
+            yield sample["jpg"], sample["txt"].decode("utf-8")
+        if n == 0:
+            raise ValueError(f"no <key>.jpg + <key>.txt samples in {len(shards)} shard(s): {order[:3]}...")
+
+
+def sample_generator(seed: int, index: int) -> torch.Generator:
+    """The augmentation RNG of the `index`-th sample of the stream."""
+    import torch
+
+    state = np.random.SeedSequence([seed, index]).generate_state(2, dtype=np.uint32)
+    return torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
+
+
+def crop_params(
+    size: tuple[int, int], scale: Sequence[float], ratio: Sequence[float], generator: torch.Generator
+) -> tuple[int, int, int, int]:
+    """torchvision's RandomResizedCrop.get_params, drawing from `generator` instead of the global RNG."""
+    import torch
+
+    width, height = size
+    area = width * height
+    log_ratio = torch.log(torch.tensor(ratio))
+    for _ in range(10):
+        target_area = area * torch.empty(1).uniform_(scale[0], scale[1], generator=generator).item()
+        aspect = math.exp(torch.empty(1).uniform_(log_ratio[0], log_ratio[1], generator=generator).item())
+        w = round(math.sqrt(target_area * aspect))
+        h = round(math.sqrt(target_area / aspect))
+        if 0 < w <= width and 0 < h <= height:
+            top = int(torch.randint(0, height - h + 1, size=(1,), generator=generator).item())
+            left = int(torch.randint(0, width - w + 1, size=(1,), generator=generator).item())
+            return top, left, h, w
+    # fallback to a central crop, as torchvision does
+    in_ratio = width / height
+    if in_ratio < min(ratio):
+        w, h = width, round(width / min(ratio))
+    elif in_ratio > max(ratio):
+        w, h = round(height * max(ratio)), height
+    else:
+        w, h = width, height
+    return (height - h) // 2, (width - w) // 2, h, w
+
+
+def augment_image(image: Any, train_transform: Compose, generator: torch.Generator) -> torch.Tensor:
+    """open_clip's train transform (RandomResizedCrop, then deterministic steps) with a seeded crop."""
+    import torchvision.transforms.functional as TF
+    from torchvision.transforms import RandomResizedCrop
+
+    crop, *rest = train_transform.transforms
+    if not isinstance(crop, RandomResizedCrop):
+        raise TypeError(f"expected open_clip's train transform to start with RandomResizedCrop, got {crop!r}")
+    top, left, h, w = crop_params(image.size, crop.scale, crop.ratio, generator)
+    image = TF.resized_crop(image, top, left, h, w, crop.size, crop.interpolation, antialias=crop.antialias)
+    for transform in rest:
+        image = transform(image)
+    return image
+
+
+@dataclass(frozen=True)
+class SampleDecoder:
+    """Turns (jpg bytes, caption) into model inputs; runs in decode threads."""
+
+    transform: Compose  # open_clip's train transform when augmenting, else its val transform
+    tokenizer: Callable[[list[str]], torch.Tensor]
+    augment: bool
+    seed: int
+
+    def __call__(self, index: int, jpg: bytes, caption: str) -> tuple[torch.Tensor, torch.Tensor]:
+        from PIL import Image
+
+        with Image.open(io.BytesIO(jpg)) as raw:
+            image = raw.convert("RGB")
+        if self.augment:
+            pixels = augment_image(image, self.transform, sample_generator(self.seed, index))
+        else:
+            pixels = self.transform(image)
+        return pixels, self.tokenizer([caption])[0]
+
+
+def make_batches(
+    shards: Sequence[Path],
+    decoder: SampleDecoder,
+    batch_size: int,
+    shuffle_buffer: int,
+    start_step: int = 0,
+    num_threads: int = 2,
+    prefetch_batches: int = PREFETCH_BATCHES,
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """(images, texts) batches forever, from step `start_step` on; samples decode ahead in a thread pool.
+
+    Skipping to `start_step` reads (but does not decode) the samples before it, so a resumed run sees
+    exactly the batches an uninterrupted one would.
+    """
+    import torch
+
+    samples = iter_raw_samples(shards, decoder.seed, shuffle_buffer)
+    index = start_step * batch_size
+    for _ in range(index):
+        next(samples)
+    pending: deque[Future] = deque()
+    pool = ThreadPoolExecutor(max_workers=num_threads, thread_name_prefix="curate-decode")
+    try:
+        while True:
+            while len(pending) < prefetch_batches * batch_size:
+                jpg, caption = next(samples)
+                pending.append(pool.submit(decoder, index, jpg, caption))
+                index += 1
+            decoded = [pending.popleft().result() for _ in range(batch_size)]
+            yield torch.stack([d[0] for d in decoded]), torch.stack([d[1] for d in decoded])
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+# ---------------------------------------------------------------- optimisation
+
+
+def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float) -> torch.optim.Optimizer:
+    """AdamW without weight decay on gains, biases and the logit scale (open_clip_train's grouping)."""
+    import torch
+
+    def exempt(name: str, param: torch.nn.Parameter) -> bool:
+        return param.ndim < 2 or "bn" in name or "ln" in name or "bias" in name or "logit_scale" in name
+
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    groups = [
+        {"params": [p for n, p in named if exempt(n, p)], "weight_decay": 0.0},
+        {"params": [p for n, p in named if not exempt(n, p)], "weight_decay": weight_decay},
+    ]
+    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.98), eps=1e-6)
+
+
+def train_step(
+    state: TrainState,
+    loss_fn: torch.nn.Module,
+    images: torch.Tensor,
+    texts: torch.Tensor,
+    precision: str,
+) -> float:
+    """One optimiser step on one batch; returns the loss."""
+    import torch
+
+    device = next(state.model.parameters()).device
+    images, texts = images.to(device, non_blocking=True), texts.to(device, non_blocking=True)
+    state.optimizer.zero_grad(set_to_none=True)
+    with autocast(device, precision):
+        image_features, text_features, logit_scale = state.model(images, texts)[:3]
+        loss = loss_fn(image_features, text_features, logit_scale)
+    state.scaler.scale(loss).backward()
+    state.scaler.step(state.optimizer)
+    state.scaler.update()
+    with torch.no_grad():
+        state.model.logit_scale.clamp_(0, MAX_LOGIT_SCALE)
+    return float(loss.detach())
+
+
+# ---------------------------------------------------------------- checkpoints
+
+
+def save_checkpoint(path: Path, state: TrainState, recipe: TrainRecipe, model_name: str) -> None:
+    """Write the checkpoint atomically. Only plain types and tensors, so `torch.load(weights_only=True)`
+    (what open_clip's `pretrained=path` uses) can read it; "state_dict" is the key open_clip looks for."""
+    import torch
+
+    payload = {
+        "state_dict": {k: v.detach().cpu() for k, v in state.model.state_dict().items()},
+        "optimizer": state.optimizer.state_dict(),
+        "scaler": state.scaler.state_dict(),
+        "step": state.step,  # the LR schedule is a pure function of the step
+        "samples_seen": state.step * recipe.batch_size,
+        "recipe": recipe.to_dict(),
+        "model_name": model_name,
+        "losses": list(state.losses),
+        "seconds": state.seconds,
+        "torch_rng_state": torch.get_rng_state(),
+        "cuda_rng_states": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else [],
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temp_sibling(path)
+    try:
+        torch.save(payload, tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    import torch
+
+    return torch.load(path, map_location=map_location, weights_only=True)
+
+
+def restore_state(state: TrainState, checkpoint: dict[str, Any]) -> None:
+    import torch
+
+    state.model.load_state_dict(checkpoint["state_dict"])
+    state.optimizer.load_state_dict(checkpoint["optimizer"])
+    state.scaler.load_state_dict(checkpoint["scaler"])
+    state.step = int(checkpoint["step"])
+    state.losses = list(checkpoint["losses"])
+    state.seconds = float(checkpoint["seconds"])
+    torch.set_rng_state(checkpoint["torch_rng_state"])
+    if checkpoint["cuda_rng_states"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(checkpoint["cuda_rng_states"])
+
+
+def export_model(checkpoint: Path, dest: Path) -> Path:
+    """A slim copy of a training checkpoint (weights, model name, recipe; no optimizer state) that open_clip's
+    `create_model_and_transforms(name, pretrained=dest)` loads."""
+    import torch
+
+    full = load_checkpoint(checkpoint)
+    slim = {k: full[k] for k in ("state_dict", "model_name", "recipe", "samples_seen", "step")}
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temp_sibling(dest)
+    try:
+        torch.save(slim, tmp)
+        os.replace(tmp, dest)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return dest
+
+
+def _resumable(path: Path, recipe: TrainRecipe) -> dict[str, Any] | None:
+    if not path.exists():
+        return None
+    checkpoint = load_checkpoint(path)
+    if recipe.same_run(checkpoint["recipe"]):
+        return checkpoint
+    log.warning("%s was written by another recipe; training from scratch and replacing it", path)
+    return None
+
+
+# ---------------------------------------------------------------- the loop
+
+
+def train_clip(
+    shards: Sequence[Path], recipe: TrainRecipe, out_dir: Path, progress: Progress | None = None
+) -> TrainResult:
+    """Train `recipe.model` from scratch (or resume out_dir/checkpoint.pt) on the jpg+txt samples of `shards`."""
+    import open_clip
+    import torch
+
+    if not shards:
+        raise ValueError("train_clip needs at least one shard")
+    out_dir = Path(out_dir)
+    path = out_dir / CHECKPOINT_NAME
+    checkpoint = _resumable(path, recipe)
+    if checkpoint is not None and checkpoint["step"] >= recipe.total_steps:
+        log.info("%s is complete (%d steps); nothing to train", path, checkpoint["step"])
+        return _result(path, checkpoint["losses"], recipe, checkpoint["seconds"], checkpoint["step"])
+
+    model_name = resolve_model_name(recipe.model)
+    device = resolve_device(recipe.device)
+    torch.manual_seed(recipe.seed)
+    model, train_transform, val_transform = open_clip.create_model_and_transforms(model_name, device=device)
+    model.train()
+    state = TrainState(
+        model=model,
+        optimizer=make_optimizer(model, recipe.lr, recipe.weight_decay),
+        scaler=torch.amp.GradScaler(device.type, enabled=recipe.precision == "fp16"),
+    )
+    if checkpoint is not None:
+        restore_state(state, checkpoint)
+        log.info("resuming %s from step %d of %d", path, state.step, recipe.total_steps)
+    start_step = state.step
+    decoder = SampleDecoder(
+        transform=train_transform if recipe.augment else val_transform,
+        tokenizer=open_clip.get_tokenizer(model_name),
+        augment=recipe.augment,
+        seed=recipe.seed,
+    )
+    batches = make_batches(
+        shards, decoder, recipe.batch_size, recipe.shuffle_buffer, state.step, recipe.num_decode_threads
+    )
+    with contextlib.closing(batches):
+        _run_steps(state, recipe, batches, path, model_name, progress)
+    return _result(path, state.losses, recipe, state.seconds, state.step, start_step)
+
+
+def _run_steps(
+    state: TrainState,
+    recipe: TrainRecipe,
+    batches: Iterator[tuple[torch.Tensor, torch.Tensor]],
+    path: Path,
+    model_name: str,
+    progress: Progress | None,
+) -> None:
+    from open_clip import ClipLoss
+    from open_clip_train.scheduler import cosine_lr
+
+    loss_fn = ClipLoss()
+    schedule = cosine_lr(state.optimizer, recipe.lr, recipe.warmup_steps, recipe.total_steps)
+    waited = 0.0
+    window_start, window_steps = time.perf_counter(), 0
+    while state.step < recipe.total_steps:
+        started = time.perf_counter()
+        images, texts = next(batches)
+        fetched = time.perf_counter()
+        lr = schedule(state.step)
+        loss = train_step(state, loss_fn, images, texts, recipe.precision)
+        state.losses.append(loss)
+        state.step += 1
+        state.seconds += time.perf_counter() - started
+        waited += fetched - started
+        window_steps += 1
+        if state.step % LOG_EVERY_STEPS == 0 or state.step == recipe.total_steps:
+            rate = window_steps * recipe.batch_size / (time.perf_counter() - window_start)
+            log.info("step %d/%d loss %.4f lr %.2e %.0f samples/s", state.step, recipe.total_steps, loss, lr, rate)
+            window_start, window_steps = time.perf_counter(), 0
+        if state.step % recipe.checkpoint_every == 0 or state.step == recipe.total_steps:
+            save_checkpoint(path, state, recipe, model_name)
+        if progress is not None:
+            progress(recipe.batch_size)
+    log.info("trained %d steps in %.1f s; %.1f s of it waiting for data", state.step, state.seconds, waited)
+
+
+def _result(
+    path: Path, losses: list[float], recipe: TrainRecipe, seconds: float, steps: int, start_step: int = 0
+) -> TrainResult:
+    return TrainResult(
+        checkpoint=path,
+        losses=list(losses),
+        samples_seen=steps * recipe.batch_size,
+        seconds=seconds,
+        steps=steps,
+        resumed_from_step=start_step,
+    )

@@ -1,0 +1,178 @@
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import open_clip
+import pytest
+import torch
+import webdataset as wds
+from PIL import Image
+
+from curate.scorer import calibrate, mismatched_captions, suggest_threshold
+from curate.validate.train import TrainRecipe, TrainResult, load_checkpoint, train_clip
+from examples.demo_world import COLORS, encode_image, make_caption, random_scene, render_scene
+
+# Smaller than curate-tiny so each step takes milliseconds; registered from its JSON path.
+MICRO_CONFIG = {
+    "embed_dim": 32,
+    "vision_cfg": {"image_size": 32, "patch_size": 8, "width": 64, "layers": 2, "head_width": 32},
+    "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 2},
+}
+SAMPLES_PER_SHARD = 24
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[Path]]:
+    """(model-config path, two shards of demo-world scenes in img2dataset's jpg/txt/json layout)."""
+    root = tmp_path_factory.mktemp("train-data")
+    config = root / "curate-micro.json"
+    config.write_text(json.dumps(MICRO_CONFIG))
+    rng = np.random.default_rng(0)
+    shards = []
+    for number in range(2):
+        shards.append(root / f"{number:05d}.tar")
+        with wds.TarWriter(str(shards[-1])) as sink:
+            for i in range(SAMPLES_PER_SHARD):
+                scene = random_scene(rng, (48, 48))
+                sink.write(
+                    {
+                        "__key__": f"{number:05d}{i:04d}",
+                        "jpg": encode_image(render_scene(rng, scene), "jpeg"),
+                        "txt": make_caption(rng, scene.shape, scene.color, scene.count, scene.background),
+                        "json": json.dumps({"uid": f"{number}-{i}"}),
+                    }
+                )
+    return config, shards
+
+
+def recipe(config: Path, **changes: object) -> TrainRecipe:
+    settings = {
+        "model": str(config),
+        "batch_size": 16,
+        "samples_seen": 16 * 16,
+        "lr": 2e-3,
+        "warmup_steps": 2,
+        "device": "cpu",
+        "checkpoint_every": 100,
+        "num_decode_threads": 2,
+        "shuffle_buffer": 32,
+    }
+    return TrainRecipe(**{**settings, **changes})
+
+
+@pytest.fixture(scope="module")
+def trained(data: tuple[Path, list[Path]], tmp_path_factory: pytest.TempPathFactory) -> TrainResult:
+    config, shards = data
+    return train_clip(shards, recipe(config), tmp_path_factory.mktemp("run"))
+
+
+def test_short_run_lowers_loss(trained: TrainResult) -> None:
+    assert trained.steps == 16 and trained.samples_seen == 16 * 16
+    assert len(trained.losses) == 16 and all(np.isfinite(trained.losses))
+    assert np.mean(trained.losses[-4:]) < np.mean(trained.losses[:4]) - 0.2, trained.losses
+
+
+def test_checkpoint_reloads_through_open_clip(trained: TrainResult, data: tuple[Path, list[Path]]) -> None:
+    checkpoint = load_checkpoint(trained.checkpoint)
+    assert checkpoint["model_name"] == "curate-micro" and checkpoint["step"] == 16
+    assert TrainRecipe.from_dict(checkpoint["recipe"]) == recipe(data[0])
+    model, _, _ = open_clip.create_model_and_transforms("curate-micro", pretrained=str(trained.checkpoint))
+    reloaded = model.state_dict()
+    assert reloaded.keys() == checkpoint["state_dict"].keys()
+    for name, tensor in checkpoint["state_dict"].items():
+        assert torch.equal(reloaded[name], tensor), name
+
+
+def test_finished_run_is_not_retrained(trained: TrainResult, data: tuple[Path, list[Path]]) -> None:
+    config, shards = data
+    again = train_clip(shards, recipe(config), trained.checkpoint.parent)
+    assert again.losses == trained.losses and again.steps == trained.steps
+
+
+class Crash(RuntimeError):
+    pass
+
+
+def test_resumed_run_ends_with_the_uninterrupted_weights(data: tuple[Path, list[Path]], tmp_path: Path) -> None:
+    config, shards = data
+    budget = recipe(config, samples_seen=16 * 6, warmup_steps=1, checkpoint_every=2, augment=True)
+    whole = train_clip(shards, budget, tmp_path / "whole")
+
+    calls = []
+
+    def crash_at_step_3(samples: int) -> None:
+        calls.append(samples)
+        if len(calls) == 3:
+            raise Crash  # after step 3; the last checkpoint is from step 2
+
+    with pytest.raises(Crash):
+        train_clip(shards, budget, tmp_path / "resumed", progress=crash_at_step_3)
+    assert load_checkpoint(tmp_path / "resumed" / "checkpoint.pt")["step"] == 2
+    # decode threads are an execution detail: a different count must not change the result
+    resumed = train_clip(
+        shards, budget.__class__(**{**budget.to_dict(), "num_decode_threads": 3}), tmp_path / "resumed"
+    )
+
+    assert resumed.resumed_from_step == 2 and resumed.steps == 6
+    np.testing.assert_allclose(resumed.losses, whole.losses, atol=1e-5)
+    final, expected = load_checkpoint(resumed.checkpoint)["state_dict"], load_checkpoint(whole.checkpoint)["state_dict"]
+    for name, tensor in expected.items():
+        torch.testing.assert_close(final[name], tensor, atol=1e-5, rtol=0, msg=name)
+
+
+def test_another_recipe_starts_afresh(trained: TrainResult, data: tuple[Path, list[Path]], tmp_path: Path) -> None:
+    config, shards = data
+    first = train_clip(shards, recipe(config, samples_seen=16 * 2, warmup_steps=1), tmp_path)
+    second = train_clip(shards, recipe(config, samples_seen=16 * 2, warmup_steps=1, seed=1), tmp_path)
+    assert second.resumed_from_step == 0 and second.losses != first.losses
+
+
+class ColourScorer:
+    """Known answers: an image embeds as its mean colour, a caption as the colour it names."""
+
+    def embed_images(self, images: list[Image.Image]) -> np.ndarray:
+        return _unit(np.array([np.asarray(image, float).mean(axis=(0, 1)) - 128 for image in images]))
+
+    def embed_texts(self, captions: list[str]) -> np.ndarray:
+        return _unit(np.array([np.array(COLORS[caption.split()[1]], float) - 128 for caption in captions]))
+
+
+def _unit(x: np.ndarray) -> np.ndarray:
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def test_calibrated_threshold_lies_between_the_clusters() -> None:
+    rng = np.random.default_rng(0)
+    pairs = []
+    for name in ["red", "green", "blue", "yellow", "purple", "black"] * 4:
+        jittered = np.clip(np.array(COLORS[name]) + rng.integers(-30, 31, size=3), 0, 255).astype(np.uint8)
+        pairs.append((Image.new("RGB", (8, 8), tuple(int(c) for c in jittered)), f"a {name} square"))
+    result = calibrate(None, "unused", pairs, seed=3, scorer=ColourScorer())  # type: ignore[arg-type]
+
+    matched, mismatched = result["matched_quantiles"], result["mismatched_quantiles"]
+    assert mismatched["0.99"] < result["suggested_threshold"] < matched["0.01"]
+    assert result["balanced_accuracy"] == 1.0 and result["n_pairs"] == 24
+
+
+def test_suggested_threshold_balances_overlapping_clusters() -> None:
+    matched, mismatched = np.array([0.5, 0.6, 0.7, 0.8, 0.25]), np.array([0.1, 0.2, 0.3, 0.35, 0.65])
+    threshold, accuracy = suggest_threshold(matched, mismatched)
+    assert 0.35 < threshold < 0.5 and accuracy == pytest.approx(0.5 * (4 / 5 + 4 / 5))
+    f1_threshold, _ = suggest_threshold(matched, mismatched, objective="f1_mismatched")
+    assert 0.25 <= f1_threshold <= 0.55
+
+
+def test_mismatched_captions_never_pair_an_image_with_its_own_text() -> None:
+    captions = ["a", "b", "a", "c", "d", "b"]
+    shuffled = mismatched_captions(captions, seed=0)
+    assert all(new != old for new, old in zip(shuffled, captions, strict=True))
+    assert shuffled == mismatched_captions(captions, seed=0)
+
+
+def test_calibrate_scores_a_trained_checkpoint(trained: TrainResult, data: tuple[Path, list[Path]]) -> None:
+    result = calibrate(trained.checkpoint, str(data[0]), data[1], seed=0, device="cpu")
+    assert result["n_pairs"] == 2 * SAMPLES_PER_SHARD
+    assert -1 <= result["suggested_threshold"] <= 1
+    assert result["matched_quantiles"]["0.5"] > result["mismatched_quantiles"]["0.5"]

@@ -1,0 +1,283 @@
+"""The validate stage: metrics on hand-checkable cases, the SimCLR loss, and the driver on a real run."""
+
+from __future__ import annotations
+
+import json
+import math
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import open_clip
+import pytest
+import torch
+
+from curate.config import PipelineConfig, load_config, validate_config
+from curate.dedup.decontaminate import load_eval_images
+from curate.stage import RunLayout
+from curate.validate import stage as validate_stage
+from curate.validate.evalsets import load_eval_set, make_demo_eval_set
+from curate.validate.evaluate import linear_probe, recall_at_k, retrieval_recalls, zero_shot_accuracy
+from curate.validate.simclr import nt_xent_loss, train_simclr
+from curate.validate.stage import ValidateConfig, format_validation_table, run_validation
+from curate.validate.train import TrainRecipe, load_checkpoint
+from tests.run_fixtures import CuratedRun, shared_curated_run
+from tests.world_fixtures import ServedWorld
+
+MICRO_CONFIG = {
+    "embed_dim": 32,
+    "vision_cfg": {"image_size": 32, "patch_size": 8, "width": 64, "layers": 2, "head_width": 32},
+    "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 2},
+}
+
+
+# ---------------------------------------------------------------- metrics
+
+
+def test_nt_xent_matches_the_formula() -> None:
+    torch.manual_seed(0)
+    a, b, tau = torch.randn(3, 5), torch.randn(3, 5), 0.5
+    z = torch.nn.functional.normalize(torch.cat([a, b]), dim=1)
+    n2 = len(z)
+    expected = 0.0
+    for i in range(n2):
+        j = (i + 3) % n2  # the other view of the same image
+        numerator = math.exp(float(z[i] @ z[j]) / tau)
+        denominator = sum(math.exp(float(z[i] @ z[k]) / tau) for k in range(n2) if k != i)
+        expected += -math.log(numerator / denominator)
+    assert float(nt_xent_loss(a, b, tau)) == pytest.approx(expected / n2, rel=1e-5)
+
+
+def test_recall_at_k_on_a_hand_checked_matrix() -> None:
+    # query 0 ranks its match first, query 1 second, query 2 third
+    similarity = torch.tensor([[0.9, 0.1, 0.2], [0.8, 0.5, 0.1], [0.7, 0.6, 0.3]])
+    recalls = recall_at_k(similarity, torch.eye(3, dtype=torch.bool), ks=(1, 2, 3))
+    assert recalls == {1: pytest.approx(1 / 3), 2: pytest.approx(2 / 3), 3: 1.0}
+
+
+def test_retrieval_counts_an_identical_caption_as_a_hit() -> None:
+    images = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.6, 0.8]])
+    texts = torch.tensor([[1.0, 0.0], [0.6, 0.8], [1.0, 0.0]])  # texts 0 and 2 are the same words
+    recalls = retrieval_recalls(images, texts, ["a red circle", "a blue star", "a red circle"], ks=(1, 2))
+    # image->text top-1: image 0 -> texts 0 and 2 tie (both its words: hit), image 1 -> text 1 (hit),
+    # image 2 -> text 1 (miss; text 1 is second-to-last at k=2: texts 0 and 2 tie at 0.6, so rank 1: hit)
+    assert recalls["image_to_text_r1"] == pytest.approx(2 / 3)
+    assert recalls["image_to_text_r2"] == 1.0
+    # text->image top-1: text 0 -> image 0 (hit), text 1 -> image 2 (miss), text 2 -> image 0, whose caption
+    # has the same words (hit)
+    assert recalls["text_to_image_r1"] == pytest.approx(2 / 3)
+    assert recalls["text_to_image_r2"] == 1.0
+
+
+class WordTokenizer:
+    """Each text becomes the ids of its words in a fixed vocabulary."""
+
+    def __init__(self, vocabulary: list[str]) -> None:
+        self.index = {word: i for i, word in enumerate(vocabulary)}
+
+    def __call__(self, texts: list[str]) -> torch.Tensor:
+        return torch.stack([torch.bincount(torch.tensor(self._ids(t)), minlength=len(self.index)) for t in texts])
+
+    def _ids(self, text: str) -> list[int]:
+        return [self.index[w.strip(".")] for w in text.split() if w.strip(".") in self.index]
+
+
+class ClassWordModel:
+    """Embeds a text as the class word it contains (one-hot over the classes)."""
+
+    def __init__(self, n_classes: int) -> None:
+        self.n_classes = n_classes
+
+    def encode_text(self, tokens: torch.Tensor, normalize: bool = False) -> torch.Tensor:
+        features = tokens[:, : self.n_classes].float()
+        return torch.nn.functional.normalize(features, dim=1) if normalize else features
+
+
+def test_zero_shot_with_a_constructed_model_gives_the_expected_accuracy() -> None:
+    classes = ["circle", "square", "star"]
+    tokenizer = WordTokenizer([*classes, "a", "photo", "of", "drawing", "shape"])
+    templates = ["a photo of a {}.", "a drawing of a {}.", "a {} shape."]
+    classifier = open_clip.build_zero_shot_classifier(ClassWordModel(3), tokenizer, classes, templates, device="cpu")
+    torch.testing.assert_close(classifier, torch.eye(3))
+    # images embedded near their class axis, except the last one, placed on the "star" axis though a circle
+    images = torch.nn.functional.normalize(torch.tensor([[1.0, 0.1, 0], [0, 1, 0.2], [0.1, 0, 1], [0, 0.2, 1]]), dim=1)
+    labels = torch.tensor([0, 1, 2, 0])
+    assert zero_shot_accuracy(images, classifier, labels) == pytest.approx(0.75)
+
+
+def test_linear_probe_separates_separable_classes() -> None:
+    generator = torch.Generator().manual_seed(0)
+    centres = torch.eye(4)[:3] * 3
+    labels = torch.arange(60) % 3
+    features = centres[labels] + 0.3 * torch.randn(60, 4, generator=generator)
+    accuracy = linear_probe(features[:30], labels[:30], features[30:], labels[30:], n_classes=3)
+    assert accuracy == 1.0
+
+
+# ---------------------------------------------------------------- eval set
+
+
+@pytest.fixture(scope="module")
+def eval_set(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_demo_eval_set(tmp_path_factory.mktemp("eval"), n=24, seed=2024, image_size=64)
+
+
+def test_demo_eval_set_is_labelled_and_readable_by_decontamination(eval_set: Path) -> None:
+    loaded = load_eval_set(eval_set)
+    assert len(loaded) == 24 and loaded.classes == ["circle", "square", "triangle", "star", "cross", "heart"]
+    raw = json.loads((eval_set / "labels.json").read_text())
+    for item, label in zip(raw["items"], loaded.labels, strict=True):
+        assert loaded.classes[label] == item["shape"] and item["color"] in item["caption"]
+    images, _ids = load_eval_images([str(eval_set)])
+    assert len(images) == 24 and images[0].size == (64, 64)
+    mtime = (eval_set / "labels.json").stat().st_mtime_ns
+    make_demo_eval_set(eval_set, n=24, seed=2024, image_size=64)  # same arguments: kept as is
+    assert (eval_set / "labels.json").stat().st_mtime_ns == mtime
+
+
+# ---------------------------------------------------------------- the driver on a real run
+
+
+@pytest.fixture(scope="module")
+def curated_run(served_world: ServedWorld, tmp_path_factory: pytest.TempPathFactory) -> CuratedRun:
+    return shared_curated_run(served_world, tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def micro_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("model") / "curate-validate-micro.json"
+    path.write_text(json.dumps(MICRO_CONFIG))
+    return path
+
+
+def with_validate(run: CuratedRun, dedup: dict[str, Any] | None = None, **settings: Any) -> PipelineConfig:
+    raw = load_config(RunLayout(run.root).config_path).model_dump(mode="json")
+    raw["validate"] = settings
+    raw["dedup"].update(dedup or {})
+    if "validate" in PipelineConfig.model_fields:
+        return validate_config(raw)
+
+    with warnings.catch_warnings():  # the field shadows pydantic's deprecated BaseModel.validate
+        warnings.simplefilter("ignore", UserWarning)
+
+        class ValidatedConfig(PipelineConfig):  # until curate/config.py carries the section
+            validate: ValidateConfig
+
+    return ValidatedConfig.model_validate(raw)
+
+
+def quick_settings(model: Path, eval_set: Path, **changes: Any) -> dict[str, Any]:
+    return {
+        "model": str(model),
+        "batch_size": 8,
+        "samples_seen": 24,
+        "lr": 2e-3,
+        "warmup_steps": 1,
+        "seeds": 2,
+        "device": "cpu",
+        "decode_threads": 1,
+        "shuffle_buffer": 16,
+        "eval_set": str(eval_set),
+        **changes,
+    }
+
+
+def test_both_arms_train_with_equal_compute_and_finished_arms_are_skipped(
+    curated_run: CuratedRun, micro_model: Path, eval_set: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    config = with_validate(curated_run, **quick_settings(micro_model, eval_set))
+    layout = RunLayout(curated_run.root)
+    metrics = run_validation(config, layout)
+
+    assert json.loads((layout.root / "validate" / "metrics.json").read_text()) == metrics
+    assert metrics["data"]["baseline_samples"] == metrics["data"]["curated_samples"] > 0
+    assert metrics["data"]["baseline_pool"] > metrics["data"]["curated_samples"]
+    for arm in ("curated", "baseline"):
+        runs = metrics["runs"][arm]
+        assert [r["seed"] for r in runs] == [0, 1]
+        assert all(r["samples_seen"] == 24 and r["steps"] == 3 and len(r["losses"]) == 3 for r in runs)
+        for name in ("zero_shot_acc", "linear_probe_acc", "image_to_text_r5", "text_to_image_r10"):
+            assert 0 <= metrics["summary"][arm][name]["mean"] <= 1 and metrics["summary"][arm][name]["std"] >= 0
+        assert (layout.root / "validate" / f"{arm}-seed1" / "checkpoint.pt").exists()
+    assert metrics["runs"]["curated"][0]["losses"] != metrics["runs"]["baseline"][0]["losses"]
+    diff = metrics["difference"]["zero_shot_acc"]["curated_minus_baseline"]
+    summary = metrics["summary"]
+    assert diff == pytest.approx(
+        summary["curated"]["zero_shot_acc"]["mean"] - summary["baseline"]["zero_shot_acc"]["mean"]
+    )
+    assert metrics["recipe"]["samples_seen"] == 24 and metrics["eval_set"]["n"] == 24
+    table = format_validation_table(metrics)
+    assert "curated - baseline" in table and "zero-shot acc" in table and "2 seeds" in table
+
+    # a finished arm is not trained again; one whose result is missing is evaluated from its checkpoint
+    (layout.root / "validate" / "baseline-seed1" / "result.json").unlink()
+    trained: list[str] = []
+    original = validate_stage.train
+
+    def recording_train(cfg: Any, shards: Any, out_dir: Path, seed: int, progress: Any) -> Any:
+        trained.append(out_dir.name)
+        result = original(cfg, shards, out_dir, seed, progress)
+        assert result.resumed_from_step == 0 and result.steps == 3  # complete checkpoint: nothing retrained
+        return result
+
+    monkeypatch.setattr(validate_stage, "train", recording_train)
+    again = run_validation(config, layout)
+    assert trained == ["baseline-seed1"]
+    assert again["summary"] == metrics["summary"]
+
+    # other prompt templates re-evaluate every checkpoint without retraining any
+    checkpoints = sorted((layout.root / "validate").glob("*-seed*/checkpoint.pt"))
+    before = [p.stat().st_mtime_ns for p in checkpoints]
+    retemplated = with_validate(curated_run, **quick_settings(micro_model, eval_set, templates=["a {}."]))
+    assert run_validation(retemplated, layout)["fingerprint"] != metrics["fingerprint"]
+    assert len(checkpoints) == 4 and [p.stat().st_mtime_ns for p in checkpoints] == before
+
+
+def test_simclr_objective_lowers_its_loss_and_resumes(
+    curated_run: CuratedRun, micro_model: Path, tmp_path: Path
+) -> None:
+    shards = sorted((curated_run.root / "curated").glob("*.tar"))
+    recipe = TrainRecipe(
+        model=str(micro_model),
+        batch_size=16,
+        samples_seen=16 * 16,
+        lr=2e-3,
+        warmup_steps=1,
+        device="cpu",
+        checkpoint_every=2,
+        num_decode_threads=1,
+        shuffle_buffer=32,
+    )
+    whole = train_simclr(shards, recipe, tmp_path / "whole")
+    assert whole.steps == 16 and np.mean(whole.losses[-4:]) < np.mean(whole.losses[:4]), whole.losses
+
+    class Crash(RuntimeError):
+        pass
+
+    calls: list[int] = []
+
+    def crash_at_step_3(samples: int) -> None:
+        calls.append(samples)
+        if len(calls) == 3:
+            raise Crash
+
+    with pytest.raises(Crash):
+        train_simclr(shards, recipe, tmp_path / "resumed", progress=crash_at_step_3)
+    resumed = train_simclr(shards, recipe, tmp_path / "resumed")
+    assert resumed.resumed_from_step == 2
+    np.testing.assert_allclose(resumed.losses, whole.losses, atol=1e-5)
+    model, _, _ = open_clip.create_model_and_transforms("curate-validate-micro", pretrained=str(resumed.checkpoint))
+    assert torch.equal(
+        model.state_dict()["visual.proj"], load_checkpoint(resumed.checkpoint)["state_dict"]["visual.proj"]
+    )
+
+
+def test_the_baseline_pool_leaves_out_downloads_close_to_the_eval_set(curated_run: CuratedRun, eval_set: Path) -> None:
+    layout = RunLayout(curated_run.root)
+    shards = validate_stage.input_shards(layout)
+    downloaded = set(validate_stage.baseline_pool(layout, shards, set()))
+    for threshold, expected in ((-1.0, downloaded), (1.0, set())):
+        config = with_validate(curated_run, {"eval_sets": [str(eval_set)], "contamination_threshold": threshold})
+        assert validate_stage.contaminated_uids(config, layout, shards) == expected
+    assert validate_stage.baseline_pool(layout, shards, downloaded) == []
