@@ -22,7 +22,7 @@ def benchmarks(quick: bool, work: Path) -> list[tuple[str, Callable[[], dict[str
     return [
         ("input", lambda: bench_input.run(rows=1_000_000 if quick else 10_000_000, work=work)),
         ("download", lambda: bench_download.run(images=1000 if quick else 4000, repeats=3, work=work)),
-        ("embed", lambda: bench_embed.run(images=128 if quick else 256, work=work)),
+        ("embed", lambda: bench_embed.run(images=64 if quick else 128, work=work)),
         (
             "near_dup",
             lambda: bench_near_dup.run(
