@@ -26,6 +26,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from benchmarks.common import emit_result
+
 DEFAULT_ROWS = 10_000_000
 DEFAULT_WORK = Path("/tmp/curate-bench")
 ROW_GROUP = 100_000
@@ -218,12 +220,7 @@ def main(argv: list[str] | None = None) -> int:
         _child(*args.child)
         return 0
     result = run(args.rows, args.work, args.shard_size)
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text + "\n")
-    return 0 if result["passed"] else 1
+    return emit_result(result, args.out)
 
 
 if __name__ == "__main__":

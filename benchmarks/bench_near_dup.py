@@ -23,6 +23,8 @@ from typing import Any
 
 import numpy as np
 
+from benchmarks.common import emit_result
+
 DEFAULT_WORK = Path("/tmp/curate-bench")
 THRESHOLD = 0.95
 PLANTED_SHARE = 0.01  # planted pairs per row
@@ -192,12 +194,7 @@ def main(argv: list[str] | None = None) -> int:
         _child(int(n), int(dim), int(verify), result)
         return 0
     result = run(tuple(args.sizes), args.dim, args.work, args.verify_rows)
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text + "\n")
-    return 0 if result["passed"] else 1
+    return emit_result(result, args.out)
 
 
 if __name__ == "__main__":

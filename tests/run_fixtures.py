@@ -87,3 +87,9 @@ def shared_curated_run(served_world: ServedWorld, tmp_path_factory: pytest.TempP
     if key not in _built:
         _built[key] = build_curated_run(served_world, tmp_path_factory.mktemp("curated-run"))
     return _built[key]
+
+
+@pytest.fixture(scope="session")
+def curated_run(served_world: ServedWorld, tmp_path_factory: pytest.TempPathFactory) -> CuratedRun:
+    """One complete demo-world run through every stage, shared by the report and search tests."""
+    return shared_curated_run(served_world, tmp_path_factory)

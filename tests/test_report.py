@@ -20,16 +20,11 @@ from curate.report import stats as report_stats
 from curate.report import write_report
 from curate.report.stats import build_stats, load_run, validation
 from tests.browser import BROKEN_IMAGES_JS, Browser, find_chromium
-from tests.run_fixtures import CuratedRun, shared_curated_run
+from tests.run_fixtures import CuratedRun
 from tests.world_fixtures import ServedWorld
 
 SECTION_IDS = ("funnel", "scores", "threshold", "removed", "duplicates", "validation")
 MAX_PAGE_BYTES = 3_000_000
-
-
-@pytest.fixture(scope="module")
-def curated_run(served_world: ServedWorld, tmp_path_factory: pytest.TempPathFactory) -> CuratedRun:
-    return shared_curated_run(served_world, tmp_path_factory)
 
 
 @pytest.fixture(scope="module")

@@ -26,15 +26,9 @@ from curate.search import RunSearch, SearchError, make_index, search_dir
 from curate.serve import SearchServer, make_server
 from examples.demo_world import classes, colors
 from tests.browser import BROKEN_IMAGES_JS, Browser, find_chromium
-from tests.run_fixtures import CuratedRun, shared_curated_run
-from tests.world_fixtures import ServedWorld
+from tests.run_fixtures import CuratedRun
 
 NO_PROXY = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-
-
-@pytest.fixture(scope="module")
-def curated_run(served_world: ServedWorld, tmp_path_factory: pytest.TempPathFactory) -> CuratedRun:
-    return shared_curated_run(served_world, tmp_path_factory)
 
 
 @pytest.fixture(scope="module")

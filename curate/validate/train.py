@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import itertools
 import logging
 import math
 import os
@@ -165,7 +166,7 @@ def iter_raw_samples(shards: Sequence[Path], seed: int, shuffle_buffer: int) -> 
     """(jpg bytes, caption) forever: epoch after epoch, shard order and samples shuffled with the seed."""
     import webdataset as wds
 
-    for epoch in range(1 << 62):
+    for epoch in itertools.count():
         order = [str(s) for s in shards]
         random.Random(f"{seed}:{epoch}:shards").shuffle(order)
         pipeline = wds.DataPipeline(
