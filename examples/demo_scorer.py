@@ -41,8 +41,7 @@ DEMO_PIPELINE = Path(__file__).resolve().parent.parent / "pipelines" / "demo.yam
 WORLD_SEED_OFFSET = 1000  # the scorer's world seed is 1000 + seed; the demo's world uses seed 0
 CALIBRATION_FRACTION = 0.1
 SAMPLES_PER_SHARD = 256
-# curate-tiny with a 16-token text context: demo captions are at most 15 tokens, and 32 doubles the text cost
-MODEL = "curate-demo"
+MODEL = "curate-tiny"  # what pipelines/demo.yaml embeds with
 DEFAULT_N_BASE = 3000
 DEFAULT_SAMPLES_SEEN = 256 * 100
 
@@ -55,7 +54,7 @@ def demo_recipe(seed: int = 0, samples_seen: int = DEFAULT_SAMPLES_SEEN) -> Trai
         model=MODEL,
         batch_size=256,
         samples_seen=samples_seen,
-        lr=3e-3,
+        lr=2e-3,
         warmup_steps=10,
         weight_decay=0.1,
         seed=seed,

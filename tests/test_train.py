@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -111,9 +112,7 @@ def test_resumed_run_ends_with_the_uninterrupted_weights(data: tuple[Path, list[
         train_clip(shards, budget, tmp_path / "resumed", progress=crash_at_step_3)
     assert load_checkpoint(tmp_path / "resumed" / "checkpoint.pt")["step"] == 2
     # decode threads are an execution detail: a different count must not change the result
-    resumed = train_clip(
-        shards, budget.__class__(**{**budget.to_dict(), "num_decode_threads": 3}), tmp_path / "resumed"
-    )
+    resumed = train_clip(shards, dataclasses.replace(budget, num_decode_threads=3), tmp_path / "resumed")
 
     assert resumed.resumed_from_step == 2 and resumed.steps == 6
     np.testing.assert_allclose(resumed.losses, whole.losses, atol=1e-5)
