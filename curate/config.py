@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import difflib
-import hashlib
-import json
 import warnings
 from pathlib import Path
 from typing import Any, Literal
@@ -217,10 +215,6 @@ class PipelineConfig(Section):
         if stages != order[: len(stages)] or not stages:
             raise ValueError(f"must be the first stages of {order}, in that order")
         return stages
-
-    def section_fingerprint(self, section: str) -> str:
-        payload = json.dumps(getattr(self, section).model_dump(mode="json"), sort_keys=True)
-        return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):

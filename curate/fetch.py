@@ -605,27 +605,28 @@ def http_detail(response: httpx.Response) -> str:
     return f"HTTP {response.status_code} {response.reason_phrase}".rstrip()
 
 
-def read_capped(response: httpx.Response, max_bytes: int, deadline: Deadline) -> bytes:
-    chunks, size = [], 0
+def capped_chunks(response: httpx.Response, max_bytes: int, deadline: Deadline, too_large: str) -> Iterator[bytes]:
+    """The body's chunks, stopping with FetchError at the byte cap (`too_large` is the detail) or the deadline."""
+    size = 0
     with httpx_errors_as_fetch_errors():
         for chunk in response.iter_bytes():
             size += len(chunk)
             if size > max_bytes:
-                raise FetchError("too_large", f"body over {max_bytes} bytes")
+                raise FetchError("too_large", too_large)
             deadline.check()
-            chunks.append(chunk)
-    return b"".join(chunks)
+            yield chunk
+
+
+def read_capped(response: httpx.Response, max_bytes: int, deadline: Deadline) -> bytes:
+    return b"".join(capped_chunks(response, max_bytes, deadline, f"body over {max_bytes} bytes"))
 
 
 def write_capped(response: httpx.Response, dest: Path, max_bytes: int, deadline: Deadline) -> int:
     """Stream the body into `dest`, stopping at the byte cap or the deadline; returns the size."""
     size = 0
-    with open(dest, "wb") as sink, httpx_errors_as_fetch_errors():
-        for chunk in response.iter_bytes():
+    with open(dest, "wb") as sink:
+        for chunk in capped_chunks(response, max_bytes, deadline, f"body over max_bytes {max_bytes} (stopped reading)"):
             size += len(chunk)
-            if size > max_bytes:
-                raise FetchError("too_large", f"body over max_bytes {max_bytes} (stopped reading)")
-            deadline.check()
             sink.write(chunk)
     return size
 

@@ -192,8 +192,7 @@ class FilterStage:
             layout.stage_dir(self.upstream) / "metadata" / f"metadata_{shard}.parquet",
             columns=["uid", "caption", "clip_score"],
         )
-        kept = set(self.expected_uids(ctx, shard).to_pylist())
-        metadata = metadata.filter(pc.is_in(metadata["uid"], pa.array(sorted(kept), pa.string())))
+        metadata = metadata.filter(pc.is_in(metadata["uid"], self.expected_uids(ctx, shard)))
         sizes = pq.read_table(layout.fates_path("download", shard), schema=FATE_SCHEMA).select(
             ["uid", "width", "height"]
         )

@@ -341,7 +341,3 @@ def top_failures(layout: RunLayout, stats: dict[str, StageStats], limit: int = 8
             details = same["detail"].dropna()
             item["common_detail"] = str(details.mode().iloc[0])[:160] if len(details) else None
     return totals
-
-
-def read_stats(run_dir: Path) -> dict[str, Any]:
-    return read_json(RunLayout(run_dir).stats_path)

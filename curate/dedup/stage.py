@@ -120,7 +120,9 @@ class DedupStage:
         uids = self.expected_uids(ctx, shard)
         upstream = pq.read_table(ctx.layout.fates_path(self.upstream, shard), schema=FATE_SCHEMA)
         upstream = upstream.filter(pc.is_in(upstream["uid"], uids)).select(["uid", "clip_score"])
-        decisions = pq.read_table(self.decisions_path(ctx), schema=DECISION_SCHEMA)
+        decisions = pq.read_table(
+            self.decisions_path(ctx), schema=DECISION_SCHEMA, filters=pc.field("uid").isin(uids.to_pylist())
+        )
         table = upstream.join(decisions, "uid", join_type="left outer").sort_by("uid")
         reasons = table["reason"].to_pylist()
         status = [Status.DROPPED.value if r else Status.KEPT.value for r in reasons]

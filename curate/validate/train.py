@@ -355,6 +355,13 @@ def save_checkpoint(path: Path, state: TrainState, recipe: TrainRecipe, model_na
         "torch_rng_state": torch.get_rng_state(),
         "cuda_rng_states": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else [],
     }
+    save_atomic(payload, path)
+
+
+def save_atomic(payload: dict[str, Any], path: Path) -> None:
+    """torch.save to a temporary sibling, then rename: a reader never sees half a checkpoint."""
+    import torch
+
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = temp_sibling(path)
     try:
@@ -387,17 +394,8 @@ def restore_state(state: TrainState, checkpoint: dict[str, Any]) -> None:
 def export_model(checkpoint: Path, dest: Path) -> Path:
     """A slim copy of a training checkpoint (weights, model name, recipe; no optimizer state) that open_clip's
     `create_model_and_transforms(name, pretrained=dest)` loads."""
-    import torch
-
     full = load_checkpoint(checkpoint)
-    slim = {k: full[k] for k in ("state_dict", "model_name", "recipe", "samples_seen", "step")}
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = temp_sibling(dest)
-    try:
-        torch.save(slim, tmp)
-        os.replace(tmp, dest)
-    finally:
-        tmp.unlink(missing_ok=True)
+    save_atomic({k: full[k] for k in ("state_dict", "model_name", "recipe", "samples_seen", "step")}, dest)
     return dest
 
 
