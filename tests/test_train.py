@@ -103,7 +103,7 @@ def test_resumed_run_ends_with_the_uninterrupted_weights(data: tuple[Path, list[
 
     calls = []
 
-    def crash_at_step_3(samples: int) -> None:
+    def crash_at_step_3(samples: int, loss: float) -> None:
         calls.append(samples)
         if len(calls) == 3:
             raise Crash  # after step 3; the last checkpoint is from step 2

@@ -190,7 +190,7 @@ class _Loop:
             if step % recipe.checkpoint_every == 0 or step == recipe.total_steps:
                 self.save(step, losses, seconds)
             if progress is not None:
-                progress(recipe.batch_size)
+                progress(recipe.batch_size, losses[-1])
         return step, seconds
 
     def save(self, step: int, losses: list[float], seconds: float) -> None:

@@ -14,9 +14,10 @@ import itertools
 import logging
 import math
 import os
+import queue
 import random
+import threading
 import time
-from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
@@ -43,8 +44,8 @@ MAX_LOGIT_SCALE = math.log(100)  # open_clip_train's clamp
 
 Device = Literal["auto", "cpu", "cuda"]
 Precision = Literal["fp32", "bf16", "fp16"]
-Progress = Callable[[int], object]
-"""Called after every step with the number of samples it consumed (e.g. a tqdm bar's `update`)."""
+Progress = Callable[[int, float], object]
+"""Called after every step with the number of samples it consumed and its loss."""
 
 
 @dataclass(frozen=True)
@@ -269,26 +270,52 @@ def make_batches(
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """(images, texts) batches forever, from step `start_step` on; samples decode ahead in a thread pool.
 
+    One producer thread reads the shards (refilling the shuffle buffer at every epoch start) and submits
+    samples in stream order, so reading never stalls a training step and the batches stay deterministic.
     Skipping to `start_step` reads (but does not decode) the samples before it, so a resumed run sees
     exactly the batches an uninterrupted one would.
     """
     import torch
 
     samples = iter_raw_samples(shards, decoder.seed, shuffle_buffer)
-    index = start_step * batch_size
-    for _ in range(index):
+    first_index = start_step * batch_size
+    for _ in range(first_index):
         next(samples)
-    pending: deque[Future] = deque()
     pool = ThreadPoolExecutor(max_workers=num_threads, thread_name_prefix="curate-decode")
+    queued: queue.Queue[Future | BaseException] = queue.Queue(maxsize=prefetch_batches * batch_size)
+    stop = threading.Event()
+
+    def put(item: Future | BaseException) -> None:
+        while not stop.is_set():
+            try:
+                queued.put(item, timeout=0.1)
+                return
+            except queue.Full:
+                continue
+
+    def produce() -> None:
+        try:
+            for index, (jpg, caption) in enumerate(samples, start=first_index):
+                if stop.is_set():
+                    return
+                put(pool.submit(decoder, index, jpg, caption))
+        except BaseException as err:  # handed to the training thread, which raises it
+            put(err)
+
+    producer = threading.Thread(target=produce, name="curate-read", daemon=True)
+    producer.start()
     try:
         while True:
-            while len(pending) < prefetch_batches * batch_size:
-                jpg, caption = next(samples)
-                pending.append(pool.submit(decoder, index, jpg, caption))
-                index += 1
-            decoded = [pending.popleft().result() for _ in range(batch_size)]
+            decoded = []
+            for _ in range(batch_size):
+                item = queued.get()
+                if isinstance(item, BaseException):
+                    raise item
+                decoded.append(item.result())
             yield torch.stack([d[0] for d in decoded]), torch.stack([d[1] for d in decoded])
     finally:
+        stop.set()
+        producer.join()
         pool.shutdown(wait=True, cancel_futures=True)
 
 
@@ -489,7 +516,7 @@ def _run_steps(
         if state.step % recipe.checkpoint_every == 0 or state.step == recipe.total_steps:
             save_checkpoint(path, state, recipe, model_name)
         if progress is not None:
-            progress(recipe.batch_size)
+            progress(recipe.batch_size, loss)
     log.info("trained %d steps in %.1f s; %.1f s of it waiting for data", state.step, state.seconds, waited)
 
 
