@@ -109,8 +109,8 @@ def make_executor(config: Any) -> Any:
     return LocalExecutor()
 
 
-def tqdm_progress(description: str, total: int) -> tqdm:
-    return tqdm(total=total, desc=f"{description:>10}", unit="shard", file=sys.stderr, leave=True)
+def tqdm_progress(description: str, total: int, unit: str = "shard") -> tqdm:
+    return tqdm(total=total, desc=f"{description:>10}", unit=unit, unit_scale=unit != "shard", file=sys.stderr)
 
 
 def print_funnel(result: RunResult) -> None:
@@ -160,6 +160,21 @@ def add_view_commands(commands: Any) -> None:
     search.add_argument("--image", type=Path, help="search by this image instead of text")
     search.add_argument("--html", type=Path, help="also write the results as an HTML gallery to this file")
     search.add_argument("--json", action="store_true", help="machine-readable output")
+    scorer = commands.add_parser(
+        "train-scorer", help="train a CLIP on a run's curated shards and export it for embed.pretrained"
+    )
+    scorer.add_argument("output", type=Path, help="a finished run (its curated/ and validate recipe are used)")
+    scorer.add_argument("--out", type=Path, help="where to write the weights (default OUTPUT/scorer/scorer.pt)")
+    scorer.add_argument("--seed", type=int, default=0)
+    scorer.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override the run's config, e.g. --set validate.samples_seen=51200",
+    )
+    scorer.add_argument("--no-progress", action="store_true", help="no progress bar")
     serve = commands.add_parser("serve", help="a search page for a run's curated images on localhost")
     serve.add_argument("output", type=Path)
     serve.add_argument("--port", type=int, default=8000)
@@ -221,7 +236,34 @@ def serve_command(args: argparse.Namespace) -> int:
     return 0
 
 
-VIEW_COMMANDS = {"report": report_command, "search": search_command, "serve": serve_command}
+def train_scorer_command(args: argparse.Namespace) -> int:
+    from curate.validate.bootstrap import load_run_config, train_scorer
+
+    config = load_run_config(args.output, args.overrides)
+    total = config.validate.samples_seen  # type: ignore[attr-defined]
+    with tqdm(total=total, desc="train-scorer", unit="sample", unit_scale=True, disable=args.no_progress) as bar:
+
+        def update(samples: int, loss: float) -> None:
+            bar.set_postfix(loss=f"{loss:.3f}", refresh=False)
+            bar.update(samples)
+
+        try:
+            info = train_scorer(args.output, config, args.out, args.seed, update)
+        except ValueError as err:
+            print(f"curate: error: {err}", file=sys.stderr)
+            return 2
+    steps, first, last = info["steps"], info["loss_first"], info["loss_last"]
+    print(f"scorer: {info['pretrained']} ({steps} steps, loss {first:.3f} -> {last:.3f})")
+    print(f"use it with: --set embed.model={info['model_setting']} --set embed.pretrained={info['pretrained']}")
+    return 0
+
+
+VIEW_COMMANDS = {
+    "report": report_command,
+    "search": search_command,
+    "serve": serve_command,
+    "train-scorer": train_scorer_command,
+}
 
 
 if __name__ == "__main__":

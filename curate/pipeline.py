@@ -40,7 +40,8 @@ SCHEDULING_KEYS = {
 }
 
 
-ProgressFactory = Callable[[str, int], AbstractContextManager[Any]]
+ProgressFactory = Callable[..., AbstractContextManager[Any]]
+"""progress(description, total, unit="shard") -> a context manager giving a bar with update(n) and set_postfix()."""
 
 
 class IncompleteRun(RuntimeError):
@@ -116,7 +117,7 @@ def run_pipeline(
 ) -> RunResult:
     """Run all configured stages (or `only_stage`, whose upstream must be done). Raises InputError
     before writing anything when an input file is unusable."""
-    progress = progress or (lambda _desc, _total: nullcontext(_NoProgress()))
+    progress = progress or (lambda *_args: nullcontext(_NoProgress()))
     executor = executor or LocalExecutor()
     layout = RunLayout(Path(config.output))
     stages = {name: make_stage(name, config) for name in fate_stages(config)[1:]}
@@ -205,6 +206,9 @@ def _require_upstream_done(
 
 class _NoProgress:
     def update(self, n: int = 1) -> None:
+        pass
+
+    def set_postfix(self, *args: Any, **kwargs: Any) -> None:
         pass
 
 

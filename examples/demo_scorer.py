@@ -75,7 +75,7 @@ def ensure_demo_scorer(
 ) -> dict[str, Any]:
     """Train (or reuse) the demo scorer in `out`; returns the content of out/scorer.json.
 
-    `progress` is called with the samples of every training step (e.g. a tqdm bar's `update`).
+    `progress` is called with the samples and the loss of every training step.
     """
     out = Path(out)
     recipe = demo_recipe(seed, samples_seen)

@@ -39,7 +39,7 @@ BASELINE_DATA = "baseline-data"
 BASELINE_RULE = 2  # bump when the way the baseline subset is drawn changes: its runs are then retrained
 TABLE_METRICS = (("zero_shot_acc", "zero-shot acc"), ("image_to_text_r5", "i->t R@5"), ("text_to_image_r5", "t->i R@5"))
 
-ProgressFactory = Callable[[str, int], AbstractContextManager[Any]]
+ProgressFactory = Callable[..., AbstractContextManager[Any]]
 
 
 from curate.config import ValidateConfig  # noqa: E402
@@ -286,7 +286,7 @@ def run_validation(
     cfg = config.validate  # type: ignore[attr-defined]
     if cfg.eval_set is None:
         raise ValueError("validate.eval_set: the validate stage needs a held-out eval set folder (labels.json)")
-    progress = progress or (lambda _desc, _total: nullcontext(None))
+    progress = progress or (lambda *_args: nullcontext(None))
     upstream = upstream_fingerprint(layout)
     data = {"curated": curated_shards(layout)}
     n_curated = count_samples(data["curated"])
@@ -297,10 +297,15 @@ def run_validation(
     for seed in range(cfg.seeds):
         for arm in ARMS:
             train_print = digest({"data": data_prints[arm], "seed": seed, "settings": settings(cfg, EVAL_FIELDS)})
-            with progress(f"validate {arm} seed {seed}", cfg.samples_seen) as bar:
-                update = getattr(bar, "update", None)
+            with progress(f"validate {arm} seed {seed}", cfg.samples_seen, "sample") as bar:
                 result = run_arm(
-                    cfg, data[arm], layout.stage_dir(STAGE) / f"{arm}-seed{seed}", seed, train_print, eval_print, update
+                    cfg,
+                    data[arm],
+                    layout.stage_dir(STAGE) / f"{arm}-seed{seed}",
+                    seed,
+                    train_print,
+                    eval_print,
+                    None if bar is None else _bar_updater(bar),
                 )
             runs[arm].append(result)
     metrics = metrics_document(
@@ -316,6 +321,16 @@ def run_validation(
     )
     write_json_atomic(layout.stage_dir(STAGE) / "metrics.json", metrics)
     return metrics
+
+
+def _bar_updater(bar: Any) -> Progress:
+    """Advance `bar` by each step's samples (tqdm shows samples/s) and show the step's loss."""
+
+    def update(samples: int, loss: float) -> None:
+        bar.set_postfix(loss=f"{loss:.3f}", refresh=False)
+        bar.update(samples)
+
+    return update
 
 
 def summarize(values: Sequence[float]) -> dict[str, Any]:

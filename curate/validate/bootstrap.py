@@ -1,0 +1,63 @@
+"""Bootstrap a better scorer: train a CLIP on a run's curated shards and export it for `embed.pretrained`.
+
+    curate train-scorer runs/x [--out runs/x/scorer/scorer.pt] [--seed 0] [--set validate.samples_seen=N]
+
+The recipe is the run's `validate` section (model, batch size, samples seen, lr, ...). The export holds
+open_clip-loadable weights; a later pipeline uses it with `embed.model: <validate.model>` and
+`embed.pretrained: <the export>`. A sidecar JSON next to it records the model, recipe and source run.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from curate.config import PipelineConfig, load_config
+from curate.io.fs import write_json_atomic
+from curate.stage import RunLayout
+from curate.validate.stage import count_samples, curated_shards, train_recipe
+from curate.validate.train import Progress, export_model, resolve_model_name, train_clip
+
+SCORER_DIR = "scorer"
+
+
+def load_run_config(run_dir: Path, overrides: list[str] | tuple[str, ...] = ()) -> PipelineConfig:
+    """The saved config of the run in `run_dir`, with `overrides` applied."""
+    layout = RunLayout(Path(run_dir))
+    if not layout.config_path.exists():
+        raise FileNotFoundError(f"{run_dir}: not a curate run (no config.yaml)")
+    return load_config(layout.config_path, overrides)
+
+
+def train_scorer(
+    run_dir: Path,
+    config: PipelineConfig,
+    dest: Path | None = None,
+    seed: int = 0,
+    progress: Progress | None = None,
+) -> dict[str, Any]:
+    """Train on `run_dir`/curated with `config`'s validate recipe; write `dest` (weights) and `dest`.json."""
+    layout = RunLayout(Path(run_dir))
+    cfg = config.validate  # type: ignore[attr-defined]
+    if cfg.objective != "clip":
+        raise ValueError("train-scorer needs validate.objective 'clip': a scorer embeds captions too")
+    shards = curated_shards(layout)
+    recipe = train_recipe(cfg, seed)
+    dest = Path(dest) if dest is not None else layout.root / SCORER_DIR / "scorer.pt"
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    # checkpoints (with optimizer state) beside the export, so an interrupted run resumes
+    result = train_clip(shards, recipe, dest.with_name(f"{dest.stem}.train-seed{seed}"), progress=progress)
+    export_model(result.checkpoint, dest)
+    info = {
+        "model": resolve_model_name(cfg.model),
+        "model_setting": cfg.model,
+        "pretrained": str(dest.resolve()),
+        "recipe": recipe.to_dict(),
+        "source_run": str(layout.root.resolve()),
+        "curated_samples": count_samples(shards),
+        "steps": result.steps,
+        "loss_first": result.losses[0] if result.losses else None,
+        "loss_last": result.losses[-1] if result.losses else None,
+    }
+    write_json_atomic(dest.with_suffix(".json"), info)
+    return info
