@@ -4,15 +4,16 @@ from __future__ import annotations
 
 import json
 import math
-import warnings
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import open_clip
+import pandas as pd
 import pytest
 import torch
 
+from curate.cli import main as curate_main
 from curate.config import PipelineConfig, load_config, validate_config
 from curate.dedup.decontaminate import load_eval_images
 from curate.stage import RunLayout
@@ -20,7 +21,7 @@ from curate.validate import stage as validate_stage
 from curate.validate.evalsets import load_eval_set, make_demo_eval_set
 from curate.validate.evaluate import linear_probe, recall_at_k, retrieval_recalls, zero_shot_accuracy
 from curate.validate.simclr import nt_xent_loss, train_simclr
-from curate.validate.stage import ValidateConfig, format_validation_table, run_validation
+from curate.validate.stage import format_validation_table, run_validation
 from curate.validate.train import TrainRecipe, load_checkpoint
 from tests.run_fixtures import CuratedRun, shared_curated_run
 from tests.world_fixtures import ServedWorld
@@ -155,16 +156,7 @@ def with_validate(run: CuratedRun, dedup: dict[str, Any] | None = None, **settin
     raw = load_config(RunLayout(run.root).config_path).model_dump(mode="json")
     raw["validate"] = settings
     raw["dedup"].update(dedup or {})
-    if "validate" in PipelineConfig.model_fields:
-        return validate_config(raw)
-
-    with warnings.catch_warnings():  # the field shadows pydantic's deprecated BaseModel.validate
-        warnings.simplefilter("ignore", UserWarning)
-
-        class ValidatedConfig(PipelineConfig):  # until curate/config.py carries the section
-            validate: ValidateConfig
-
-    return ValidatedConfig.model_validate(raw)
+    return validate_config(raw)
 
 
 def quick_settings(model: Path, eval_set: Path, **changes: Any) -> dict[str, Any]:
@@ -257,7 +249,7 @@ def test_simclr_objective_lowers_its_loss_and_resumes(
 
     calls: list[int] = []
 
-    def crash_at_step_3(samples: int) -> None:
+    def crash_at_step_3(samples: int, loss: float) -> None:
         calls.append(samples)
         if len(calls) == 3:
             raise Crash
@@ -281,3 +273,44 @@ def test_the_baseline_pool_leaves_out_downloads_close_to_the_eval_set(curated_ru
         config = with_validate(curated_run, {"eval_sets": [str(eval_set)], "contamination_threshold": threshold})
         assert validate_stage.contaminated_uids(config, layout, shards) == expected
     assert validate_stage.baseline_pool(layout, shards, downloaded) == []
+
+
+def test_demo_eval_set_can_be_labelled_by_colour(tmp_path: Path) -> None:
+    from examples.demo_world import colors
+
+    eval_set = load_eval_set(make_demo_eval_set(tmp_path / "eval", n=12, seed=2024, image_size=64, label="color"))
+    raw = json.loads((tmp_path / "eval" / "labels.json").read_text())
+    assert eval_set.classes == colors() and len(eval_set) == 12
+    for item, label in zip(raw["items"], eval_set.labels, strict=True):
+        assert eval_set.classes[label] == item["color"] and item["color"] in item["caption"]
+    with pytest.raises(ValueError, match="label must be one of"):
+        make_demo_eval_set(tmp_path / "other", n=4, seed=1, label="size")
+
+
+def test_train_scorer_exports_weights_that_the_embed_stage_loads(
+    curated_run: CuratedRun, micro_model: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from curate.embed import load_clip
+
+    dest = tmp_path / "scorer" / "scorer.pt"
+    settings = {"model": micro_model, "batch_size": 8, "samples_seen": 32, "warmup_steps": 1, "device": "cpu"}
+    overrides = [arg for key, value in settings.items() for arg in ("--set", f"validate.{key}={value}")]
+    assert curate_main(["train-scorer", str(curated_run.root), "--out", str(dest), *overrides]) == 0
+
+    out, err = capsys.readouterr()
+    assert f"--set embed.pretrained={dest.resolve()}" in out
+    assert "loss=" in err and "sample/s" in err  # the progress bar shows the loss and the rate
+    info = json.loads(dest.with_suffix(".json").read_text())
+    assert info["steps"] == 4 and info["recipe"]["samples_seen"] == 32
+    kept = int((pd.read_parquet(RunLayout(curated_run.root).ledger_path)["status"] == "kept").sum())
+    assert info["curated_samples"] == kept and info["source_run"] == str(curated_run.root.resolve())
+    assert not (curated_run.root / "scorer").exists()  # nothing is written into the run when --out is given
+    loaded = load_clip(model=str(micro_model), pretrained=str(dest), device="cpu")
+    trained = load_checkpoint(dest.with_name("scorer.train-seed0") / "checkpoint.pt")["state_dict"]
+    for name, tensor in loaded.model.state_dict().items():
+        torch.testing.assert_close(tensor, trained[name], msg=name)
+
+
+def test_train_scorer_refuses_a_folder_that_is_not_a_run(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert curate_main(["train-scorer", str(tmp_path), "--no-progress"]) == 1
+    assert "not a curate run" in capsys.readouterr().err

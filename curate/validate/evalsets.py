@@ -87,14 +87,19 @@ def letterbox(image: Image.Image, size: int) -> Image.Image:
     return canvas
 
 
-def make_demo_eval_set(out: Path, n: int, seed: int, image_size: int = DEMO_IMAGE_SIZE) -> Path:
-    """Write `n` clean rows of a demo world drawn with `seed` (use one the demo's crawl and scorer do not):
-    images resized like the demo download, their true shape as the label, their truthful caption.
-    Returns `out`; an existing set made with the same arguments is kept as is."""
-    from examples.demo_world import classes, generate_world
+DEMO_LABELS = ("shape", "color")
 
+
+def make_demo_eval_set(out: Path, n: int, seed: int, image_size: int = DEMO_IMAGE_SIZE, label: str = "shape") -> Path:
+    """Write `n` clean rows of a demo world drawn with `seed` (use one the demo's crawl and scorer do not):
+    images resized like the demo download, their true `label` ("shape" or "color") as the class, their
+    truthful caption. Returns `out`; an existing set made with the same arguments is kept as is."""
+    from examples.demo_world import classes, colors, generate_world
+
+    if label not in DEMO_LABELS:
+        raise ValueError(f"make_demo_eval_set: label must be one of {DEMO_LABELS}, got {label!r}")
     out = Path(out)
-    spec = {"n": n, "seed": seed, "image_size": image_size, "source": "examples.demo_world"}
+    spec = {"n": n, "seed": seed, "image_size": image_size, "label": label, "source": "examples.demo_world"}
     labels_path = out / LABELS_NAME
     if labels_path.is_file() and json.loads(labels_path.read_text()).get("spec") == spec:
         return out
@@ -108,21 +113,23 @@ def make_demo_eval_set(out: Path, n: int, seed: int, image_size: int = DEMO_IMAG
         shutil.rmtree(out / "images", ignore_errors=True)
         (out / "images").mkdir(parents=True, exist_ok=True)
         items = [
-            _write_item(world.files_dir, out, i, row, image_size) for i, row in enumerate(clean.to_dict("records"))
+            _write_item(world.files_dir, out, i, row, image_size, label)
+            for i, row in enumerate(clean.to_dict("records"))
         ]
-    write_json_atomic(labels_path, {"classes": classes(), "spec": spec, "items": items})
+    names = classes() if label == "shape" else colors()
+    write_json_atomic(labels_path, {"classes": names, "spec": spec, "items": items})
     log.info("wrote %d evaluation images to %s", len(items), out)
     return out
 
 
-def _write_item(files_dir: Path, out: Path, i: int, row: dict[str, Any], image_size: int) -> dict[str, Any]:
+def _write_item(files_dir: Path, out: Path, i: int, row: dict[str, Any], image_size: int, label: str) -> dict[str, Any]:
     with Image.open(files_dir / row["url_path"]) as raw:
         image = letterbox(raw.convert("RGB"), image_size)
     file = f"images/{i:05d}.jpg"
     image.save(out / file, quality=90)
     return {
         "file": file,
-        "label": row["shape"],
+        "label": row[label],
         "caption": row["caption"],
         "shape": row["shape"],
         "color": row["color"],
