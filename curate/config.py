@@ -188,6 +188,8 @@ class DaskConfig(Section):
 STAGE_ORDER = ("input", "download", "embed", "filter", "dedup", "materialize", "validate")
 StageName = Literal["input", "download", "embed", "filter", "dedup", "materialize", "validate"]
 DEFAULT_STAGES = ("input", "download", "embed", "filter", "dedup", "materialize")
+# Stages that decide no row's fate: materialize copies the kept rows, validate trains on them.
+NON_FATE_STAGES = frozenset({"materialize", "validate"})
 
 
 # A field named `validate` shadows a deprecated BaseModel method; the field is what we want.

@@ -14,7 +14,7 @@ from typing import Any
 
 import pyarrow.parquet as pq
 
-from curate.config import PipelineConfig, dump_config
+from curate.config import NON_FATE_STAGES, PipelineConfig, dump_config
 from curate.executors import Executor
 from curate.executors.local import LocalExecutor
 from curate.input import STAGE as INPUT_STAGE
@@ -58,7 +58,7 @@ class RunResult:
 
 def fate_stages(config: PipelineConfig) -> list[str]:
     """The configured stages that decide fates per shard (materialize only copies what they kept)."""
-    return [name for name in config.stages if name not in ("materialize", "validate")]
+    return [name for name in config.stages if name not in NON_FATE_STAGES]
 
 
 def make_stage(name: str, config: PipelineConfig) -> ShardStage:

@@ -96,9 +96,9 @@ def run_fingerprint(layout: RunLayout) -> str:
 def last_fate_stage(layout: RunLayout) -> str:
     """The stage whose kept rows are the run's kept rows (materialize only copies them)."""
     from curate.config import load_config
+    from curate.pipeline import fate_stages
 
-    stages = [s for s in load_config(layout.config_path).stages if s != "materialize"]
-    return stages[-1]
+    return fate_stages(load_config(layout.config_path))[-1]
 
 
 def curated_shards(layout: RunLayout) -> Iterator[tuple[pa.Table, np.ndarray]]:

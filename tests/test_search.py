@@ -17,6 +17,7 @@ from urllib.parse import quote
 
 import numpy as np
 import pytest
+import yaml
 from PIL import Image
 
 from curate.cli import main
@@ -24,6 +25,7 @@ from curate.ledger import read_ledger
 from curate.materialize import uid_array
 from curate.search import RunSearch, SearchError, make_index, search_dir
 from curate.serve import SearchServer, make_server
+from curate.stage import RunLayout
 from examples.demo_world import classes, colors
 from tests.browser import BROKEN_IMAGES_JS, Browser, find_chromium
 from tests.run_fixtures import CuratedRun
@@ -258,3 +260,13 @@ def test_search_page_in_chromium(server: SearchServer, curated_run: CuratedRun, 
     if curated_run.scorer is not None:
         top = [curated_run.truth.loc[uid, "color"] for uid in shown[:5]]
         assert top.count("red") >= 4, top
+
+
+def test_a_run_with_validation_searches_the_rows_its_last_fate_stage_kept(curated_run: CuratedRun, tmp_path: Path):
+    from curate.search import last_fate_stage
+
+    config = yaml.safe_load((curated_run.root / "config.yaml").read_text())
+    assert last_fate_stage(RunLayout(curated_run.root)) == "dedup"
+    config["stages"] = [*config["stages"], "validate"]
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
+    assert last_fate_stage(RunLayout(tmp_path)) == last_fate_stage(RunLayout(curated_run.root))

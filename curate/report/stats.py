@@ -23,7 +23,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import yaml
 
-from curate.config import STAGE_ORDER
+from curate.config import NON_FATE_STAGES, STAGE_ORDER
 from curate.io.fs import read_json
 from curate.stage import RunLayout
 
@@ -173,7 +173,7 @@ def funnel(data: RunData, digest: LedgerDigest | None) -> list[dict[str, Any]] |
 
 
 def _configured_stages(data: RunData) -> list[str]:
-    return [s for s in data.config.get("stages", []) if s != "materialize"]
+    return [s for s in data.config.get("stages", []) if s not in NON_FATE_STAGES]
 
 
 def funnel_from_counts(counts: Counter[tuple[str, str, str]], configured: list[str]) -> list[dict[str, Any]]:
