@@ -111,3 +111,19 @@ def dedup_quality(run_dir: Path, truth: pd.DataFrame, table_path: Path) -> dict[
             "drops": len(drops),
         }
     return result
+
+
+def search_precision_at_5(run_dir: Path, truth: pd.DataFrame, table_path: Path) -> dict[str, dict[str, float]]:
+    """Precision@5 of `curate search` for every shape name and every colour name of the demo world:
+    the fraction of the top 5 curated hits whose true shape (colour) is the one searched for."""
+    from curate.search import RunSearch
+    from examples.demo_world import classes, colors
+
+    by_uid = truth_by_uid(truth, table_path).set_index("uid")
+    search = RunSearch(run_dir)
+    result = {}
+    for column, names in (("shape", classes()), ("color", colors())):
+        result[column] = {
+            name: sum(by_uid.loc[hit.uid, column] == name for hit in search.text(name, 5)) / 5 for name in names
+        }
+    return result

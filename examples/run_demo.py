@@ -17,7 +17,7 @@ from pathlib import Path
 from curate.io.fs import read_json
 from curate.validate.evalsets import make_demo_eval_set
 from curate.validate.stage import format_validation_table
-from examples.demo_checks import compare_download_fates, dedup_quality, filter_quality
+from examples.demo_checks import compare_download_fates, dedup_quality, filter_quality, search_precision_at_5
 from examples.demo_scorer import ensure_demo_scorer
 from examples.demo_world import DemoServer, generate_world, load_world, write_input_table
 
@@ -85,7 +85,17 @@ def main(argv: list[str] | None = None) -> int:
             f"  {kind:<10} precision {quality['precision']:.3f}  recall {quality['recall']:.3f}"
             f"  ({quality['pairs']} pairs)"
         )
-    summary: dict = {"downloads_as_expected": [matched, total], "filter": filtering, "dedup": dedup}
+    search = search_precision_at_5(args.out, world.truth, table)
+    print("search: precision@5 of `curate search NAME` over the demo's names")
+    for column, precision in search.items():
+        cells = "  ".join(f"{name} {value:.1f}" for name, value in precision.items())
+        print(f"  {column:<6} mean {sum(precision.values()) / len(precision):.2f}   ({cells})")
+    summary: dict = {
+        "downloads_as_expected": [matched, total],
+        "filter": filtering,
+        "dedup": dedup,
+        "search_precision_at_5": search,
+    }
     metrics_path = args.out / "validate" / "metrics.json"
     if metrics_path.exists():
         metrics = read_json(metrics_path)
