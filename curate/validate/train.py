@@ -246,17 +246,27 @@ class SampleDecoder:
     tokenizer: Callable[[list[str]], torch.Tensor]
     augment: bool
     seed: int
+    input_size: int | None = None  # the model's input side; JPEGs then decode at the smallest DCT scale above 2x it
 
     def __call__(self, index: int, jpg: bytes, caption: str) -> tuple[torch.Tensor, torch.Tensor]:
         from PIL import Image
 
         with Image.open(io.BytesIO(jpg)) as raw:
+            if self.input_size is not None:
+                # a 32 px model needs no 224 px decode; 2x keeps detail for crops and antialiasing
+                raw.draft("RGB", (2 * self.input_size, 2 * self.input_size))
             image = raw.convert("RGB")
         if self.augment:
             pixels = augment_image(image, self.transform, sample_generator(self.seed, index))
         else:
             pixels = self.transform(image)
         return pixels, self.tokenizer([caption])[0]
+
+
+def input_side(model: torch.nn.Module) -> int:
+    """The shorter side of the images `model` takes."""
+    size = model.visual.image_size
+    return min(size) if isinstance(size, tuple | list) else int(size)
 
 
 def make_batches(
@@ -474,6 +484,7 @@ def train_clip(
         tokenizer=open_clip.get_tokenizer(model_name),
         augment=recipe.augment,
         seed=recipe.seed,
+        input_size=input_side(model),
     )
     batches = make_batches(
         shards, decoder, recipe.batch_size, recipe.shuffle_buffer, state.step, recipe.num_decode_threads
