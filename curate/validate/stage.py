@@ -28,7 +28,7 @@ from curate.io.fs import read_json, write_json_atomic
 from curate.stage import RunLayout, kept_uids
 
 if TYPE_CHECKING:
-    from curate.config import PipelineConfig
+    from curate.config import PipelineConfig, ValidateConfig
     from curate.validate.train import Progress, TrainRecipe, TrainResult
 
 log = logging.getLogger(__name__)
@@ -40,9 +40,6 @@ BASELINE_RULE = 2  # bump when the way the baseline subset is drawn changes: its
 TABLE_METRICS = (("zero_shot_acc", "zero-shot acc"), ("image_to_text_r5", "i->t R@5"), ("text_to_image_r5", "t->i R@5"))
 
 ProgressFactory = Callable[..., AbstractContextManager[Any]]
-
-
-from curate.config import ValidateConfig  # noqa: E402
 
 # Settings that change how a run executes, not what it computes.
 SCHEDULING_FIELDS = frozenset({"device", "checkpoint_every", "decode_threads", "eval_batch_size"})
