@@ -1,12 +1,16 @@
 """`make bench`: run every benchmark, write the results as a markdown table plus JSON.
 
-python -m benchmarks.run_all [--out benchmarks/results.md] [--quick]
+python -m benchmarks.run_all [--out benchmarks/results.md] [--quick] [--only NAME ...]
+
+With --only, the named benchmarks' results replace theirs in an existing results file; the others' results,
+and any notes after the JSON, are kept.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import time
 from collections.abc import Callable
@@ -15,7 +19,7 @@ from typing import Any
 
 import psutil
 
-from benchmarks import bench_download, bench_embed, bench_input, bench_near_dup
+from benchmarks import bench_dask, bench_download, bench_embed, bench_input, bench_near_dup, bench_train
 
 
 def benchmarks(quick: bool, work: Path) -> list[tuple[str, Callable[[], dict[str, Any]]]]:
@@ -31,10 +35,15 @@ def benchmarks(quick: bool, work: Path) -> list[tuple[str, Callable[[], dict[str
                 work=work,
             ),
         ),
+        ("train", lambda: bench_train.run(steps=3 if quick else 8, repeats=3, n_base=300 if quick else 600, work=work)),
+        # last: its workers are extra processes, and it compares wall times that other load would skew
+        ("dask", lambda: bench_dask.run(shards=16, shard_size=8 if quick else 24, work=work)),
     ]
 
 
 def headline(result: dict[str, Any]) -> str:
+    if "headline" in result:
+        return str(result["headline"])
     if "ratio" in result:
         return f"ratio {result['ratio']}"
     if "peak_rss_mib" in result:
@@ -56,11 +65,20 @@ def main(argv: list[str] | None = None) -> int:
         if args.only and name not in args.only:
             continue
         print(f"running {name} ...", flush=True)
+        load = os.getloadavg()[0]
         started = time.perf_counter()
         result = bench()
         result["wall_s"] = round(time.perf_counter() - started, 1)
+        result.setdefault("load_avg_1m", round(load, 2))  # another job on the machine skews wall times
+        result.setdefault("date", time.strftime("%Y-%m-%d"))
         print(json.dumps(result), flush=True)
         results.append(result)
+
+    notes = ""
+    if args.only and args.out.exists():
+        kept, notes = read_results(args.out.read_text())
+        fresh = {r["name"]: r for r in results}
+        results = [fresh.pop(r["name"], r) for r in kept] + list(fresh.values())
 
     machine = f"{platform.machine()}, {psutil.cpu_count()} cores, {psutil.virtual_memory().total / 2**30:.0f} GiB"
     lines = [
@@ -75,9 +93,19 @@ def main(argv: list[str] | None = None) -> int:
         "```",
         "",
     ]
-    args.out.write_text("\n".join(lines))
+    args.out.write_text("\n".join(lines) + notes)
     print(f"results written to {args.out}")
     return 0
+
+
+def read_results(text: str) -> tuple[list[dict[str, Any]], str]:
+    """The results in a results file's first JSON block, and the text after that block."""
+    start = text.find("```json\n")
+    if start < 0:
+        return [], ""
+    end = text.find("\n```", start)
+    notes = text[end + len("\n```") :].lstrip("\n")
+    return json.loads(text[start + len("```json\n") : end]), ("\n" + notes if notes else "")
 
 
 if __name__ == "__main__":

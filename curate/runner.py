@@ -65,6 +65,11 @@ def worker_stage(stage: ShardStage, ctx: StageContext) -> ShardStage:
     return _WORKER_STAGES[key]
 
 
+def clear_worker_stages() -> None:
+    """Forget this process's set-up stages, and with them their loaded models."""
+    _WORKER_STAGES.clear()
+
+
 def run_shard(stage: ShardStage, ctx: StageContext, shard: str) -> ShardReport:
     """Idempotent: running it twice, or in two processes at once, leaves the same committed result."""
     if shard_state(ctx, stage.name, shard) is ShardState.DONE:

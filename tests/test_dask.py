@@ -39,6 +39,23 @@ def test_dask_local_cluster_gives_the_same_ledger_and_shards_as_local(served_wor
     assert strip(tar_samples(tmp_path / "local-run")) == strip(tar_samples(tmp_path / "dask-run"))
 
 
+def worker_environ() -> dict[str, str | None]:
+    return {key: os.environ.get(key) for key in ("MALLOC_TRIM_THRESHOLD_", "OMP_NUM_THREADS", "PYTHONHASHSEED")}
+
+
+def test_local_cluster_workers_keep_default_malloc_and_the_driver_environment_is_untouched(monkeypatch):
+    for key in ("MALLOC_TRIM_THRESHOLD_", "OMP_NUM_THREADS", "PYTHONHASHSEED"):
+        monkeypatch.delenv(key, raising=False)
+    executor = DaskExecutor(DaskConfig(n_workers=1, dashboard_address=":0"))
+    try:
+        (on_worker,) = executor.client.run(worker_environ).values()
+    finally:
+        executor.close()
+    assert on_worker["MALLOC_TRIM_THRESHOLD_"] is None  # glibc's dynamic mmap threshold stays on
+    assert on_worker["OMP_NUM_THREADS"] == "1"  # Dask's other pre-spawn settings still apply
+    assert worker_environ() == dict.fromkeys(worker_environ())  # nothing leaked into the driver
+
+
 class WhereDidItRun:
     """A stage that records which worker ran each shard; asks for a GPU when told to."""
 
