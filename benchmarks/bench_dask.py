@@ -1,6 +1,6 @@
 """Embed stage on Dask: scaling from 1 to 2 LocalCluster workers, and the cluster against the local executor.
 
-    python -m benchmarks.bench_dask [--shards 16] [--shard-size 24] [--work /tmp/curate-bench] [--out FILE]
+    python -m benchmarks.bench_dask [--shards 8] [--shard-size 24] [--rounds 2] [--work DIR] [--out FILE]
 
 Same shards, same run, same weights: the download is done once, then the embed stage (ViT-B-32 with fixed
 random weights from a seeded checkpoint file, CPU, one batch per shard) runs on
@@ -10,13 +10,17 @@ random weights from a seeded checkpoint file, CPU, one batch per shard) runs on
     (c) the local executor in this process, torch using every core.
 
 What is timed is the same for every arm: `run_pipeline(only_stage="embed")` on an executor that is ready,
-i.e. whose processes have imported torch and open_clip; loading the model (once per worker, once for (c))
-and every shard are inside. Cluster start-up is reported apart: `cluster_startup_s` (LocalCluster and
-client) and `worker_imports_s` (torch and open_clip in every worker, which the driver of (c) did in its
-preflight). The arms must write equal outputs: the same rows and metadata, the same float16 embeddings up
-to torch's thread-count-dependent rounding (the largest difference is reported; so far it was 0). Per-shard
-scheduling overhead: no-op tasks carrying a shard task's arguments (the stage and its context) through the
-2-worker cluster. `load_avg_1m` and `cpu_steal_percent` say whether anything else was using the cores.
+i.e. whose processes have imported torch and open_clip. The arms run in rounds, (a) (b) (c) then (c) (b)
+(a), and an arm's time is the sum of its rounds, so that a drift in the machine's speed (on this 2-vCPU VM
+the same single-thread work varies by ~10% from one minute to the next) weighs on every arm alike. The
+first round of every arm includes loading the model (once per worker; once in this process for (c)); the
+processes keep it for the second. Cluster start-up is reported apart: `cluster_startup_s` (LocalCluster
+and client) and `worker_imports_s` (torch and open_clip in every worker, which the driver of (c) did in its
+preflight). Every run must write the same outputs: the same rows and metadata, the same float16 embeddings
+up to torch's thread-count-dependent rounding (the largest difference is reported; so far it was 0).
+Per-shard scheduling overhead: no-op tasks carrying a shard task's arguments (the stage and its context)
+through the 2-worker cluster. `load_avg_1m` and `cpu_steal_percent` say whether anything else was using
+the cores.
 
 Targets: (a)-time / (b)-time >= 1.7, and (c)-time / (b)-time >= 0.9.
 """
@@ -166,7 +170,7 @@ def per_task_overhead(executor: DaskExecutor, pipeline: Path, tasks: int = 320) 
 
 
 def run(
-    shards: int = 16, shard_size: int = 24, work: Path = Path("/tmp/curate-bench"), workers: tuple[int, ...] = (1, 2)
+    shards: int = 8, shard_size: int = 24, rounds: int = 2, work: Path = Path("/tmp/curate-bench")
 ) -> dict[str, Any]:
     import torch
 
@@ -174,59 +178,64 @@ def run(
 
     pipeline = prepare_run(work, shards, shard_size)
     load_before, cpu_before = os.getloadavg()[0], cpu_times()
-    seconds: dict[str, float] = {}
-    shard_median: dict[str, float] = {}
+    arms = ["dask_1_workers", "dask_2_workers", "local_executor"]
+    seconds: dict[str, list[float]] = {arm: [] for arm in arms}
+    shard_seconds: dict[str, list[float]] = {arm: [] for arm in arms}
     startup: dict[str, float] = {}
     imports: dict[str, float] = {}
-    outputs: dict[str, tuple[Any, ...]] = {}
     worker_threads: dict[str, list[int]] = {}
-    overhead = float("nan")
-    for n in workers:
-        arm = f"dask_{n}_workers"
-        started = time.perf_counter()
-        executor = DaskExecutor(DaskConfig(n_workers=n, threads_per_worker=1))
-        try:
+    executors: dict[str, Any] = {}
+    reference: tuple[Any, ...] | None = None
+    largest_difference = 0.0
+    threads = torch.get_num_threads()
+    try:
+        for n in (1, 2):
+            arm = f"dask_{n}_workers"
+            started = time.perf_counter()
+            executors[arm] = DaskExecutor(DaskConfig(n_workers=n, threads_per_worker=1))
             startup[arm] = time.perf_counter() - started
             started = time.perf_counter()
-            worker_threads[arm] = sorted(executor.client.run(warm_imports).values())
+            worker_threads[arm] = sorted(executors[arm].client.run(warm_imports).values())
             imports[arm] = time.perf_counter() - started
-            seconds[arm], shard_seconds = time_embed(pipeline, executor)
-            shard_median[arm] = statistics.median(shard_seconds)
-            outputs[arm] = read_outputs(pipeline)
-            if n == 2:
-                overhead = per_task_overhead(executor, pipeline)
-        finally:
-            executor.close()
-
-    # the local executor runs the shards in this process: load its model inside the timed region too
-    clear_worker_stages()
-    threads = torch.get_num_threads()
-    torch.set_num_threads(os.cpu_count() or 1)
-    try:
+        # the local executor runs the shards in this process: its model loads inside the timed region too
+        executors["local_executor"] = LocalExecutor()
+        clear_worker_stages()
+        torch.set_num_threads(os.cpu_count() or 1)
         local_threads = torch.get_num_threads()
-        seconds["local_executor"], shard_seconds = time_embed(pipeline, LocalExecutor())
-        shard_median["local_executor"] = statistics.median(shard_seconds)
-        outputs["local_executor"] = read_outputs(pipeline)
+        for round_ in range(rounds):
+            # A B C, then C B A: a drift in the machine's speed during the run weighs on every arm alike
+            for arm in arms if round_ % 2 == 0 else arms[::-1]:
+                wall, per_shard = time_embed(pipeline, executors[arm])
+                seconds[arm].append(wall)
+                shard_seconds[arm] += per_shard
+                outputs = read_outputs(pipeline)
+                reference = reference or outputs
+                largest_difference = max(largest_difference, compare_outputs(reference, outputs, arm))
+        overhead = per_task_overhead(executors["dask_2_workers"], pipeline)
     finally:
+        for executor in executors.values():
+            executor.close()
         torch.set_num_threads(threads)
         clear_worker_stages()
     load_after, steal = os.getloadavg()[0], steal_percent(cpu_before, cpu_times())
 
-    reference = outputs["local_executor"]
-    largest_difference = max(compare_outputs(reference, outputs[arm], arm) for arm in outputs)
-    scaling = seconds["dask_1_workers"] / seconds["dask_2_workers"]
-    versus_local = seconds["local_executor"] / seconds["dask_2_workers"]
+    total = {arm: sum(seconds[arm]) for arm in arms}
+    scaling = total["dask_1_workers"] / total["dask_2_workers"]
+    versus_local = total["local_executor"] / total["dask_2_workers"]
+    assert reference is not None
     return {
         "name": "dask_embed_scaling",
         "headline": f"scaling {scaling:.3f}, cluster/local {versus_local:.3f}",
         "model": MODEL,
         "shards": shards,
         "shard_size": shard_size,
+        "rounds": rounds,
         "images": len(reference[0]),
         "cores": os.cpu_count(),
         "torch_threads": {"local_executor": local_threads, **worker_threads},
-        "seconds": {k: round(v, 2) for k, v in seconds.items()},
-        "shard_seconds_median": {k: round(v, 3) for k, v in shard_median.items()},
+        "seconds": {arm: round(v, 2) for arm, v in total.items()},
+        "seconds_per_round": {arm: [round(v, 2) for v in seconds[arm]] for arm in arms},
+        "shard_seconds_median": {arm: round(statistics.median(shard_seconds[arm]), 3) for arm in arms},
         "cluster_startup_s": {k: round(v, 2) for k, v in startup.items()},
         "worker_imports_s": {k: round(v, 2) for k, v in imports.items()},
         "scaling_2_vs_1_workers": round(scaling, 3),
@@ -247,12 +256,13 @@ def main(argv: list[str] | None = None) -> int:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--shards", type=int, default=16)
+    parser.add_argument("--shards", type=int, default=8)
     parser.add_argument("--shard-size", type=int, default=24, help="images per shard (one batch per shard)")
+    parser.add_argument("--rounds", type=int, default=2, help="each arm embeds the shards this many times")
     parser.add_argument("--work", type=Path, default=Path("/tmp/curate-bench"))
     parser.add_argument("--out", type=Path, help="also write the result as JSON here")
     args = parser.parse_args(argv)
-    return emit_result(run(args.shards, args.shard_size, args.work), args.out)
+    return emit_result(run(args.shards, args.shard_size, args.rounds, args.work), args.out)
 
 
 if __name__ == "__main__":

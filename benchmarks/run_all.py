@@ -37,7 +37,7 @@ def benchmarks(quick: bool, work: Path) -> list[tuple[str, Callable[[], dict[str
         ),
         ("train", lambda: bench_train.run(steps=3 if quick else 8, repeats=3, n_base=300 if quick else 600, work=work)),
         # last: its workers are extra processes, and it compares wall times that other load would skew
-        ("dask", lambda: bench_dask.run(shards=16, shard_size=8 if quick else 24, work=work)),
+        ("dask", lambda: bench_dask.run(shards=8, shard_size=8 if quick else 24, work=work)),
     ]
 
 
