@@ -33,6 +33,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from benchmarks.common import ratio_fields
 from curate.config import validate_config
 from curate.embed import EmbedStage, LoadedClip
 from curate.io.fs import write_parquet_atomic
@@ -149,7 +150,6 @@ def run(
                 time_pipeline(stage, ctx, ours)
     shutil.rmtree(root, ignore_errors=True)
     raw_wall, our_wall = statistics.median(t.wall for t in raw), statistics.median(t.wall for t in ours)
-    ratio = raw_wall / our_wall
     return {
         "name": "embed_vs_raw_model",
         "model": MODEL,
@@ -159,13 +159,7 @@ def run(
         "decode_threads": config.embed.decode_threads,
         "raw_images_per_s": round(images / raw_wall, 2),
         "pipeline_images_per_s": round(images / our_wall, 2),
-        "ratio": round(ratio, 3),
-        "target": f">= {TARGET}",
-        "passed": ratio >= TARGET,
-        # secondary views, robust to a machine shared with other work: the median of the ratios of
-        # back-to-back pairs, and the ratio of CPU seconds (all threads) spent by each side
-        "paired_ratio": round(statistics.median(r.wall / o.wall for r, o in zip(raw, ours, strict=True)), 3),
-        "cpu_ratio": round(statistics.median(t.cpu for t in raw) / statistics.median(t.cpu for t in ours), 3),
+        **ratio_fields(ours, raw, TARGET),
         "seconds": {
             "raw": [round(t.wall, 2) for t in raw],
             "pipeline": [round(t.wall, 2) for t in ours],
