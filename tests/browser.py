@@ -8,10 +8,12 @@ features, opens one page and records console errors, uncaught exceptions and fai
 from __future__ import annotations
 
 import base64
+import contextlib
 import itertools
 import json
 import os
 import shutil
+import signal
 import subprocess
 import tempfile
 import time
@@ -19,6 +21,8 @@ import urllib.request
 from pathlib import Path
 from types import TracebackType
 from typing import Any
+
+import pytest
 
 CANDIDATES = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")
 APT_TIMEOUT_S = 900
@@ -71,6 +75,15 @@ def _apt_install_chromium() -> str:
     return ""
 
 
+@pytest.fixture(scope="session")
+def chromium() -> str:
+    """The Chromium binary, or the test is skipped with the reason none could be had."""
+    binary, why = find_chromium()
+    if binary is None:
+        pytest.skip(f"no headless Chromium: {why}")
+    return binary
+
+
 class BrowserError(RuntimeError):
     pass
 
@@ -94,6 +107,7 @@ class Browser:
             [self.binary, *FLAGS, f"--user-data-dir={self._profile.name}", "about:blank"],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
+            start_new_session=True,  # its own process group: __exit__ stops the helpers too
         )
         port = self._devtools_port()
         page = next(t for t in self._targets(port) if t["type"] == "page")
@@ -115,13 +129,32 @@ class Browser:
         if self._socket is not None:
             self._socket.close()
         if self._process is not None:
-            self._process.terminate()
+            self._stop_process_group()
+        self._remove_profile()
+
+    def _stop_process_group(self) -> None:
+        # Chromium's renderer, GPU and crashpad helpers outlive the main process for a moment and keep
+        # writing into the profile; removing it while they do fails with "Directory not empty".
+        assert self._process is not None
+        group = self._process.pid
+        _signal_group(group, signal.SIGTERM)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self._process.wait(10)
+        _signal_group(group, signal.SIGKILL)
+        self._process.wait()
+        deadline = time.monotonic() + 10
+        while _group_alive(group) and time.monotonic() < deadline:
+            time.sleep(0.05)
+
+    def _remove_profile(self) -> None:
+        for attempt in range(20):
             try:
-                self._process.wait(10)
-            except subprocess.TimeoutExpired:
-                self._process.kill()
-                self._process.wait()
-        self._profile.cleanup()
+                self._profile.cleanup()
+                return
+            except OSError:
+                if attempt == 19:
+                    raise
+                time.sleep(0.1)
 
     def _devtools_port(self) -> int:
         marker = Path(self._profile.name) / "DevToolsActivePort"
@@ -227,6 +260,19 @@ class Browser:
         data = self.send("Page.captureScreenshot", **params)["data"]
         path.write_bytes(base64.b64decode(data))
         return path
+
+
+def _signal_group(group: int, signal_number: int) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(group, signal_number)
+
+
+def _group_alive(group: int) -> bool:
+    try:
+        os.killpg(group, 0)
+    except ProcessLookupError:
+        return False
+    return True
 
 
 BROKEN_IMAGES_JS = """

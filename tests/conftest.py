@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 
 from curate.config import PipelineConfig, validate_config
+from tests.browser import chromium  # noqa: F401  (session fixture)
 from tests.run_fixtures import curated_run  # noqa: F401  (session fixtures)
 from tests.world_fixtures import served_world, tiny_checkpoint  # noqa: F401
 

@@ -19,7 +19,7 @@ from curate.pipeline import run_pipeline
 from curate.report import stats as report_stats
 from curate.report import write_report
 from curate.report.stats import build_stats, load_run, validation
-from tests.browser import BROKEN_IMAGES_JS, Browser, find_chromium
+from tests.browser import BROKEN_IMAGES_JS, Browser
 from tests.run_fixtures import CuratedRun
 from tests.world_fixtures import ServedWorld
 
@@ -43,14 +43,6 @@ def download_only_run(served_world: ServedWorld, tmp_path_factory: pytest.TempPa
     result = run_pipeline(load_config(served_world.pipeline(folder, output=folder / "run")))
     assert result.complete
     return result.layout.root
-
-
-@pytest.fixture(scope="module")
-def chromium() -> str:
-    binary, why = find_chromium()
-    if binary is None:
-        pytest.skip(f"no headless Chromium: {why}")
-    return binary
 
 
 def sections(page: str) -> dict[str, str]:

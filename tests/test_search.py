@@ -27,7 +27,7 @@ from curate.search import RunSearch, SearchError, make_index, search_dir
 from curate.serve import SearchServer, make_server
 from curate.stage import RunLayout
 from examples.demo_world import classes, colors
-from tests.browser import BROKEN_IMAGES_JS, Browser, find_chromium
+from tests.browser import BROKEN_IMAGES_JS, Browser
 from tests.run_fixtures import CuratedRun
 
 NO_PROXY = urllib.request.build_opener(urllib.request.ProxyHandler({}))
@@ -226,14 +226,6 @@ def test_api_search_and_images(server: SearchServer, curated_run: CuratedRun):
 
 
 # ---- the page, in a real browser
-
-
-@pytest.fixture(scope="module")
-def chromium() -> str:
-    binary, why = find_chromium()
-    if binary is None:
-        pytest.skip(f"no headless Chromium: {why}")
-    return binary
 
 
 def test_search_page_in_chromium(server: SearchServer, curated_run: CuratedRun, chromium: str, tmp_path: Path):
