@@ -163,7 +163,8 @@ def decode_cpu_ms(shards: Sequence[Path], model: str = MODEL, samples: int = 64)
     work the pipeline adds on top of the model's, on the same cores."""
     import open_clip
 
-    from curate.validate.train import SampleDecoder, iter_raw_samples, resolve_model_name
+    from curate.validate.batches import iter_raw_samples
+    from curate.validate.train import SampleDecoder, resolve_model_name
 
     name = resolve_model_name(model)
     _, train_transform, _ = open_clip.create_model_and_transforms(name, device="cpu")
@@ -223,7 +224,7 @@ def run(
         "warmup_steps": warmup,
         "n_train_samples": len(captions),
         "torch_threads": torch.get_num_threads(),
-        "decode_threads": recipe.num_decode_threads,
+        "decode_workers": recipe.decode_workers,
         "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "default"),
         "pipeline_samples_per_s": round(samples / our_wall, 2),
         "raw_samples_per_s": round(samples / raw_wall, 2),

@@ -161,7 +161,9 @@ class ValidateConfig(Section):
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     augment: bool = True
     checkpoint_every: int = Field(100, gt=0, description="steps")
-    decode_threads: int = Field(2, gt=0)
+    decode_workers: int = Field(
+        2, ge=0, description="processes building training batches ahead of the model (0: in the training process)"
+    )
     shuffle_buffer: int = Field(2_000, gt=0)
     simclr_temperature: float = Field(0.1, gt=0)
     baseline_size: int | Literal["curated", "all"] = Field(

@@ -36,7 +36,7 @@ log = logging.getLogger(__name__)
 SCHEDULING_KEYS = {
     "download": {"threads", "processes", "per_host_connections"},
     "embed": {"batch_size", "decode_threads", "workers", "device"},
-    "validate": {"device", "checkpoint_every", "decode_threads", "eval_batch_size"},
+    "validate": {"device", "checkpoint_every", "decode_workers", "eval_batch_size"},
 }
 
 

@@ -62,7 +62,7 @@ def demo_recipe(seed: int = 0, samples_seen: int = DEFAULT_SAMPLES_SEEN) -> Trai
         precision="fp32",
         augment=True,
         checkpoint_every=20,
-        num_decode_threads=2,
+        decode_workers=2,
     )
 
 

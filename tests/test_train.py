@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
 from pathlib import Path
 
@@ -12,7 +13,16 @@ import webdataset as wds
 from PIL import Image
 
 from curate.scorer import calibrate, mismatched_captions, suggest_threshold
-from curate.validate.train import TrainRecipe, TrainResult, load_checkpoint, train_clip
+from curate.validate.batches import make_batches
+from curate.validate.train import (
+    SampleDecoder,
+    TrainRecipe,
+    TrainResult,
+    decode_side,
+    load_checkpoint,
+    resolve_model_name,
+    train_clip,
+)
 from examples.demo_world import COLORS, encode_image, make_caption, random_scene, render_scene
 
 # Smaller than curate-tiny so each step takes milliseconds; registered from its JSON path.
@@ -57,7 +67,7 @@ def recipe(config: Path, **changes: object) -> TrainRecipe:
         "warmup_steps": 2,
         "device": "cpu",
         "checkpoint_every": 100,
-        "num_decode_threads": 2,
+        "decode_workers": 2,
         "shuffle_buffer": 32,
     }
     return TrainRecipe(**{**settings, **changes})
@@ -112,13 +122,44 @@ def test_resumed_run_ends_with_the_uninterrupted_weights(data: tuple[Path, list[
         train_clip(shards, budget, tmp_path / "resumed", progress=crash_at_step_3)
     assert load_checkpoint(tmp_path / "resumed" / "checkpoint.pt")["step"] == 2
     # decode threads are an execution detail: a different count must not change the result
-    resumed = train_clip(shards, dataclasses.replace(budget, num_decode_threads=3), tmp_path / "resumed")
+    resumed = train_clip(shards, dataclasses.replace(budget, decode_workers=3), tmp_path / "resumed")
 
     assert resumed.resumed_from_step == 2 and resumed.steps == 6
     np.testing.assert_allclose(resumed.losses, whole.losses, atol=1e-5)
     final, expected = load_checkpoint(resumed.checkpoint)["state_dict"], load_checkpoint(whole.checkpoint)["state_dict"]
     for name, tensor in expected.items():
         torch.testing.assert_close(final[name], tensor, atol=1e-5, rtol=0, msg=name)
+
+
+def first_batches(shards: list[Path], config: Path, workers: int, start_step: int, n: int) -> list[torch.Tensor]:
+    name = resolve_model_name(str(config))
+    _, train_transform, _ = open_clip.create_model_and_transforms(name)
+    decoder = SampleDecoder(train_transform, open_clip.get_tokenizer(name), augment=True, seed=3, input_size=32)
+    batches = make_batches(shards, decoder, 3, batch_size=10, shuffle_buffer=16, start_step=start_step, workers=workers)
+    taken = [next(batches) for _ in range(n)]
+    batches.close()
+    return [torch.cat([images.flatten(), texts.flatten().float()]) for images, texts in taken]
+
+
+def test_batches_do_not_depend_on_the_number_of_decode_workers(data: tuple[Path, list[Path]]) -> None:
+    config, shards = data
+    in_process = first_batches(shards, config, workers=0, start_step=0, n=7)  # 70 samples: wraps an epoch
+    assert len({b.sum().item() for b in in_process}) == 7  # seven different batches
+    for workers in (2, 3):
+        with_workers = first_batches(shards, config, workers, start_step=0, n=7)
+        assert all(torch.equal(a, b) for a, b in zip(with_workers, in_process, strict=True))
+    resumed = first_batches(shards, config, workers=2, start_step=4, n=3)
+    assert all(torch.equal(a, b) for a, b in zip(resumed, in_process[4:], strict=True))
+
+
+def test_jpegs_decode_at_the_smallest_scale_that_covers_the_crop(data: tuple[Path, list[Path]]) -> None:
+    config, _ = data
+    _, train_transform, _ = open_clip.create_model_and_transforms(resolve_model_name(str(config)))
+    assert decode_side(32, None) == 32  # no random crop: the input side
+    assert decode_side(32, train_transform) == 34  # the crop keeps >= 90% of the area: 32 / sqrt(0.9) -> 34
+    with Image.open(io.BytesIO(encode_image(Image.new("RGB", (224, 224), "red"), "jpeg"))) as raw:
+        raw.draft("RGB", (34, 34))
+        assert raw.size == (56, 56)  # libjpeg's 1/4 scale: the smallest of 224, 112, 56, 28 that is >= 34
 
 
 def test_another_recipe_starts_afresh(trained: TrainResult, data: tuple[Path, list[Path]], tmp_path: Path) -> None:

@@ -168,7 +168,7 @@ def quick_settings(model: Path, eval_set: Path, **changes: Any) -> dict[str, Any
         "warmup_steps": 1,
         "seeds": 2,
         "device": "cpu",
-        "decode_threads": 1,
+        "decode_workers": 1,
         "shuffle_buffer": 16,
         "eval_set": str(eval_set),
         **changes,
@@ -238,7 +238,7 @@ def test_simclr_objective_lowers_its_loss_and_resumes(
         warmup_steps=1,
         device="cpu",
         checkpoint_every=2,
-        num_decode_threads=1,
+        decode_workers=1,
         shuffle_buffer=32,
     )
     whole = train_simclr(shards, recipe, tmp_path / "whole")

@@ -28,7 +28,6 @@ from curate.validate.train import (
     TrainResult,
     crop_params,
     load_checkpoint,
-    make_batches,
     make_optimizer,
     resolve_device,
     resolve_model_name,
@@ -122,6 +121,8 @@ def train_simclr(
     import open_clip
     import torch
 
+    from curate.validate.batches import make_batches
+
     out_dir = Path(out_dir)
     path = out_dir / CHECKPOINT_NAME
     checkpoint = _resumable(path, recipe, temperature)
@@ -144,7 +145,9 @@ def train_simclr(
     start_step = step
     trainable.train()
     decoder = TwoViewDecoder(train_transform, recipe.seed)
-    batches = make_batches(shards, decoder, recipe.batch_size, recipe.shuffle_buffer, step, recipe.num_decode_threads)
+    batches = make_batches(
+        shards, decoder, recipe.seed, recipe.batch_size, recipe.shuffle_buffer, step, recipe.decode_workers
+    )
     loop = _Loop(model, head, optimizer, recipe, temperature, path, model_name)
     with contextlib.closing(batches):
         step, seconds = loop.run(batches, step, losses, seconds, progress)

@@ -2,24 +2,20 @@
 
 The data stream is a pure function of the recipe's seed: shards are shuffled per epoch, samples pass a
 seeded shuffle buffer, and each sample's augmentation draws from its own generator (seeded by its
-position in the stream), so decoding in a thread pool does not change what the model sees. A run
-resumed from a checkpoint therefore ends with the same weights as an uninterrupted one.
+position in the stream), so how many worker processes decode, and which one builds which batch, does not
+change what the model sees. A run resumed from a checkpoint therefore ends with the same weights as an
+uninterrupted one.
 """
 
 from __future__ import annotations
 
 import contextlib
 import io
-import itertools
 import logging
 import math
 import os
-import queue
-import random
-import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -37,8 +33,7 @@ log = logging.getLogger(__name__)
 CHECKPOINT_NAME = "checkpoint.pt"
 # Recipe fields that change how a run is executed, not what it computes: a checkpoint written under
 # other values of these is still resumable.
-EXECUTION_FIELDS = frozenset({"checkpoint_every", "num_decode_threads"})
-PREFETCH_BATCHES = 2  # batches decoded or decoding at once, the one the model takes next included
+EXECUTION_FIELDS = frozenset({"checkpoint_every", "decode_workers"})
 LOG_EVERY_STEPS = 10
 MAX_LOGIT_SCALE = math.log(100)  # open_clip_train's clamp
 
@@ -61,13 +56,15 @@ class TrainRecipe:
     precision: Precision = "fp32"
     augment: bool = True
     checkpoint_every: int = 100  # steps
-    num_decode_threads: int = 2
+    decode_workers: int = 2  # processes building batches ahead of the model; 0: in the training process
     shuffle_buffer: int = 2_000  # samples
 
     def __post_init__(self) -> None:
-        for name in ("batch_size", "samples_seen", "checkpoint_every", "num_decode_threads", "shuffle_buffer"):
+        for name in ("batch_size", "samples_seen", "checkpoint_every", "shuffle_buffer"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"TrainRecipe.{name} must be > 0, got {getattr(self, name)}")
+        if self.decode_workers < 0:
+            raise ValueError(f"TrainRecipe.decode_workers must be >= 0, got {self.decode_workers}")
         if self.samples_seen < self.batch_size:
             raise ValueError(f"TrainRecipe.samples_seen ({self.samples_seen}) is less than one batch")
         if not 0 <= self.warmup_steps < self.total_steps:
@@ -163,29 +160,6 @@ def autocast(device: torch.device, precision: str) -> contextlib.AbstractContext
 # ---------------------------------------------------------------- data
 
 
-def iter_raw_samples(shards: Sequence[Path], seed: int, shuffle_buffer: int) -> Iterator[tuple[bytes, str]]:
-    """(jpg bytes, caption) forever: epoch after epoch, shard order and samples shuffled with the seed."""
-    import webdataset as wds
-
-    for epoch in itertools.count():
-        order = [str(s) for s in shards]
-        random.Random(f"{seed}:{epoch}:shards").shuffle(order)
-        pipeline = wds.DataPipeline(
-            wds.SimpleShardList(order),
-            wds.tarfile_to_samples(),
-            wds.shuffle(shuffle_buffer, initial=shuffle_buffer, rng=random.Random(f"{seed}:{epoch}:samples")),
-        )
-        n = 0
-        for sample in pipeline:
-            if "jpg" not in sample or "txt" not in sample:
-                log.debug("skipping %s: no jpg+txt pair", sample.get("__key__"))
-                continue
-            n += 1
-            yield sample["jpg"], sample["txt"].decode("utf-8")
-        if n == 0:
-            raise ValueError(f"no <key>.jpg + <key>.txt samples in {len(shards)} shard(s): {order[:3]}...")
-
-
 def sample_generator(seed: int, index: int) -> torch.Generator:
     """The augmentation RNG of the `index`-th sample of the stream."""
     import torch
@@ -240,21 +214,21 @@ def augment_image(image: Any, train_transform: Compose, generator: torch.Generat
 
 @dataclass(frozen=True)
 class SampleDecoder:
-    """Turns (jpg bytes, caption) into model inputs; runs in decode threads."""
+    """Turns (jpg bytes, caption) into model inputs; runs in the decode workers."""
 
     transform: Compose  # open_clip's train transform when augmenting, else its val transform
     tokenizer: Callable[[list[str]], torch.Tensor]
     augment: bool
     seed: int
-    input_size: int | None = None  # the model's input side; JPEGs then decode at the smallest DCT scale above 2x it
+    input_size: int | None = None  # the model's input side; JPEGs then decode at the smallest DCT scale that covers it
 
     def __call__(self, index: int, jpg: bytes, caption: str) -> tuple[torch.Tensor, torch.Tensor]:
         from PIL import Image
 
         with Image.open(io.BytesIO(jpg)) as raw:
             if self.input_size is not None:
-                # a 32 px model needs no 224 px decode; 2x keeps detail for crops and antialiasing
-                raw.draft("RGB", (2 * self.input_size, 2 * self.input_size))
+                side = decode_side(self.input_size, self.transform if self.augment else None)
+                raw.draft("RGB", (side, side))
             image = raw.convert("RGB")
         if self.augment:
             pixels = augment_image(image, self.transform, sample_generator(self.seed, index))
@@ -263,70 +237,22 @@ class SampleDecoder:
         return pixels, self.tokenizer([caption])[0]
 
 
+def decode_side(input_size: int, train_transform: Compose | None) -> int:
+    """The smallest side a JPEG may decode to (libjpeg scales by 1/2, 1/4, 1/8 while decoding) so that the
+    model still never sees an upsampled image: the input side, or, after a random crop keeping at least
+    `scale[0]` of the area, the side that crop needs."""
+    from torchvision.transforms import RandomResizedCrop
+
+    crop = train_transform.transforms[0] if train_transform is not None else None
+    if isinstance(crop, RandomResizedCrop):
+        return math.ceil(input_size / math.sqrt(min(crop.scale)))
+    return input_size
+
+
 def input_side(model: torch.nn.Module) -> int:
     """The shorter side of the images `model` takes."""
     size = model.visual.image_size
     return min(size) if isinstance(size, tuple | list) else int(size)
-
-
-def make_batches(
-    shards: Sequence[Path],
-    decoder: SampleDecoder,
-    batch_size: int,
-    shuffle_buffer: int,
-    start_step: int = 0,
-    num_threads: int = 2,
-    prefetch_batches: int = PREFETCH_BATCHES,
-) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """(images, texts) batches forever, from step `start_step` on; samples decode ahead in a thread pool.
-
-    One producer thread reads the shards (refilling the shuffle buffer at every epoch start) and submits
-    samples in stream order, so reading never stalls a training step and the batches stay deterministic.
-    Skipping to `start_step` reads (but does not decode) the samples before it, so a resumed run sees
-    exactly the batches an uninterrupted one would.
-    """
-    import torch
-
-    samples = iter_raw_samples(shards, decoder.seed, shuffle_buffer)
-    first_index = start_step * batch_size
-    for _ in range(first_index):
-        next(samples)
-    pool = ThreadPoolExecutor(max_workers=num_threads, thread_name_prefix="curate-decode")
-    queued: queue.Queue[Future | BaseException] = queue.Queue(maxsize=prefetch_batches * batch_size)
-    stop = threading.Event()
-
-    def put(item: Future | BaseException) -> None:
-        while not stop.is_set():
-            try:
-                queued.put(item, timeout=0.1)
-                return
-            except queue.Full:
-                continue
-
-    def produce() -> None:
-        try:
-            for index, (jpg, caption) in enumerate(samples, start=first_index):
-                if stop.is_set():
-                    return
-                put(pool.submit(decoder, index, jpg, caption))
-        except BaseException as err:  # handed to the training thread, which raises it
-            put(err)
-
-    producer = threading.Thread(target=produce, name="curate-read", daemon=True)
-    producer.start()
-    try:
-        while True:
-            decoded = []
-            for _ in range(batch_size):
-                item = queued.get()
-                if isinstance(item, BaseException):
-                    raise item
-                decoded.append(item.result())
-            yield torch.stack([d[0] for d in decoded]), torch.stack([d[1] for d in decoded])
-    finally:
-        stop.set()
-        producer.join()
-        pool.shutdown(wait=True, cancel_futures=True)
 
 
 # ---------------------------------------------------------------- optimisation
@@ -486,8 +412,10 @@ def train_clip(
         seed=recipe.seed,
         input_size=input_side(model),
     )
+    from curate.validate.batches import make_batches
+
     batches = make_batches(
-        shards, decoder, recipe.batch_size, recipe.shuffle_buffer, state.step, recipe.num_decode_threads
+        shards, decoder, recipe.seed, recipe.batch_size, recipe.shuffle_buffer, state.step, recipe.decode_workers
     )
     with contextlib.closing(batches):
         _run_steps(state, recipe, batches, path, model_name, progress)
