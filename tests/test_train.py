@@ -3,6 +3,7 @@ from __future__ import annotations
 import dataclasses
 import io
 import json
+import tarfile
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +14,7 @@ import webdataset as wds
 from PIL import Image
 
 from curate.scorer import calibrate, mismatched_captions, suggest_threshold
-from curate.validate.batches import make_batches
+from curate.validate.batches import SampleReader, make_batches
 from curate.validate.train import (
     SampleDecoder,
     TrainRecipe,
@@ -150,6 +151,36 @@ def test_batches_do_not_depend_on_the_number_of_decode_workers(data: tuple[Path,
         assert all(torch.equal(a, b) for a, b in zip(with_workers, in_process, strict=True))
     resumed = first_batches(shards, config, workers=2, start_step=4, n=3)
     assert all(torch.equal(a, b) for a, b in zip(resumed, in_process[4:], strict=True))
+
+
+def test_shard_index_reads_back_every_jpg_txt_pair_and_skips_the_rest(tmp_path: Path) -> None:
+    shard = tmp_path / "00000.tar"
+    members = {
+        "a.jpg": b"jpeg-a",
+        "a.txt": "caption ä".encode(),
+        "a.json": b"{}",
+        "only-image.jpg": b"jpeg-b",  # no caption: not a training sample
+        "dir/c.jpg": b"jpeg-c",  # key "dir/c"
+        "dir/c.txt": b"caption c",
+        "dir/e.seg.jpg": b"not an image",  # webdataset's extension is all after the first dot: "seg.jpg"
+        "dir/e.txt": b"caption e",
+    }
+    with tarfile.open(shard, "w", format=tarfile.PAX_FORMAT) as tar:
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            info.pax_headers = {"comment": "x" * 600}  # a pax header block before every member
+            tar.addfile(info, io.BytesIO(data))
+    reader = SampleReader([shard])
+    assert len(reader.index(0)) == 2
+    assert [reader.read(0, i) for i in range(2)] == [(b"jpeg-a", "caption ä"), (b"jpeg-c", "caption c")]
+    reader.close()
+    assert sorted(ref for ref, _ in zip(reader.refs(seed=0, shuffle_buffer=8), range(4), strict=False)) == [
+        (0, 0),
+        (0, 0),
+        (0, 1),
+        (0, 1),  # two epochs of two samples
+    ]
 
 
 def test_jpegs_decode_at_the_smallest_scale_that_covers_the_crop(data: tuple[Path, list[Path]]) -> None:

@@ -2,16 +2,23 @@
 
 The stream is a pure function of the seed: shards are shuffled per epoch, samples pass a seeded shuffle
 buffer, and batch b holds samples b*B .. (b+1)*B - 1 of that stream, each decoded with its own index.
+Shards are indexed once (the byte spans of every sample's jpg and txt, from one pass over the tar
+headers); the shuffle then moves (shard, sample) references, and a sample's bytes are read only by the
+worker that decodes it.
 """
 
 from __future__ import annotations
 
 import itertools
 import logging
+import os
 import random
+import tarfile
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
@@ -23,35 +30,100 @@ Decoder = Callable[[int, bytes, str], tuple[torch.Tensor, torch.Tensor]]
 """(index in the stream, jpg bytes, caption) -> the two tensors of one sample."""
 
 
-def iter_raw_samples(shards: Sequence[Path], seed: int, shuffle_buffer: int) -> Iterator[tuple[bytes, str]]:
-    """(jpg bytes, caption) forever: epoch after epoch, shard order and samples shuffled with the seed."""
-    import webdataset as wds
+@dataclass(frozen=True)
+class ShardIndex:
+    """Where the jpg and txt of each sample of one tar shard lie, in tar order."""
 
-    for epoch in itertools.count():
-        order = [str(s) for s in shards]
-        random.Random(f"{seed}:{epoch}:shards").shuffle(order)
-        pipeline = wds.DataPipeline(
-            wds.SimpleShardList(order),
-            wds.tarfile_to_samples(),
-            wds.shuffle(shuffle_buffer, initial=shuffle_buffer, rng=random.Random(f"{seed}:{epoch}:samples")),
-        )
-        n = 0
-        for sample in pipeline:
-            if "jpg" not in sample or "txt" not in sample:
-                log.debug("skipping %s: no jpg+txt pair", sample.get("__key__"))
-                continue
-            n += 1
-            yield sample["jpg"], sample["txt"].decode("utf-8")
-        if n == 0:
-            raise ValueError(f"no <key>.jpg + <key>.txt samples in {len(shards)} shard(s): {order[:3]}...")
+    path: Path
+    spans: np.ndarray  # (samples, 4) int64: jpg offset, jpg size, txt offset, txt size
+
+    def __len__(self) -> int:
+        return len(self.spans)
+
+    @classmethod
+    def build(cls, path: Path) -> ShardIndex:
+        """One pass over the tar's headers; a sample without both a .jpg and a .txt is left out."""
+        spans: list[list[int]] = []
+        with tarfile.open(path) as tar:
+            for key, members in itertools.groupby((m for m in tar if m.isfile()), key=_sample_key):
+                found = {_extension(m.name): m for m in members}
+                if "jpg" in found and "txt" in found:
+                    jpg, txt = found["jpg"], found["txt"]
+                    spans.append([jpg.offset_data, jpg.size, txt.offset_data, txt.size])
+                else:
+                    log.debug("%s: skipping %s, no jpg+txt pair", path, key)
+        return cls(Path(path), np.asarray(spans, dtype=np.int64).reshape(-1, 4))
+
+
+def _sample_key(member: tarfile.TarInfo) -> str:
+    """webdataset's sample key: the path up to the first dot of the file name."""
+    folder, _, name = member.name.rpartition("/")
+    return f"{folder}/{name.partition('.')[0]}" if folder else name.partition(".")[0]
+
+
+def _extension(name: str) -> str:
+    return name.rpartition("/")[2].partition(".")[2]
+
+
+class SampleReader:
+    """The shards' indexes (built once, when the stream first reaches a shard) and their bytes."""
+
+    def __init__(self, shards: Sequence[Path]) -> None:
+        self.shards = [Path(s) for s in shards]
+        self._indexes: dict[int, ShardIndex] = {}
+        self._files: dict[int, int] = {}
+
+    def index(self, shard: int) -> ShardIndex:
+        if shard not in self._indexes:
+            self._indexes[shard] = ShardIndex.build(self.shards[shard])
+        return self._indexes[shard]
+
+    def refs(self, seed: int, shuffle_buffer: int) -> Iterator[tuple[int, int]]:
+        """(shard, sample) forever: epoch after epoch, shard order and samples shuffled with the seed."""
+        import webdataset as wds
+
+        for epoch in itertools.count():
+            order = list(range(len(self.shards)))
+            random.Random(f"{seed}:{epoch}:shards").shuffle(order)
+            in_order = ((shard, i) for shard in order for i in range(len(self.index(shard))))
+            shuffle = wds.shuffle(shuffle_buffer, initial=shuffle_buffer, rng=random.Random(f"{seed}:{epoch}:samples"))
+            n = 0
+            for ref in shuffle(in_order):
+                n += 1
+                yield ref
+            if n == 0:
+                names = [str(s) for s in self.shards[:3]]
+                raise ValueError(f"no <key>.jpg + <key>.txt samples in {len(self.shards)} shard(s): {names}...")
+
+    def read(self, shard: int, sample: int) -> tuple[bytes, str]:
+        if shard not in self._files:
+            self._files[shard] = os.open(self.shards[shard], os.O_RDONLY)
+        fd = self._files[shard]
+        jpg_offset, jpg_size, txt_offset, txt_size = (int(v) for v in self.index(shard).spans[sample])
+        return os.pread(fd, jpg_size, jpg_offset), os.pread(fd, txt_size, txt_offset).decode("utf-8")
+
+    def close(self) -> None:
+        for fd in self._files.values():
+            os.close(fd)
+        self._files.clear()
+
+
+def iter_raw_samples(shards: Sequence[Path], seed: int, shuffle_buffer: int) -> Iterator[tuple[bytes, str]]:
+    """(jpg bytes, caption) forever, in the order training sees them."""
+    reader = SampleReader(shards)
+    try:
+        for ref in reader.refs(seed, shuffle_buffer):
+            yield reader.read(*ref)
+    finally:
+        reader.close()
 
 
 class BatchStream(IterableDataset):
     """Batches `start_step`, `start_step + 1`, ... of the sample stream, forever.
 
     With N DataLoader workers, worker k builds batches k, k + N, ... and the DataLoader hands them out in
-    that round-robin order, so the batches are the same for any N. Every worker reads all samples (reading
-    a tar is cheap next to decoding) and decodes only its own batches.
+    that round-robin order, so the batches are the same for any N. Every worker runs the same shuffle over
+    (shard, sample) references, which costs no reading, and reads and decodes only its own batches.
     """
 
     def __init__(
@@ -69,16 +141,20 @@ class BatchStream(IterableDataset):
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         worker = get_worker_info()
         worker_id, n_workers = (worker.id, worker.num_workers) if worker is not None else (0, 1)
-        samples = iter_raw_samples(self.shards, self.seed, self.shuffle_buffer)
-        for _ in range(self.start_step * self.batch_size):
-            next(samples)
-        for step in itertools.count(self.start_step):
-            chunk = list(itertools.islice(samples, self.batch_size))
-            if (step - self.start_step) % n_workers != worker_id:
-                continue
-            first = step * self.batch_size
-            decoded = [self.decoder(first + i, jpg, caption) for i, (jpg, caption) in enumerate(chunk)]
-            yield torch.stack([d[0] for d in decoded]), torch.stack([d[1] for d in decoded])
+        reader = SampleReader(self.shards)
+        refs = reader.refs(self.seed, self.shuffle_buffer)
+        try:
+            for _ in range(self.start_step * self.batch_size):
+                next(refs)
+            for step in itertools.count(self.start_step):
+                chunk = list(itertools.islice(refs, self.batch_size))
+                if (step - self.start_step) % n_workers != worker_id:
+                    continue
+                first = step * self.batch_size
+                decoded = [self.decoder(first + i, *reader.read(*ref)) for i, ref in enumerate(chunk)]
+                yield torch.stack([d[0] for d in decoded]), torch.stack([d[1] for d in decoded])
+        finally:
+            reader.close()
 
 
 def make_batches(
