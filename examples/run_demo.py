@@ -107,6 +107,11 @@ def main(argv: list[str] | None = None) -> int:
             f"curated {beaten} the baseline on zero-shot accuracy by more than 3x the larger seed std "
             f"({verdict['curated_minus_baseline']:+.3f} vs 3 x {verdict['larger_std']:.3f})"
         )
+        per_seed = "  ".join(f"{d:+.3f}" for d in verdict["per_seed"])
+        print(
+            f"per seed (both arms start from that seed's weights): {per_seed}; "
+            f"mean {verdict['curated_minus_baseline']:+.3f} ± {verdict['per_seed_std']:.3f}"
+        )
         summary["validation"] = {"summary": metrics["summary"], "difference": metrics["difference"]}
     (args.out / "demo_checks.json").write_text(json.dumps(summary, indent=2, default=float))
     print(f"\ndemo finished in {time.perf_counter() - started:.0f} s; run written to {args.out.resolve()}")

@@ -198,6 +198,12 @@ def test_both_arms_train_with_equal_compute_and_finished_arms_are_skipped(
     assert diff == pytest.approx(
         summary["curated"]["zero_shot_acc"]["mean"] - summary["baseline"]["zero_shot_acc"]["mean"]
     )
+    paired = metrics["difference"]["zero_shot_acc"]["per_seed"]
+    curated_runs, baseline_runs = metrics["runs"]["curated"], metrics["runs"]["baseline"]
+    by_seed = zip(curated_runs, baseline_runs, strict=True)
+    assert paired == pytest.approx([c["metrics"]["zero_shot_acc"] - b["metrics"]["zero_shot_acc"] for c, b in by_seed])
+    assert np.mean(paired) == pytest.approx(diff)
+    assert metrics["difference"]["zero_shot_acc"]["curated_wins_every_seed"] == (min(paired) > 0)
     assert metrics["recipe"]["samples_seen"] == 24 and metrics["eval_set"]["n"] == 24
     table = format_validation_table(metrics)
     assert "curated - baseline" in table and "zero-shot acc" in table and "2 seeds" in table

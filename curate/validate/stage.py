@@ -349,10 +349,15 @@ def metrics_document(
         curated, baseline = summary["curated"][name], summary["baseline"][name]
         larger_std = max(curated["std"], baseline["std"])
         diff = curated["mean"] - baseline["mean"]
+        # both arms start from the same weights for a given seed: the per-seed differences are paired
+        per_seed = summarize(np.subtract(curated["values"], baseline["values"]))
         difference[name] = {
             "curated_minus_baseline": diff,
             "larger_std": larger_std,
             "exceeds_3_std": bool(diff > 3 * larger_std),
+            "per_seed": per_seed["values"],
+            "per_seed_std": per_seed["std"],
+            "curated_wins_every_seed": bool(min(per_seed["values"]) > 0),
         }
     recipe = train_recipe(cfg, 0).to_dict()
     recipe.pop("seed")
