@@ -185,6 +185,9 @@ class DaskConfig(Section):
     memory_limit: str = Field("auto", description="per LocalCluster worker, e.g. '4GiB'")
     dashboard_address: str = Field(":0", description="LocalCluster dashboard; ':0' picks a free port")
     shard_retries: int = Field(2, ge=0, description="extra attempts for a shard whose task raised")
+    worker_profiler: bool = Field(
+        False, description="Dask's statistical profiler in LocalCluster workers (samples each worker every 10 ms)"
+    )
 
 
 STAGE_ORDER = ("input", "download", "embed", "filter", "dedup", "materialize", "validate")

@@ -43,17 +43,37 @@ def worker_environ() -> dict[str, str | None]:
     return {key: os.environ.get(key) for key in ("MALLOC_TRIM_THRESHOLD_", "OMP_NUM_THREADS", "PYTHONHASHSEED")}
 
 
+def worker_profiles(dask_worker) -> bool:
+    import dask
+
+    return (
+        bool(dask.config.get("distributed.worker.profile.enabled"))
+        and dask_worker.periodic_callbacks.get("profile") is not None
+    )
+
+
 def test_local_cluster_workers_keep_default_malloc_and_the_driver_environment_is_untouched(monkeypatch):
     for key in ("MALLOC_TRIM_THRESHOLD_", "OMP_NUM_THREADS", "PYTHONHASHSEED"):
         monkeypatch.delenv(key, raising=False)
     executor = DaskExecutor(DaskConfig(n_workers=1, dashboard_address=":0"))
     try:
         (on_worker,) = executor.client.run(worker_environ).values()
+        (profiling,) = executor.client.run(worker_profiles).values()
     finally:
         executor.close()
+    assert not profiling  # Dask's 10 ms stack sampler is off in curate's LocalCluster workers
     assert on_worker["MALLOC_TRIM_THRESHOLD_"] is None  # glibc's dynamic mmap threshold stays on
     assert on_worker["OMP_NUM_THREADS"] == "1"  # Dask's other pre-spawn settings still apply
     assert worker_environ() == dict.fromkeys(worker_environ())  # nothing leaked into the driver
+
+
+def test_the_worker_profiler_is_there_when_asked_for():
+    executor = DaskExecutor(DaskConfig(n_workers=1, dashboard_address=":0", worker_profiler=True))
+    try:
+        (profiling,) = executor.client.run(worker_profiles).values()
+    finally:
+        executor.close()
+    assert profiling
 
 
 class WhereDidItRun:

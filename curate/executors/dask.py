@@ -7,8 +7,12 @@ resource; workers offer it when started with `dask worker ... --resources GPU=1`
 directory must be on a filesystem that every worker sees.
 
 LocalCluster workers keep glibc's default malloc tuning, not the `MALLOC_TRIM_THRESHOLD_=65536` Dask's nanny
-sets by default (see `WORKER_ENV_UNSET`). On a cluster started with `dask worker`, the same is done with
-`distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_: null` in the Dask config.
+sets by default (see `WORKER_ENV_UNSET`), and run without Dask's statistical profiler unless
+`dask.worker_profiler` is set: it samples every thread's stack every 10 ms, which on a machine whose cores
+all run shard tasks is CPU taken from them (the embed benchmark's 2-worker shards ran 13% slower than
+1-worker ones with it, 4% without). On a cluster started with `dask worker`, the same is done with
+`distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_: null` and `distributed.worker.profile.enabled:
+false` in the Dask config.
 """
 
 from __future__ import annotations
@@ -44,7 +48,7 @@ class DaskExecutor:
         if scheduler:
             self.client = Client(scheduler)
         else:
-            with worker_environment():
+            with worker_environment(profiler=cfg.worker_profiler):
                 self.cluster = LocalCluster(
                     n_workers=cfg.n_workers,
                     threads_per_worker=cfg.threads_per_worker,
@@ -98,8 +102,9 @@ class DaskExecutor:
 
 
 @contextmanager
-def worker_environment() -> Iterator[None]:
-    """Start nannies inside: their workers get Dask's pre-spawn variables less `WORKER_ENV_UNSET`.
+def worker_environment(profiler: bool = False) -> Iterator[None]:
+    """Start nannies inside: their workers get Dask's pre-spawn variables less `WORKER_ENV_UNSET`, and
+    Dask's statistical profiler only when `profiler` is true (a nanny hands its config to its worker).
 
     A nanny writes the pre-spawn variables (OMP_NUM_THREADS=1, ...) into this process's own os.environ before
     it spawns its worker; they are put back as they were once the workers are up, so that processes this
@@ -111,8 +116,9 @@ def worker_environment() -> Iterator[None]:
     keys = set(dask.config.get("distributed.nanny.pre-spawn-environ")) | {"PYTHONHASHSEED"}
     saved = {key: os.environ.get(key) for key in keys}
     unset = {f"distributed.nanny.pre-spawn-environ.{key}": None for key in WORKER_ENV_UNSET}
+    settings = {**unset, "distributed.worker.profile.enabled": profiler}
     try:
-        with dask.config.set(unset):
+        with dask.config.set(settings):
             yield
     finally:
         for key, value in saved.items():
