@@ -7,9 +7,9 @@
 
 - pipeline: `train_clip` on webdataset shards of 224-px JPEGs + captions, written the way the demo writes
   its scorer's training shards (a demo world passed through img2dataset's resizer with the demo pipeline's
-  download settings): tar reading, shuffle buffer, JPEG decode and the seeded augmentation in decode
-  threads, tokenising, the LR schedule, the step, the logit-scale clamp. The time of each step comes from
-  train_clip's `progress` callback.
+  download settings): the shard index, shuffle buffer, reading, JPEG decode, the seeded augmentation and
+  tokenising in the DataLoader's decode workers, the LR schedule, the step, the logit-scale clamp. The time
+  of each step comes from train_clip's `progress` callback.
 - raw: the same model config from `open_clip.create_model_and_transforms`, `make_optimizer` with the same
   lr and weight decay, `ClipLoss`, and nothing else: zero_grad, forward, loss, backward, optimizer step on
   batches of random images of the model's input size and tokenised real captions made beforehand.
@@ -18,7 +18,7 @@ Both arms drop model construction and their first `--warmup` steps (the shuffle 
 first batch decoded with nothing to overlap, first-call allocations) and time the next `--steps` steps;
 the pipeline runs one extra, untimed step at the end because train_clip writes its final checkpoint in it.
 An epoch start (the shuffle buffer's refill) happens inside the timed steps whenever the stream wraps,
-as in a real run; train_clip reads shards in a producer thread, so it does not stall a step.
+as in a real run; the decode workers prefetch across it, so it does not stall a step.
 
 ratio = pipeline samples/s / raw samples/s, from the medians over `--repeats` pairs whose order alternates
 (pipeline, raw, raw, pipeline, ...). Target: >= 0.85.
@@ -50,7 +50,7 @@ DEFAULT_WORK = Path("/tmp/curate-bench")
 @dataclass(frozen=True)
 class Timing:
     wall: float  # seconds of the timed steps
-    cpu: float  # CPU seconds of this process over them, all threads (decode threads included)
+    cpu: float  # CPU seconds of this process over them (the decode workers are other processes)
 
 
 def make_shards(folder: Path, n_base: int) -> list[Path]:
@@ -164,11 +164,13 @@ def decode_cpu_ms(shards: Sequence[Path], model: str = MODEL, samples: int = 64)
     import open_clip
 
     from curate.validate.batches import iter_raw_samples
-    from curate.validate.train import SampleDecoder, resolve_model_name
+    from curate.validate.train import SampleDecoder, input_side, resolve_model_name
 
     name = resolve_model_name(model)
-    _, train_transform, _ = open_clip.create_model_and_transforms(name, device="cpu")
-    decoder = SampleDecoder(train_transform, open_clip.get_tokenizer(name), augment=True, seed=0)
+    clip, train_transform, _ = open_clip.create_model_and_transforms(name, device="cpu")
+    decoder = SampleDecoder(
+        train_transform, open_clip.get_tokenizer(name), augment=True, seed=0, input_size=input_side(clip)
+    )
     stream = iter_raw_samples(list(shards), seed=0, shuffle_buffer=samples)
     raw = [next(stream) for _ in range(samples)]
     started = time.process_time()
