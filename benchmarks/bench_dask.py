@@ -10,11 +10,12 @@ random weights from a seeded checkpoint file, CPU, one batch per shard) runs on
     (c) the local executor in this process, torch using every core.
 
 What is timed is the same for every arm: `run_pipeline(only_stage="embed")` on an executor that is ready,
-i.e. whose processes have imported torch and open_clip. The arms run in rounds, (a) (b) (c) then (c) (b)
-(a), and an arm's time is the sum of its rounds, so that a drift in the machine's speed (on this 2-vCPU VM
-the same single-thread work varies by ~10% from one minute to the next) weighs on every arm alike. The
-first round of every arm includes loading the model (once per worker; once in this process for (c)); the
-processes keep it for the second. Cluster start-up is reported apart: `cluster_startup_s` (LocalCluster
+i.e. whose processes have imported torch and open_clip and hold the model. Every arm first runs one
+untimed warm-up round, in which each worker (or this process, for (c)) loads the model once, as it would
+once per run however many shards follow; its seconds are reported as `warmup_round_s`. The timed rounds
+then go (a) (b) (c), (c) (b) (a), ..., and an arm's time is the sum of its rounds, so that a drift in the
+machine's speed (on this 2-vCPU VM the same single-thread work varies by ~10% from one minute to the
+next) weighs on every arm alike. Cluster start-up is reported apart too: `cluster_startup_s` (LocalCluster
 and client) and `worker_imports_s` (torch and open_clip in every worker, which the driver of (c) did in its
 preflight). Every run must write the same outputs: the same rows and metadata, the same float16 embeddings
 up to torch's thread-count-dependent rounding (the largest difference is reported; so far it was 0).
@@ -182,6 +183,7 @@ def run(
     seconds: dict[str, list[float]] = {arm: [] for arm in arms}
     shard_seconds: dict[str, list[float]] = {arm: [] for arm in arms}
     startup: dict[str, float] = {}
+    warmup: dict[str, float] = {}
     imports: dict[str, float] = {}
     worker_threads: dict[str, list[int]] = {}
     executors: dict[str, Any] = {}
@@ -202,6 +204,11 @@ def run(
         clear_worker_stages()
         torch.set_num_threads(os.cpu_count() or 1)
         local_threads = torch.get_num_threads()
+        for arm in arms:  # the model loads once per worker (once in this process for the local executor)
+            warmup[arm], _ = time_embed(pipeline, executors[arm])
+            outputs = read_outputs(pipeline)
+            reference = reference or outputs
+            largest_difference = max(largest_difference, compare_outputs(reference, outputs, arm))
         for round_ in range(rounds):
             # A B C, then C B A: a drift in the machine's speed during the run weighs on every arm alike
             for arm in arms if round_ % 2 == 0 else arms[::-1]:
@@ -222,7 +229,7 @@ def run(
     total = {arm: sum(seconds[arm]) for arm in arms}
     median = {arm: statistics.median(shard_seconds[arm]) for arm in arms}
     parallel = {"dask_1_workers": 1, "dask_2_workers": 2, "local_executor": 1}
-    # what an arm spent outside the shards themselves: model loads, scheduling, the driver's own work, a tail
+    # what an arm spent outside the shards themselves: scheduling, the driver's own work, a tail
     outside = {arm: total[arm] - sum(shard_seconds[arm]) / parallel[arm] for arm in arms}
     scaling = total["dask_1_workers"] / total["dask_2_workers"]
     versus_local = total["local_executor"] / total["dask_2_workers"]
@@ -239,9 +246,9 @@ def run(
         "torch_threads": {"local_executor": local_threads, **worker_threads},
         "seconds": {arm: round(v, 2) for arm, v in total.items()},
         "seconds_per_round": {arm: [round(v, 2) for v in seconds[arm]] for arm in arms},
+        "warmup_round_s": {arm: round(v, 2) for arm, v in warmup.items()},
         "shard_seconds_median": {arm: round(median[arm], 3) for arm in arms},
-        # > 1: a shard takes longer while both cores work than while one does. Plain processes show the same
-        # on this VM; scaling cannot beat 2 / this (less the model load, paid in both arms).
+        # > 1: a shard takes longer while both cores work than while one does; scaling cannot beat 2 / this
         "shard_seconds_2_vs_1_workers": round(median["dask_2_workers"] / median["dask_1_workers"], 3),
         "seconds_outside_shards": {arm: round(v, 2) for arm, v in outside.items()},
         "cluster_startup_s": {k: round(v, 2) for k, v in startup.items()},
