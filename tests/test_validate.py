@@ -12,16 +12,17 @@ import open_clip
 import pandas as pd
 import pytest
 import torch
+import webdataset as wds
 
 from curate.cli import main as curate_main
 from curate.config import PipelineConfig, load_config, validate_config
 from curate.dedup.decontaminate import load_eval_images
-from curate.stage import RunLayout
+from curate.stage import RunLayout, kept_uids
 from curate.validate import stage as validate_stage
 from curate.validate.evalsets import load_eval_set, make_demo_eval_set
 from curate.validate.evaluate import linear_probe, recall_at_k, retrieval_recalls, zero_shot_accuracy
 from curate.validate.simclr import nt_xent_loss, train_simclr
-from curate.validate.stage import format_validation_table, run_validation
+from curate.validate.stage import format_validation_table, input_shards, run_validation
 from curate.validate.train import TrainRecipe, load_checkpoint
 from tests.run_fixtures import CuratedRun, shared_curated_run
 from tests.world_fixtures import ServedWorld
@@ -185,6 +186,17 @@ def test_both_arms_train_with_equal_compute_and_finished_arms_are_skipped(
     assert json.loads((layout.root / "validate" / "metrics.json").read_text()) == metrics
     assert metrics["data"]["baseline_samples"] == metrics["data"]["curated_samples"] > 0
     assert metrics["data"]["baseline_pool"] > metrics["data"]["curated_samples"]
+    # download shard by download shard, each by uid: the order img2dataset's fetches finished in (the tar
+    # order of the download) must not reach training
+    written = [
+        sample["__key__"]
+        for tar in sorted((layout.root / "validate" / "baseline-data").glob("*.tar"))
+        for sample in wds.WebDataset(str(tar), shardshuffle=False)
+    ]
+    chosen = set(written)
+    downloaded = [set(kept_uids(layout, "download", shard).to_pylist()) for shard in input_shards(layout)]
+    by_shard = [sorted(uids & chosen) for uids in downloaded]
+    assert written == [uid for uids in by_shard for uid in uids] and len(written) == len(chosen)
     for arm in ("curated", "baseline"):
         runs = metrics["runs"][arm]
         assert [r["seed"] for r in runs] == [0, 1]

@@ -175,9 +175,11 @@ def ensure_baseline_shards(
     try:
         with wds.ShardWriter(str(scratch / "%05d.tar"), maxcount=10_000, verbose=0) as writer:
             for shard in shards:
-                for uid, members in download_samples(layout, shard):
-                    if uid in subset:
-                        writer.write({"__key__": uid, **members})
+                # by uid, as curated/ is: img2dataset writes a shard's samples in the order their fetches
+                # finished, and the training stream (hence the baseline's result) follows the tar order
+                chosen = {uid: members for uid, members in download_samples(layout, shard) if uid in subset}
+                for uid in sorted(chosen):
+                    writer.write({"__key__": uid, **chosen[uid]})
         write_json_atomic(
             scratch / "_done.json", {"fingerprint": fingerprint, "samples": len(subset), "pool": len(pool)}
         )
