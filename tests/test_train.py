@@ -183,6 +183,23 @@ def test_shard_index_reads_back_every_jpg_txt_pair_and_skips_the_rest(tmp_path: 
     ]
 
 
+def test_a_reader_keeps_only_a_few_shards_open(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import curate.validate.batches as batches
+
+    monkeypatch.setattr(batches, "OPEN_SHARDS", 2)
+    shards = []
+    for number in range(5):
+        shards.append(tmp_path / f"{number:05d}.tar")
+        with wds.TarWriter(str(shards[-1])) as sink:
+            sink.write({"__key__": "a", "jpg": f"jpeg-{number}".encode(), "txt": f"caption {number}"})
+    reader = SampleReader(shards)
+    assert [reader.read(shard, 0) for shard in (0, 1, 2, 3, 4, 0)] == [
+        (f"jpeg-{n}".encode(), f"caption {n}") for n in (0, 1, 2, 3, 4, 0)
+    ]
+    assert len(reader._files) == 2
+    reader.close()
+
+
 def test_jpegs_decode_at_the_smallest_scale_that_covers_the_crop(data: tuple[Path, list[Path]]) -> None:
     config, _ = data
     _, train_transform, _ = open_clip.create_model_and_transforms(resolve_model_name(str(config)))

@@ -14,6 +14,7 @@ import logging
 import os
 import random
 import tarfile
+from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +26,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 log = logging.getLogger(__name__)
 
 PREFETCH_BATCHES = 2  # batches each decode worker builds ahead of the model
+OPEN_SHARDS = 32  # per reader: the shuffle buffer spans a few shards at a time; thousands would exhaust fds
 
 Decoder = Callable[[int, bytes, str], tuple[torch.Tensor, torch.Tensor]]
 """(index in the stream, jpg bytes, caption) -> the two tensors of one sample."""
@@ -71,7 +73,7 @@ class SampleReader:
     def __init__(self, shards: Sequence[Path]) -> None:
         self.shards = [Path(s) for s in shards]
         self._indexes: dict[int, ShardIndex] = {}
-        self._files: dict[int, int] = {}
+        self._files: OrderedDict[int, int] = OrderedDict()
 
     def index(self, shard: int) -> ShardIndex:
         if shard not in self._indexes:
@@ -96,11 +98,19 @@ class SampleReader:
                 raise ValueError(f"no <key>.jpg + <key>.txt samples in {len(self.shards)} shard(s): {names}...")
 
     def read(self, shard: int, sample: int) -> tuple[bytes, str]:
-        if shard not in self._files:
-            self._files[shard] = os.open(self.shards[shard], os.O_RDONLY)
-        fd = self._files[shard]
+        fd = self._file(shard)
         jpg_offset, jpg_size, txt_offset, txt_size = (int(v) for v in self.index(shard).spans[sample])
         return os.pread(fd, jpg_size, jpg_offset), os.pread(fd, txt_size, txt_offset).decode("utf-8")
+
+    def _file(self, shard: int) -> int:
+        """An open descriptor of the shard; only the most recently read OPEN_SHARDS stay open."""
+        if shard in self._files:
+            self._files.move_to_end(shard)
+        else:
+            if len(self._files) >= OPEN_SHARDS:
+                os.close(self._files.popitem(last=False)[1])
+            self._files[shard] = os.open(self.shards[shard], os.O_RDONLY)
+        return self._files[shard]
 
     def close(self) -> None:
         for fd in self._files.values():
