@@ -9,10 +9,10 @@ directory must be on a filesystem that every worker sees.
 LocalCluster workers keep glibc's default malloc tuning, not the `MALLOC_TRIM_THRESHOLD_=65536` Dask's nanny
 sets by default (see `WORKER_ENV_UNSET`), and run without Dask's statistical profiler unless
 `dask.worker_profiler` is set: it samples every thread's stack every 10 ms, which on a machine whose cores
-all run shard tasks is CPU taken from them (the embed benchmark's 2-worker shards ran 13% slower than
-1-worker ones with it, 4% without). On a cluster started with `dask worker`, the same is done with
-`distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_: null` and `distributed.worker.profile.enabled:
-false` in the Dask config.
+all run shard tasks is CPU taken from them (in one back-to-back pair of embed benchmark runs, 2-worker
+shards ran 13% slower than 1-worker ones with it, 4% without). On a cluster started with `dask worker`,
+the same is done with `distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_: null` and
+`distributed.worker.profile.enabled: false` in the Dask config.
 """
 
 from __future__ import annotations
