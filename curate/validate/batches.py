@@ -45,26 +45,19 @@ class ShardIndex:
     @classmethod
     def build(cls, path: Path) -> ShardIndex:
         """One pass over the tar's headers; a sample without both a .jpg and a .txt is left out."""
+        from webdataset.tariterators import base_plus_ext  # webdataset's own (key, extension) split
+
         spans: list[list[int]] = []
         with tarfile.open(path) as tar:
-            for key, members in itertools.groupby((m for m in tar if m.isfile()), key=_sample_key):
-                found = {_extension(m.name): m for m in members}
+            named = ((base_plus_ext(m.name), m) for m in tar if m.isfile())
+            for key, members in itertools.groupby(named, key=lambda item: item[0][0]):
+                found = {extension: member for (_, extension), member in members}
                 if "jpg" in found and "txt" in found:
                     jpg, txt = found["jpg"], found["txt"]
                     spans.append([jpg.offset_data, jpg.size, txt.offset_data, txt.size])
                 else:
                     log.debug("%s: skipping %s, no jpg+txt pair", path, key)
         return cls(Path(path), np.asarray(spans, dtype=np.int64).reshape(-1, 4))
-
-
-def _sample_key(member: tarfile.TarInfo) -> str:
-    """webdataset's sample key: the path up to the first dot of the file name."""
-    folder, _, name = member.name.rpartition("/")
-    return f"{folder}/{name.partition('.')[0]}" if folder else name.partition(".")[0]
-
-
-def _extension(name: str) -> str:
-    return name.rpartition("/")[2].partition(".")[2]
 
 
 class SampleReader:
@@ -180,9 +173,9 @@ def make_batches(
     """Batches forever, from step `start_step` on, built ahead by `workers` processes.
 
     Processes, not threads: decoding in threads of the training process holds the GIL for long stretches
-    while the training thread waits to launch its next kernel. Skipping to `start_step` reads (but does
-    not decode) the samples before it, so a resumed run sees exactly the batches an uninterrupted one
-    would. workers=0 builds each batch in the training process when the model asks for it.
+    while the training thread waits to launch its next kernel. Skipping to `start_step` moves past the
+    references before it without reading them, so a resumed run sees exactly the batches an uninterrupted
+    one would. workers=0 builds each batch in the training process when the model asks for it.
     """
     loader = DataLoader(
         BatchStream(shards, decoder, seed, batch_size, shuffle_buffer, start_step),

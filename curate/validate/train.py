@@ -10,6 +10,7 @@ uninterrupted one.
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
 import logging
 import math
@@ -226,15 +227,20 @@ class SampleDecoder:
         from PIL import Image
 
         with Image.open(io.BytesIO(jpg)) as raw:
-            if self.input_size is not None:
-                side = decode_side(self.input_size, self.transform if self.augment else None)
-                raw.draft("RGB", (side, side))
+            if self.draft_side is not None:
+                raw.draft("RGB", (self.draft_side, self.draft_side))
             image = raw.convert("RGB")
         if self.augment:
             pixels = augment_image(image, self.transform, sample_generator(self.seed, index))
         else:
             pixels = self.transform(image)
         return pixels, self.tokenizer([caption])[0]
+
+    @functools.cached_property
+    def draft_side(self) -> int | None:
+        if self.input_size is None:
+            return None
+        return decode_side(self.input_size, self.transform if self.augment else None)
 
 
 def decode_side(input_size: int, train_transform: Compose | None) -> int:
@@ -382,6 +388,8 @@ def train_clip(
     import open_clip
     import torch
 
+    from curate.validate.batches import make_batches
+
     if not shards:
         raise ValueError("train_clip needs at least one shard")
     out_dir = Path(out_dir)
@@ -412,8 +420,6 @@ def train_clip(
         seed=recipe.seed,
         input_size=input_side(model),
     )
-    from curate.validate.batches import make_batches
-
     batches = make_batches(
         shards, decoder, recipe.seed, recipe.batch_size, recipe.shuffle_buffer, state.step, recipe.decode_workers
     )
