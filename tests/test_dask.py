@@ -52,6 +52,16 @@ def worker_profiles(dask_worker) -> bool:
     )
 
 
+def scheduler_timers_ms(dask_scheduler) -> dict[str, float]:
+    """The periods of Dask's housekeeping timers on the scheduler."""
+    return {name: dask_scheduler.periodic_callbacks[name].callback_time for name in ("tick", "monitor")}
+
+
+def worker_timers_ms(dask_worker) -> dict[str, float]:
+    timers = {name: dask_worker.periodic_callbacks[name].callback_time for name in ("tick", "monitor")}
+    return {**timers, "memory": dask_worker.memory_manager.memory_monitor_interval * 1000}
+
+
 def test_local_cluster_workers_keep_default_malloc_and_the_driver_environment_is_untouched(monkeypatch):
     for key in ("MALLOC_TRIM_THRESHOLD_", "OMP_NUM_THREADS", "PYTHONHASHSEED"):
         monkeypatch.delenv(key, raising=False)
@@ -59,9 +69,14 @@ def test_local_cluster_workers_keep_default_malloc_and_the_driver_environment_is
     try:
         (on_worker,) = executor.client.run(worker_environ).values()
         (profiling,) = executor.client.run(worker_profiles).values()
+        (worker_timers,) = executor.client.run(worker_timers_ms).values()
+        scheduler_timers = executor.client.run_on_scheduler(scheduler_timers_ms)
     finally:
         executor.close()
     assert not profiling  # Dask's 10 ms stack sampler is off in curate's LocalCluster workers
+    # Dask's defaults are 20 ms, 500 ms and 100 ms
+    assert worker_timers == {"tick": 1000, "monitor": 2000, "memory": 500}
+    assert scheduler_timers == {"tick": 1000, "monitor": 2000}
     assert on_worker["MALLOC_TRIM_THRESHOLD_"] is None  # glibc's dynamic mmap threshold stays on
     assert on_worker["OMP_NUM_THREADS"] == "1"  # Dask's other pre-spawn settings still apply
     assert worker_environ() == dict.fromkeys(worker_environ())  # nothing leaked into the driver

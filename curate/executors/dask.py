@@ -10,9 +10,10 @@ LocalCluster workers keep glibc's default malloc tuning, not the `MALLOC_TRIM_TH
 sets by default (see `WORKER_ENV_UNSET`), and run without Dask's statistical profiler unless
 `dask.worker_profiler` is set: it samples every thread's stack every 10 ms, which on a machine whose cores
 all run shard tasks is CPU taken from them (in one back-to-back pair of embed benchmark runs, 2-worker
-shards ran 13% slower than 1-worker ones with it, 4% without). On a cluster started with `dask worker`,
-the same is done with `distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_: null` and
-`distributed.worker.profile.enabled: false` in the Dask config.
+shards ran 13% slower than 1-worker ones with it, 4% without). Its scheduler, nannies and workers also run
+Dask's housekeeping timers less often (`RUNTIME_INTERVALS`). On a cluster started with `dask worker`, the
+same is done with `distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_: null`,
+`distributed.worker.profile.enabled: false` and the `RUNTIME_INTERVALS` keys in the Dask config.
 """
 
 from __future__ import annotations
@@ -38,6 +39,17 @@ log = logging.getLogger(__name__)
 # under 2 s for 16 shards). A worker holds one model and reuses its buffers shard after shard.
 WORKER_ENV_UNSET = ("MALLOC_TRIM_THRESHOLD_",)
 
+# Dask's housekeeping timers, slowed down in the LocalCluster (scheduler, nannies, workers). At Dask's defaults
+# (event-loop tick 20 ms, system monitor 500 ms, memory monitor 100 ms) an idle 2-worker cluster used 11% of a
+# core (the scheduler and nannies 6%, each worker 2.5%); at these, 2%. Shard tasks get that CPU back when every
+# core runs one. The tick still reports an event loop blocked for longer than `distributed.admin.tick.limit`
+# (3 s), and a worker over its memory limit is still stopped, half a second later at most.
+RUNTIME_INTERVALS = {
+    "distributed.admin.tick.interval": "1s",
+    "distributed.admin.system-monitor.interval": "2s",
+    "distributed.worker.memory.monitor-interval": "500ms",
+}
+
 
 class DaskExecutor:
     def __init__(self, cfg: DaskConfig, scheduler: str | None = None) -> None:
@@ -57,7 +69,7 @@ class DaskExecutor:
                     memory_limit=cfg.memory_limit,
                     dashboard_address=cfg.dashboard_address,
                 )
-            self.client = Client(self.cluster)
+                self.client = Client(self.cluster)
         log.info("dask dashboard: %s", self.dashboard_link)
 
     @property
@@ -103,8 +115,9 @@ class DaskExecutor:
 
 @contextmanager
 def worker_environment(profiler: bool = False) -> Iterator[None]:
-    """Start nannies inside: their workers get Dask's pre-spawn variables less `WORKER_ENV_UNSET`, and
-    Dask's statistical profiler only when `profiler` is true (a nanny hands its config to its worker).
+    """Start the LocalCluster inside: its workers get Dask's pre-spawn variables less `WORKER_ENV_UNSET`,
+    Dask's statistical profiler only when `profiler` is true, and every server the `RUNTIME_INTERVALS`
+    (a nanny hands its config to its worker).
 
     A nanny writes the pre-spawn variables (OMP_NUM_THREADS=1, ...) into this process's own os.environ before
     it spawns its worker; they are put back as they were once the workers are up, so that processes this
@@ -116,7 +129,7 @@ def worker_environment(profiler: bool = False) -> Iterator[None]:
     keys = set(dask.config.get("distributed.nanny.pre-spawn-environ")) | {"PYTHONHASHSEED"}
     saved = {key: os.environ.get(key) for key in keys}
     unset = {f"distributed.nanny.pre-spawn-environ.{key}": None for key in WORKER_ENV_UNSET}
-    settings = {**unset, "distributed.worker.profile.enabled": profiler}
+    settings = {**unset, **RUNTIME_INTERVALS, "distributed.worker.profile.enabled": profiler}
     try:
         with dask.config.set(settings):
             yield
