@@ -139,6 +139,54 @@ def test_a_stage_asking_for_a_gpu_runs_only_on_workers_that_offer_one(tmp_path: 
     assert gpu_names == {"gpu-worker"}
 
 
+class FailsOnOneShard:
+    """A stage whose `bad` shard raises on every attempt while `switch` exists; each attempt leaves a file."""
+
+    name: ClassVar[str] = "flaky"
+
+    def __init__(self, bad: str, switch: Path, attempts: Path) -> None:
+        self.bad, self.switch, self.attempts = bad, switch, attempts
+
+    def setup(self) -> None:
+        pass
+
+    def expected_uids(self, ctx: StageContext, shard: str) -> pa.Array:
+        return pa.array([f"{shard}-0"])
+
+    def process_shard(self, ctx: StageContext, shard: str, workdir: Path) -> pa.Table:
+        if shard == self.bad and self.switch.exists():
+            (self.attempts / f"{shard}.{os.getpid()}.{len(list(self.attempts.iterdir()))}").touch()
+            raise ValueError(f"unreadable tar for shard {shard}")
+        return make_fates([f"{shard}-0"], "kept")
+
+
+def test_a_shard_that_keeps_failing_ends_the_run_naming_it_and_keeps_what_was_done(tmp_path: Path):
+    from curate.runner import ShardFailed, ShardState, shard_state
+
+    switch, attempts = tmp_path / "fail", tmp_path / "attempts"
+    switch.touch()
+    attempts.mkdir()
+    config = validate_config({"output": str(tmp_path / "run"), "input": {"path": "unused"}})
+    ctx = StageContext(config, RunLayout(tmp_path / "run"), "fp")
+    shards = [f"{i:05d}" for i in range(6)]
+    stage = FailsOnOneShard("00005", switch, attempts)
+    executor = DaskExecutor(DaskConfig(n_workers=1, shard_retries=2, dashboard_address=":0"))
+    try:
+        with pytest.raises(ShardFailed, match=r"stage 'flaky' failed on shard 00005: ValueError: unreadable tar"):
+            list(executor.map_shards(stage, ctx, shards, workers=1))
+        tries = len(list(attempts.iterdir()))
+        done_after_failure = [s for s in shards if shard_state(ctx, "flaky", s) is ShardState.DONE]
+        switch.unlink()  # the fault is mended; the next run does only what is left
+        reports = list(executor.map_shards(stage, ctx, shards, workers=1))
+    finally:
+        executor.close()
+    assert tries == 3  # the first attempt and dask.shard_retries=2 more
+    assert done_after_failure == shards[:5]  # one worker ran the shards in order: all others were committed
+    assert sorted(r.shard for r in reports if r.skipped) == shards[:5]
+    assert [r.shard for r in reports if not r.skipped] == ["00005"]
+    assert all(shard_state(ctx, "flaky", s) is ShardState.DONE for s in shards)
+
+
 def kill_one_worker_when_embedding_starts(executor: DaskExecutor, run_dir: Path, killed: list[int]) -> None:
     """Waits for the first committed embed shard, then SIGKILLs one worker process."""
     import signal
