@@ -136,7 +136,8 @@ def first_batches(shards: list[Path], config: Path, workers: int, start_step: in
     name = resolve_model_name(str(config))
     _, train_transform, _ = open_clip.create_model_and_transforms(name)
     decoder = SampleDecoder(train_transform, open_clip.get_tokenizer(name), augment=True, seed=3, input_size=32)
-    batches = make_batches(shards, decoder, 3, batch_size=10, shuffle_buffer=16, start_step=start_step, workers=workers)
+    settings = recipe(config, seed=3, batch_size=10, shuffle_buffer=16, decode_workers=workers)
+    batches = make_batches(shards, decoder, settings, start_step=start_step)
     taken = [next(batches) for _ in range(n)]
     batches.close()
     return [torch.cat([images.flatten(), texts.flatten().float()]) for images, texts in taken]

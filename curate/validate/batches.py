@@ -18,10 +18,14 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+if TYPE_CHECKING:
+    from curate.validate.train import TrainRecipe
 
 log = logging.getLogger(__name__)
 
@@ -121,6 +125,7 @@ def iter_raw_samples(shards: Sequence[Path], seed: int, shuffle_buffer: int) -> 
         reader.close()
 
 
+@dataclass
 class BatchStream(IterableDataset):
     """Batches `start_step`, `start_step + 1`, ... of the sample stream, forever.
 
@@ -129,26 +134,19 @@ class BatchStream(IterableDataset):
     (shard, sample) references, which costs no reading, and reads and decodes only its own batches.
     """
 
-    def __init__(
-        self,
-        shards: Sequence[Path],
-        decoder: Decoder,
-        seed: int,
-        batch_size: int,
-        shuffle_buffer: int,
-        start_step: int = 0,
-    ) -> None:
-        self.shards, self.decoder, self.seed = list(shards), decoder, seed
-        self.batch_size, self.shuffle_buffer, self.start_step = batch_size, shuffle_buffer, start_step
+    shards: list[Path]
+    decoder: Decoder
+    seed: int
+    batch_size: int
+    shuffle_buffer: int
+    start_step: int = 0
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         worker = get_worker_info()
         worker_id, n_workers = (worker.id, worker.num_workers) if worker is not None else (0, 1)
         reader = SampleReader(self.shards)
-        refs = reader.refs(self.seed, self.shuffle_buffer)
+        refs = itertools.islice(reader.refs(self.seed, self.shuffle_buffer), self.start_step * self.batch_size, None)
         try:
-            for _ in range(self.start_step * self.batch_size):
-                next(refs)
             for step in itertools.count(self.start_step):
                 chunk = list(itertools.islice(refs, self.batch_size))
                 if (step - self.start_step) % n_workers != worker_id:
@@ -163,25 +161,23 @@ class BatchStream(IterableDataset):
 def make_batches(
     shards: Sequence[Path],
     decoder: Decoder,
-    seed: int,
-    batch_size: int,
-    shuffle_buffer: int,
+    recipe: TrainRecipe,
     start_step: int = 0,
-    workers: int = 2,
     prefetch_batches: int = PREFETCH_BATCHES,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Batches forever, from step `start_step` on, built ahead by `workers` processes.
+    """The recipe's batches forever, from step `start_step` on, built ahead by `recipe.decode_workers` processes.
 
     Processes, not threads: decoding in threads of the training process holds the GIL for long stretches
     while the training thread waits to launch its next kernel. Skipping to `start_step` moves past the
     references before it without reading them, so a resumed run sees exactly the batches an uninterrupted
-    one would. workers=0 builds each batch in the training process when the model asks for it.
+    one would. decode_workers=0 builds each batch in the training process when the model asks for it.
     """
+    stream = BatchStream(list(shards), decoder, recipe.seed, recipe.batch_size, recipe.shuffle_buffer, start_step)
     loader = DataLoader(
-        BatchStream(shards, decoder, seed, batch_size, shuffle_buffer, start_step),
+        stream,
         batch_size=None,  # the dataset yields whole batches
-        num_workers=workers,
-        prefetch_factor=prefetch_batches if workers else None,
+        num_workers=recipe.decode_workers,
+        prefetch_factor=prefetch_batches if recipe.decode_workers else None,
     )
     batches = iter(loader)
     try:

@@ -145,9 +145,7 @@ def train_simclr(
     start_step = step
     trainable.train()
     decoder = TwoViewDecoder(train_transform, recipe.seed)
-    batches = make_batches(
-        shards, decoder, recipe.seed, recipe.batch_size, recipe.shuffle_buffer, step, recipe.decode_workers
-    )
+    batches = make_batches(shards, decoder, recipe, step)
     loop = _Loop(model, head, optimizer, recipe, temperature, path, model_name)
     with contextlib.closing(batches):
         step, seconds = loop.run(batches, step, losses, seconds, progress)

@@ -420,9 +420,7 @@ def train_clip(
         seed=recipe.seed,
         input_size=input_side(model),
     )
-    batches = make_batches(
-        shards, decoder, recipe.seed, recipe.batch_size, recipe.shuffle_buffer, state.step, recipe.decode_workers
-    )
+    batches = make_batches(shards, decoder, recipe, state.step)
     with contextlib.closing(batches):
         _run_steps(state, recipe, batches, path, model_name, progress)
     return _result(path, state.losses, recipe, state.seconds, state.step, start_step)
