@@ -187,8 +187,7 @@ def run(
     imports: dict[str, float] = {}
     worker_threads: dict[str, list[int]] = {}
     executors: dict[str, Any] = {}
-    reference: tuple[Any, ...] | None = None
-    largest_difference = 0.0
+    outputs: list[tuple[str, tuple[Any, ...]]] = []  # every run's embeddings, in run order
     threads = torch.get_num_threads()
     try:
         for n in (1, 2):
@@ -206,18 +205,14 @@ def run(
         local_threads = torch.get_num_threads()
         for arm in arms:  # the model loads once per worker (once in this process for the local executor)
             warmup[arm], _ = time_embed(pipeline, executors[arm])
-            outputs = read_outputs(pipeline)
-            reference = reference or outputs
-            largest_difference = max(largest_difference, compare_outputs(reference, outputs, arm))
+            outputs.append((arm, read_outputs(pipeline)))
         for round_ in range(rounds):
             # A B C, then C B A: a drift in the machine's speed during the run weighs on every arm alike
             for arm in arms if round_ % 2 == 0 else arms[::-1]:
                 wall, per_shard = time_embed(pipeline, executors[arm])
                 seconds[arm].append(wall)
                 shard_seconds[arm] += per_shard
-                outputs = read_outputs(pipeline)
-                reference = reference or outputs
-                largest_difference = max(largest_difference, compare_outputs(reference, outputs, arm))
+                outputs.append((arm, read_outputs(pipeline)))
         overhead = per_task_overhead(executors["dask_2_workers"], pipeline)
     finally:
         for executor in executors.values():
@@ -233,7 +228,8 @@ def run(
     outside = {arm: total[arm] - sum(shard_seconds[arm]) / parallel[arm] for arm in arms}
     scaling = total["dask_1_workers"] / total["dask_2_workers"]
     versus_local = total["local_executor"] / total["dask_2_workers"]
-    assert reference is not None
+    reference = outputs[0][1]
+    largest_difference = max(compare_outputs(reference, other, arm) for arm, other in outputs)
     return {
         "name": "dask_embed_scaling",
         "headline": f"scaling {scaling:.3f}, cluster/local {versus_local:.3f}",
