@@ -107,7 +107,7 @@ def time_embed(pipeline: Path, executor: Any) -> tuple[float, list[float]]:
 
 
 def read_outputs(pipeline: Path) -> tuple[Any, ...]:
-    from curate.embed import read_embeddings
+    from curate.stages.embed import read_embeddings
 
     uids, image, text, metadata = read_embeddings(load_config(pipeline).output)
     return uids, image, text, metadata

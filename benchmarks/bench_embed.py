@@ -35,7 +35,7 @@ from PIL import Image
 
 from benchmarks.common import ratio_fields
 from curate.config import validate_config
-from curate.embed import EmbedStage, LoadedClip
+from curate.stages.embed import EmbedStage, LoadedClip
 from curate.io.fs import write_parquet_atomic
 from curate.ledger import make_fates
 from curate.stage import RunLayout, StageContext
@@ -72,7 +72,7 @@ def raw_batches(loaded: LoadedClip, tar_path: Path, uids: set[str], batch_size: 
     """Decoded, preprocessed and tokenised batches of the shard: the raw side's input, prepared untimed."""
     import torch
 
-    from curate.embed import decode_image, read_tar_samples
+    from curate.stages.embed import decode_image, read_tar_samples
 
     samples = list(read_tar_samples(tar_path, uids))
     batches = []

@@ -79,8 +79,8 @@ def pair_recall(decisions: Any, pairs: np.ndarray, uids: np.ndarray) -> tuple[fl
 
 
 def _child(n: int, dim: int, verify_rows: int, result_path: str) -> None:
-    from curate.dedup import near_duplicate_pairs, near_duplicates
-    from curate.dedup.near import FLAT_MAX_N, choose_method
+    from curate.stages.dedup import near_duplicate_pairs, near_duplicates
+    from curate.stages.dedup.near import FLAT_MAX_N, choose_method
 
     started = time.perf_counter()
     emb, planted = generate(n, dim)

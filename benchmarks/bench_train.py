@@ -71,7 +71,7 @@ def read_captions(shards: Sequence[Path]) -> list[str]:
 
 
 def bench_recipe(batch_size: int, steps: int, warmup: int, model: str = MODEL) -> Any:
-    from curate.validate.train import TrainRecipe
+    from curate.stages.validate.train import TrainRecipe
 
     total = warmup + steps + 1  # the last step also writes the final checkpoint: untimed
     return TrainRecipe(
@@ -100,14 +100,14 @@ class _WaitLog(logging.Handler):
 
 def time_pipeline(shards: Sequence[Path], recipe: Any, warmup: int, steps: int, out_dir: Path) -> tuple[Timing, float]:
     """Steady-state timing of train_clip, and the seconds it reported waiting for data (all steps)."""
-    from curate.validate.train import train_clip
+    from curate.stages.validate.train import train_clip
 
     stamps: list[tuple[float, float]] = []
 
     def progress(_samples: int, _loss: float) -> None:
         stamps.append((time.perf_counter(), time.process_time()))
 
-    logger = logging.getLogger("curate.validate.train")
+    logger = logging.getLogger("curate.stages.validate.train")
     handler, level = _WaitLog(), logger.level
     logger.addHandler(handler)
     logger.setLevel(logging.INFO)
@@ -129,7 +129,7 @@ def time_raw(recipe: Any, captions: Sequence[str], warmup: int, steps: int) -> T
     import torch
     from open_clip import ClipLoss
 
-    from curate.validate.train import make_optimizer, resolve_model_name
+    from curate.stages.validate.train import make_optimizer, resolve_model_name
 
     name = resolve_model_name(recipe.model)
     torch.manual_seed(recipe.seed)
@@ -163,8 +163,8 @@ def decode_cpu_ms(shards: Sequence[Path], model: str = MODEL, samples: int = 64)
     work the pipeline adds on top of the model's, on the same cores."""
     import open_clip
 
-    from curate.validate.batches import iter_raw_samples
-    from curate.validate.train import SampleDecoder, input_side, resolve_model_name
+    from curate.stages.validate.batches import iter_raw_samples
+    from curate.stages.validate.train import SampleDecoder, input_side, resolve_model_name
 
     name = resolve_model_name(model)
     clip, train_transform, _ = open_clip.create_model_and_transforms(name, device="cpu")

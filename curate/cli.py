@@ -13,7 +13,7 @@ from typing import Any
 from tqdm import tqdm
 
 from curate.config import STAGE_ORDER, ConfigError, load_config
-from curate.input import InputError
+from curate.stages.input import InputError
 from curate.ledger import FateError, StageStats
 from curate.pipeline import IncompleteRun, RunResult, run_pipeline, run_status
 from curate.runner import ShardFailed
@@ -237,7 +237,7 @@ def serve_command(args: argparse.Namespace) -> int:
 
 
 def train_scorer_command(args: argparse.Namespace) -> int:
-    from curate.validate.bootstrap import load_run_config, train_scorer
+    from curate.stages.validate.bootstrap import load_run_config, train_scorer
 
     config = load_run_config(args.output, args.overrides)
     total = config.validate.samples_seen  # type: ignore[attr-defined]

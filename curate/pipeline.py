@@ -17,8 +17,8 @@ import pyarrow.parquet as pq
 from curate.config import NON_FATE_STAGES, PipelineConfig, dump_config
 from curate.executors import Executor
 from curate.executors.local import LocalExecutor
-from curate.input import STAGE as INPUT_STAGE
-from curate.input import InputError, build_input, input_fingerprint, inspect_sources, read_manifest
+from curate.stages.input import STAGE as INPUT_STAGE
+from curate.stages.input import InputError, build_input, input_fingerprint, inspect_sources, read_manifest
 from curate.io.fs import read_json, temp_sibling, write_bytes_atomic, write_json_atomic
 from curate.ledger import LEDGER_SCHEMA, FateError, StageStats, Status, ledger_table, merge_ledger, read_fate_parts
 from curate.runner import (
@@ -63,19 +63,19 @@ def fate_stages(config: PipelineConfig) -> list[str]:
 
 def make_stage(name: str, config: PipelineConfig) -> ShardStage:
     if name == "download":
-        from curate.download import DownloadStage
+        from curate.stages.download import DownloadStage
 
         return DownloadStage(config.download)
     if name == "embed":
-        from curate.embed import EmbedStage
+        from curate.stages.embed import EmbedStage
 
         return EmbedStage(config.embed)
     if name == "filter":
-        from curate.filters import FilterStage
+        from curate.stages.filters import FilterStage
 
         return FilterStage(config.filter)
     if name == "dedup":
-        from curate.dedup.stage import DedupStage
+        from curate.stages.dedup.stage import DedupStage
 
         return DedupStage(config.dedup, config.embed)
     raise ValueError(f"unknown stage {name!r}")
@@ -167,14 +167,14 @@ def run_pipeline(
         run_materialize(config, layout, prints, shards)
     result = finalize_run(config, layout, prints, shards, int(manifest["rows"]))
     if result.complete and "validate" in config.stages and only_stage in (None, "validate"):
-        from curate.validate.stage import run_validation
+        from curate.stages.validate.stage import run_validation
 
         run_validation(config, layout, progress)
     return result
 
 
 def run_materialize(config: PipelineConfig, layout: RunLayout, prints: dict[str, str], shards: list[str]) -> None:
-    from curate.materialize import is_done, materialize
+    from curate.stages.materialize import is_done, materialize
 
     last = fate_stages(config)[-1]
     _require_upstream_done(config, layout, prints, "materialize", shards)
@@ -239,7 +239,7 @@ def finalize_run(
     if any(states[name][ShardState.DONE.value] != len(shards) for name in stages):
         return result
     if "materialize" in config.stages:
-        from curate.materialize import count_curated_samples, is_done
+        from curate.stages.materialize import count_curated_samples, is_done
 
         if not is_done(layout, prints["materialize"]):
             return result

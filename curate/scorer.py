@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
-from curate.validate.train import resolve_device, resolve_model_name
+from curate.stages.validate.train import resolve_device, resolve_model_name
 
 if TYPE_CHECKING:
     import torch

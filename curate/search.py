@@ -268,14 +268,14 @@ class RunSearch:
         with self._lock:
             if self._model is None:
                 from curate.config import load_config
-                from curate.embed import load_clip
+                from curate.stages.embed import load_clip
 
                 embed = load_config(self.layout.config_path).embed
                 self._model = load_clip(embed, device="cpu", precision="fp32")
             return self._model
 
     def text(self, query: str, k: int = 16) -> list[SearchHit]:
-        from curate.embed import embed_texts
+        from curate.stages.embed import embed_texts
 
         model = self.model
         with self._lock:
@@ -285,7 +285,7 @@ class RunSearch:
     def image(self, image: bytes | Path, k: int = 16) -> list[SearchHit]:
         from PIL import Image
 
-        from curate.embed import embed_images
+        from curate.stages.embed import embed_images
 
         data = image.read_bytes() if isinstance(image, Path) else image
         model = self.model

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from curate.input import generated_uids
+from curate.stages.input import generated_uids
 from curate.ledger import read_ledger
 
 # What the input and download stages must decide for each planted kind: (status, reason).

@@ -32,7 +32,7 @@ import yaml
 from curate.config import DownloadConfig
 from curate.io.fs import read_json, write_json_atomic
 from curate.scorer import ClipScorer, calibrate, quantiles, suggest_threshold
-from curate.validate.train import Progress, TrainRecipe, export_model, train_clip
+from curate.stages.validate.train import Progress, TrainRecipe, export_model, train_clip
 from examples.demo_world import World, generate_world
 
 log = logging.getLogger(__name__)

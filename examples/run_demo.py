@@ -15,8 +15,8 @@ import time
 from pathlib import Path
 
 from curate.io.fs import read_json
-from curate.validate.evalsets import make_demo_eval_set
-from curate.validate.stage import format_validation_table
+from curate.stages.validate.evalsets import make_demo_eval_set
+from curate.stages.validate.stage import format_validation_table
 from examples.demo_checks import compare_download_fates, dedup_quality, filter_quality, search_precision_at_5
 from examples.demo_scorer import ensure_demo_scorer
 from examples.demo_world import DemoServer, generate_world, load_world, write_input_table

@@ -50,7 +50,7 @@ def fixed_random_checkpoint(path: Path) -> Path:
     import open_clip
     import torch
 
-    from curate.embed import register_model_configs
+    from curate.stages.embed import register_model_configs
 
     register_model_configs()
     torch.manual_seed(0)

@@ -10,7 +10,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from curate.dedup import (
+from curate.stages.dedup import (
     REASONS,
     Decisions,
     DedupParams,
@@ -26,7 +26,7 @@ from curate.dedup import (
     semantic_duplicates,
     survivors,
 )
-from curate.dedup.groups import union_find
+from curate.stages.dedup.groups import union_find
 
 THRESHOLD = 0.95
 
@@ -219,7 +219,7 @@ def test_ivf_agrees_with_flat_on_a_medium_case():
 
 def test_auto_uses_flat_for_small_runs_and_ivf_beyond(caplog):
     world = planted_world(n=500, dim=32, seed=4)
-    with caplog.at_level("INFO", logger="curate.dedup.near"):
+    with caplog.at_level("INFO", logger="curate.stages.dedup.near"):
         near_duplicate_pairs(world.emb, THRESHOLD)
         near_duplicate_pairs(world.emb, THRESHOLD, flat_max_n=100)
     assert "(flat," in caplog.messages[0] and "(ivf," in caplog.messages[1]
@@ -285,7 +285,7 @@ def test_semantic_dedup_compares_with_kept_points_only():
 
 
 def test_semantic_dedup_is_blocked_the_same_as_one_pass(monkeypatch):
-    import curate.dedup.semantic as semantic
+    import curate.stages.dedup.semantic as semantic
 
     rng = np.random.default_rng(9)
     base = unit(rng, 50, 32)

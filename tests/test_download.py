@@ -18,7 +18,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from curate.config import load_config
-from curate.download import classify_error
+from curate.stages.download import classify_error
 from curate.ledger import Status, read_ledger
 from curate.pipeline import run_pipeline
 from examples.demo_checks import compare_download_fates, truth_by_uid

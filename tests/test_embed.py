@@ -19,9 +19,9 @@ import torch
 import webdataset as wds
 from PIL import Image
 
-import curate.embed as embed
+import curate.stages.embed as embed
 from curate.config import ConfigError, EmbedConfig, PipelineConfig, load_config, validate_config
-from curate.embed import EmbedStage, embed_images, embed_texts, embedding_paths, load_clip, read_embeddings
+from curate.stages.embed import EmbedStage, embed_images, embed_texts, embedding_paths, load_clip, read_embeddings
 from curate.io.fs import write_parquet_atomic
 from curate.ledger import make_fates, read_fate_parts, read_ledger
 from curate.pipeline import run_pipeline

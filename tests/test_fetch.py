@@ -39,7 +39,7 @@ import pytest
 from PIL import Image
 
 from curate.config import DownloadConfig, validate_config
-from curate.fetch import (
+from curate.stages.fetch import (
     AddressGuard,
     Fetched,
     FetchError,
@@ -329,7 +329,7 @@ def crawl_config(web: LoopbackWeb, tmp_path: Path, **download: Any):
 
 def warm_up_img2dataset() -> None:
     """Import img2dataset before measuring memory: its ~600 MB of imports are not what the crawl is judged on."""
-    os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # as curate.download does: no PyPI check on import
+    os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # as curate.stages.download does: no PyPI check on import
     import img2dataset.downloader  # noqa: F401
 
 

@@ -11,7 +11,7 @@ import pyarrow as pa
 import pytest
 
 from curate.config import FilterConfig, validate_config
-from curate.filters import FilterStage, apply_filters, build_filters, score_summary, top_fraction_cutoff
+from curate.stages.filters import FilterStage, apply_filters, build_filters, score_summary, top_fraction_cutoff
 from curate.io.fs import write_parquet_atomic
 from curate.ledger import make_fates, read_fate_parts
 from curate.runner import run_shard

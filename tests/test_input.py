@@ -19,7 +19,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from curate.config import PipelineConfig
-from curate.input import (
+from curate.stages.input import (
     InputError,
     build_input,
     decode_utf8,
@@ -451,9 +451,9 @@ def test_uid_hash_collision_is_not_a_duplicate(
     tmp_path: Path, input_config: MakeConfig, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Duplicate uids are found by 64-bit hashes; equal hashes of different uids must not fail the run."""
-    import curate.input
+    import curate.stages.input
 
-    monkeypatch.setattr(curate.input, "string_hashes", lambda column: np.zeros(len(column), dtype=np.uint64))
+    monkeypatch.setattr(curate.stages.input, "string_hashes", lambda column: np.zeros(len(column), dtype=np.uint64))
     path = tmp_path / "ids.csv"
     path.write_text("id,url,caption\na,http://a.com/1.jpg,one\nb,http://a.com/2.jpg,two\n")
     assert run_input(input_config(path, uid_col="id"))["uid"].to_pylist() == ["a", "b"]

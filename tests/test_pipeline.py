@@ -11,7 +11,7 @@ import webdataset as wds
 
 from curate.config import load_config
 from curate.ledger import read_ledger
-from curate.materialize import uid_halves
+from curate.stages.materialize import uid_halves
 from curate.pipeline import run_pipeline
 from examples.demo_world import input_table
 from tests.world_fixtures import ServedWorld, full_pipeline_overrides

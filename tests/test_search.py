@@ -22,7 +22,7 @@ from PIL import Image
 
 from curate.cli import main
 from curate.ledger import read_ledger
-from curate.materialize import uid_array
+from curate.stages.materialize import uid_array
 from curate.search import RunSearch, SearchError, make_index, search_dir
 from curate.serve import SearchServer, make_server
 from curate.stage import RunLayout

@@ -14,8 +14,8 @@ import webdataset as wds
 from PIL import Image
 
 from curate.scorer import calibrate, mismatched_captions, suggest_threshold
-from curate.validate.batches import SampleReader, make_batches
-from curate.validate.train import (
+from curate.stages.validate.batches import SampleReader, make_batches
+from curate.stages.validate.train import (
     SampleDecoder,
     TrainRecipe,
     TrainResult,
@@ -185,7 +185,7 @@ def test_shard_index_reads_back_every_jpg_txt_pair_and_skips_the_rest(tmp_path: 
 
 
 def test_a_reader_keeps_only_a_few_shards_open(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import curate.validate.batches as batches
+    import curate.stages.validate.batches as batches
 
     monkeypatch.setattr(batches, "OPEN_SHARDS", 2)
     shards = []

@@ -16,14 +16,14 @@ import webdataset as wds
 
 from curate.cli import main as curate_main
 from curate.config import PipelineConfig, load_config, validate_config
-from curate.dedup.decontaminate import load_eval_images
+from curate.stages.dedup.decontaminate import load_eval_images
 from curate.stage import RunLayout, kept_uids
-from curate.validate import stage as validate_stage
-from curate.validate.evalsets import load_eval_set, make_demo_eval_set
-from curate.validate.evaluate import linear_probe, recall_at_k, retrieval_recalls, zero_shot_accuracy
-from curate.validate.simclr import nt_xent_loss, train_simclr
-from curate.validate.stage import format_validation_table, input_shards, run_validation
-from curate.validate.train import TrainRecipe, load_checkpoint
+from curate.stages.validate import stage as validate_stage
+from curate.stages.validate.evalsets import load_eval_set, make_demo_eval_set
+from curate.stages.validate.evaluate import linear_probe, recall_at_k, retrieval_recalls, zero_shot_accuracy
+from curate.stages.validate.simclr import nt_xent_loss, train_simclr
+from curate.stages.validate.stage import format_validation_table, input_shards, run_validation
+from curate.stages.validate.train import TrainRecipe, load_checkpoint
 from tests.run_fixtures import CuratedRun, shared_curated_run
 from tests.world_fixtures import ServedWorld
 
@@ -308,7 +308,7 @@ def test_demo_eval_set_can_be_labelled_by_colour(tmp_path: Path) -> None:
 def test_train_scorer_exports_weights_that_the_embed_stage_loads(
     curated_run: CuratedRun, micro_model: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from curate.embed import load_clip
+    from curate.stages.embed import load_clip
 
     dest = tmp_path / "scorer" / "scorer.pt"
     settings = {"model": micro_model, "batch_size": 8, "samples_seen": 32, "warmup_steps": 1, "device": "cpu"}

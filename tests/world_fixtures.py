@@ -58,7 +58,7 @@ def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     import open_clip
     import torch
 
-    from curate.embed import register_model_configs
+    from curate.stages.embed import register_model_configs
 
     register_model_configs()
     torch.manual_seed(0)

@@ -196,7 +196,7 @@ def funnel_from_counts(counts: Counter[tuple[str, str, str]], configured: list[s
 
 def score_stats(data: RunData) -> dict[str, Any] | None:
     """Histogram, kept fraction vs threshold and quantiles of the CLIP scores, plus the cutoff used."""
-    from curate.filters import histogram, score_summary
+    from curate.stages.filters import histogram, score_summary
 
     summary = data.filter_summary
     if summary is not None and summary.get("clip_score", {}).get("count"):

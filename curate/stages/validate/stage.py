@@ -29,7 +29,7 @@ from curate.stage import RunLayout, kept_uids
 
 if TYPE_CHECKING:
     from curate.config import PipelineConfig, ValidateConfig
-    from curate.validate.train import Progress, TrainRecipe, TrainResult
+    from curate.stages.validate.train import Progress, TrainRecipe, TrainResult
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +51,7 @@ EVAL_FIELDS = frozenset({"eval_set", "classnames", "templates", "recall_ks", "pr
 
 
 def train_recipe(cfg: ValidateConfig, seed: int) -> TrainRecipe:
-    from curate.validate.train import TrainRecipe
+    from curate.stages.validate.train import TrainRecipe
 
     try:
         return TrainRecipe(
@@ -100,7 +100,7 @@ def curated_shards(layout: RunLayout) -> list[Path]:
 
 
 def input_shards(layout: RunLayout) -> list[str]:
-    from curate.input import read_manifest
+    from curate.stages.input import read_manifest
 
     manifest = read_manifest(layout.stage_dir("input"))
     if manifest is None:
@@ -121,7 +121,7 @@ def contaminated_uids(config: PipelineConfig, layout: RunLayout, shards: Sequenc
     that passed the filters; the baseline draws from every download, so the same rule is applied to all."""
     if not config.dedup.eval_sets or "embed" not in config.stages:
         return set()
-    from curate.dedup.decontaminate import contaminated, embed_eval_sets
+    from curate.stages.dedup.decontaminate import contaminated, embed_eval_sets
 
     eval_emb, _ = embed_eval_sets(config.dedup.eval_sets, config.embed)
     found: set[str] = set()
@@ -156,7 +156,7 @@ def ensure_baseline_shards(
     its shards, the size of the pool it was drawn from and its fingerprint."""
     import webdataset as wds
 
-    from curate.materialize import download_samples
+    from curate.stages.materialize import download_samples
 
     cfg = config.validate  # type: ignore[attr-defined]
     folder = layout.stage_dir(STAGE) / BASELINE_DATA
@@ -245,18 +245,18 @@ def train(
 ) -> TrainResult:
     recipe = train_recipe(cfg, seed)
     if cfg.objective == "simclr":
-        from curate.validate.simclr import train_simclr
+        from curate.stages.validate.simclr import train_simclr
 
         return train_simclr(shards, recipe, out_dir, cfg.simclr_temperature, progress=progress)
-    from curate.validate.train import train_clip
+    from curate.stages.validate.train import train_clip
 
     return train_clip(shards, recipe, out_dir, progress=progress)
 
 
 def evaluate(cfg: ValidateConfig, checkpoint: Path) -> dict[str, Any]:
-    from curate.validate.evalsets import load_eval_set
-    from curate.validate.evaluate import EvalOptions, evaluate_checkpoint
-    from curate.validate.train import resolve_device, resolve_model_name
+    from curate.stages.validate.evalsets import load_eval_set
+    from curate.stages.validate.evaluate import EvalOptions, evaluate_checkpoint
+    from curate.stages.validate.train import resolve_device, resolve_model_name
 
     options = EvalOptions(
         templates=tuple(cfg.templates),
@@ -280,7 +280,7 @@ def run_validation(
     config: PipelineConfig, layout: RunLayout, progress: ProgressFactory | None = None
 ) -> dict[str, Any]:
     """Train and evaluate every (arm, seed), resuming what was interrupted; write and return metrics.json."""
-    from curate.validate.evalsets import eval_set_fingerprint
+    from curate.stages.validate.evalsets import eval_set_fingerprint
 
     cfg = config.validate  # type: ignore[attr-defined]
     if cfg.eval_set is None:

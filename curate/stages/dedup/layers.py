@@ -12,11 +12,11 @@ from typing import Any, Protocol
 import numpy as np
 import pyarrow as pa
 
-from curate.dedup.decisions import Decisions, as_uids, combine
-from curate.dedup.decontaminate import contamination_decisions
-from curate.dedup.exact import exact_duplicates
-from curate.dedup.near import FLAT_MAX_N, IVFParams, near_duplicates
-from curate.dedup.semantic import semantic_duplicates
+from curate.stages.dedup.decisions import Decisions, as_uids, combine
+from curate.stages.dedup.decontaminate import contamination_decisions
+from curate.stages.dedup.exact import exact_duplicates
+from curate.stages.dedup.near import FLAT_MAX_N, IVFParams, near_duplicates
+from curate.stages.dedup.semantic import semantic_duplicates
 
 log = logging.getLogger(__name__)
 

@@ -125,7 +125,7 @@ def resolve_model_name(model: str) -> str:
     JSON path, which is registered under its file stem."""
     import open_clip
 
-    from curate.embed import register_model_configs
+    from curate.stages.embed import register_model_configs
 
     register_model_configs()
     path = Path(model).expanduser()
@@ -388,7 +388,7 @@ def train_clip(
     import open_clip
     import torch
 
-    from curate.validate.batches import make_batches
+    from curate.stages.validate.batches import make_batches
 
     if not shards:
         raise ValueError("train_clip needs at least one shard")

@@ -13,7 +13,7 @@ import io
 import numpy as np
 from PIL import Image
 
-from curate.materialize import download_samples
+from curate.stages.materialize import download_samples
 from curate.stage import RunLayout
 
 THUMBNAIL_SIDE = 16

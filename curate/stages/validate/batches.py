@@ -25,7 +25,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 if TYPE_CHECKING:
-    from curate.validate.train import TrainRecipe
+    from curate.stages.validate.train import TrainRecipe
 
 log = logging.getLogger(__name__)
 

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from curate.io.fs import temp_sibling
-from curate.validate.train import (
+from curate.stages.validate.train import (
     CHECKPOINT_NAME,
     Progress,
     TrainRecipe,
@@ -121,7 +121,7 @@ def train_simclr(
     import open_clip
     import torch
 
-    from curate.validate.batches import make_batches
+    from curate.stages.validate.batches import make_batches
 
     out_dir = Path(out_dir)
     path = out_dir / CHECKPOINT_NAME

@@ -3,7 +3,7 @@
 Each sample's nearest evaluation embedding comes from an exact search (blocked inner products; the
 evaluation sets are small). It is the same search as a faiss `IndexFlatIP` with k=1, done with numpy's
 BLAS because the faiss-cpu wheel's bundled BLAS is several times slower on these machines (see
-`curate.dedup.compute`).
+`curate.stages.dedup.compute`).
 """
 
 from __future__ import annotations
@@ -19,8 +19,8 @@ from typing import Any, NamedTuple
 import numpy as np
 from PIL import Image
 
-from curate.dedup.compute import as_matrix, nearest
-from curate.dedup.decisions import Decisions, as_uids, canonical_order
+from curate.stages.dedup.compute import as_matrix, nearest
+from curate.stages.dedup.decisions import Decisions, as_uids, canonical_order
 
 log = logging.getLogger(__name__)
 
@@ -117,7 +117,7 @@ def _open_rgb(data: bytes) -> Image.Image:
 
 def embed_eval_sets(paths: Sequence[str], embed_cfg: Any) -> tuple[np.ndarray, list[str]]:
     """Embed the evaluation images with the run's own model, so similarities are comparable."""
-    from curate.embed import embed_images, load_clip
+    from curate.stages.embed import embed_images, load_clip
 
     images, ids = load_eval_images(paths)
     if not images:

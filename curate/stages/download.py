@@ -2,7 +2,7 @@
 
 We drive img2dataset's own shard downloader (resize, encode, hash, tar + parquet writer) one shard at a
 time, so that the shard is our unit of work, retry and resume. With `download.guarded_fetch` (the
-default) the fetching is ours (`curate.fetch`: address guard, deadline, byte cap, robots.txt, opt-outs,
+default) the fetching is ours (`curate.stages.fetch`: address guard, deadline, byte cap, robots.txt, opt-outs,
 retries): the shard's rows are fetched into scratch files first and img2dataset reads those files, while
 the tar and parquet still record each row's real URL. Without it img2dataset fetches as it always has.
 Every row's outcome is mapped to a fate with a normalised reason code.
@@ -25,8 +25,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from curate.config import DownloadConfig
-from curate.fetch import Fetched, FetchFailure, FetchOutcome, GuardedFetcher
-from curate.input import read_manifest, read_shard_rows
+from curate.stages.fetch import Fetched, FetchFailure, FetchOutcome, GuardedFetcher
+from curate.stages.input import read_manifest, read_shard_rows
 from curate.ledger import Status, empty_fates, make_fates
 from curate.stage import StageContext
 

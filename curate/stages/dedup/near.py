@@ -13,7 +13,7 @@ Two ways to find the pairs:
   n * list_size / 2 * dim to compare, so it grows close to linearly with n.
 
 faiss's own IVF `range_search` does the comparing in its scanner one vector at a time, several times
-slower here than blocked BLAS products (see `curate.dedup.compute`), and every probe adds a full list
+slower here than blocked BLAS products (see `curate.stages.dedup.compute`), and every probe adds a full list
 per query; HNSW graphs take minutes to build for a million 512-d vectors on two cores. Both are
 therefore not used; faiss trains the k-means.
 """
@@ -29,7 +29,7 @@ from typing import Literal
 
 import numpy as np
 
-from curate.dedup.compute import (
+from curate.stages.dedup.compute import (
     as_matrix,
     blocks,
     concat_pairs,
@@ -43,8 +43,8 @@ from curate.dedup.compute import (
     single_threaded_blas,
     train_kmeans,
 )
-from curate.dedup.decisions import Decisions, as_uids, canonical_order
-from curate.dedup.groups import components, survivors
+from curate.stages.dedup.decisions import Decisions, as_uids, canonical_order
+from curate.stages.dedup.groups import components, survivors
 
 log = logging.getLogger(__name__)
 

@@ -20,7 +20,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from curate.config import DedupConfig, EmbedConfig
-from curate.dedup.thumbnails import shard_thumbnail_features
+from curate.stages.dedup.thumbnails import shard_thumbnail_features
 from curate.io.fs import write_json_atomic, write_parquet_atomic
 from curate.ledger import FATE_SCHEMA, Status, make_fates
 from curate.stage import RunLayout, StageContext, kept_uids
@@ -104,11 +104,11 @@ class DedupStage:
         )
 
     def decide(self, inputs: DedupInputs) -> pa.Table:
-        from curate.dedup import run_layers
+        from curate.stages.dedup import run_layers
 
         if not self.cfg.eval_sets:
             return run_layers(inputs, self.cfg)
-        from curate.dedup.decontaminate import embed_eval_sets
+        from curate.stages.dedup.decontaminate import embed_eval_sets
 
         eval_embeddings, eval_ids = embed_eval_sets(self.cfg.eval_sets, self.embed_cfg)
         return run_layers(inputs, self.cfg, eval_embeddings, eval_ids)

@@ -4,13 +4,13 @@ combination the dedup stage applies. Every function gives the same answer whatev
 
 from __future__ import annotations
 
-from curate.dedup.decisions import DECISION_SCHEMA, REASONS, Decisions, combine
-from curate.dedup.decontaminate import Contamination, contaminated, contamination_decisions
-from curate.dedup.exact import exact_duplicates
-from curate.dedup.groups import Survivors, components, survivors
-from curate.dedup.layers import DedupParams, deduplicate, run_layers
-from curate.dedup.near import IVFParams, near_duplicate_pairs, near_duplicates
-from curate.dedup.semantic import default_clusters, semantic_duplicates
+from curate.stages.dedup.decisions import DECISION_SCHEMA, REASONS, Decisions, combine
+from curate.stages.dedup.decontaminate import Contamination, contaminated, contamination_decisions
+from curate.stages.dedup.exact import exact_duplicates
+from curate.stages.dedup.groups import Survivors, components, survivors
+from curate.stages.dedup.layers import DedupParams, deduplicate, run_layers
+from curate.stages.dedup.near import IVFParams, near_duplicate_pairs, near_duplicates
+from curate.stages.dedup.semantic import default_clusters, semantic_duplicates
 
 __all__ = [
     "DECISION_SCHEMA",

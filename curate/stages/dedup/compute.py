@@ -154,7 +154,7 @@ def pairs_among(
 
 def spanning_forest(i: np.ndarray, j: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Pairs with the same connected components as (i, j): each component as a star around its first node."""
-    from curate.dedup.groups import components
+    from curate.stages.dedup.groups import components
 
     nodes, local = np.unique(np.concatenate([i, j]), return_inverse=True)
     labels = components(len(nodes), local[: len(i)], local[len(i) :])

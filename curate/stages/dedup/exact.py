@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from curate.dedup.decisions import Decisions, as_uids
-from curate.dedup.groups import survivors
+from curate.stages.dedup.decisions import Decisions, as_uids
+from curate.stages.dedup.groups import survivors
 
 
 def sha256_groups(sha256: np.ndarray) -> np.ndarray:

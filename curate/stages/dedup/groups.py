@@ -7,7 +7,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from curate.dedup.decisions import canonical_order
+from curate.stages.dedup.decisions import canonical_order
 
 log = logging.getLogger(__name__)
 

@@ -15,7 +15,7 @@ import time
 
 import numpy as np
 
-from curate.dedup.compute import (
+from curate.stages.dedup.compute import (
     COL_BLOCK,
     ROW_BLOCK,
     as_matrix,
@@ -25,7 +25,7 @@ from curate.dedup.compute import (
     sample_rows,
     train_kmeans,
 )
-from curate.dedup.decisions import Decisions, as_uids, canonical_order
+from curate.stages.dedup.decisions import Decisions, as_uids, canonical_order
 
 log = logging.getLogger(__name__)
 

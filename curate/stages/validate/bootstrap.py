@@ -15,8 +15,8 @@ from typing import Any
 from curate.config import PipelineConfig, load_config
 from curate.io.fs import write_json_atomic
 from curate.stage import RunLayout
-from curate.validate.stage import count_samples, curated_shards, train_recipe
-from curate.validate.train import Progress, export_model, resolve_model_name, train_clip
+from curate.stages.validate.stage import count_samples, curated_shards, train_recipe
+from curate.stages.validate.train import Progress, export_model, resolve_model_name, train_clip
 
 SCORER_DIR = "scorer"
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from curate.validate.evalsets import EvalSet
+from curate.stages.validate.evalsets import EvalSet
 
 if TYPE_CHECKING:
     import torch
