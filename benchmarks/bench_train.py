@@ -32,7 +32,6 @@ import os
 import shutil
 import statistics
 import sys
-import tarfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -61,13 +60,9 @@ def make_shards(folder: Path, n_base: int) -> list[Path]:
 
 
 def read_captions(shards: Sequence[Path]) -> list[str]:
-    captions = []
-    for shard in shards:
-        with tarfile.open(shard) as tar:
-            for member in tar:
-                if member.name.endswith(".txt") and (stream := tar.extractfile(member)) is not None:
-                    captions.append(stream.read().decode("utf-8"))
-    return captions
+    from curate.io.wds import iter_members
+
+    return [members["txt"].decode("utf-8") for s in shards for _, members in iter_members(s) if "txt" in members]
 
 
 def bench_recipe(batch_size: int, steps: int, warmup: int, model: str = MODEL) -> Any:
@@ -129,7 +124,8 @@ def time_raw(recipe: Any, captions: Sequence[str], warmup: int, steps: int) -> T
     import torch
     from open_clip import ClipLoss
 
-    from curate.stages.validate.train import make_optimizer, resolve_model_name
+    from curate.clip import resolve_model_name
+    from curate.stages.validate.train import make_optimizer
 
     name = resolve_model_name(recipe.model)
     torch.manual_seed(recipe.seed)
@@ -161,15 +157,13 @@ def time_raw(recipe: Any, captions: Sequence[str], warmup: int, steps: int) -> T
 def decode_cpu_ms(shards: Sequence[Path], model: str = MODEL, samples: int = 64) -> float:
     """CPU milliseconds one decode thread spends per sample (JPEG decode, augmentation, tokenising): the
     work the pipeline adds on top of the model's, on the same cores."""
-    import open_clip
-
+    from curate.clip import ClipSpec, load_clip
     from curate.stages.validate.batches import iter_raw_samples
-    from curate.stages.validate.train import SampleDecoder, input_side, resolve_model_name
+    from curate.stages.validate.train import SampleDecoder, input_side
 
-    name = resolve_model_name(model)
-    clip, train_transform, _ = open_clip.create_model_and_transforms(name, device="cpu")
+    loaded = load_clip(ClipSpec(model, device="cpu"), train=True)
     decoder = SampleDecoder(
-        train_transform, open_clip.get_tokenizer(name), augment=True, seed=0, input_size=input_side(clip)
+        loaded.train_preprocess, loaded.tokenizer, augment=True, seed=0, input_size=input_side(loaded.model)
     )
     stream = iter_raw_samples(list(shards), seed=0, shuffle_buffer=samples)
     raw = [next(stream) for _ in range(samples)]

@@ -12,11 +12,13 @@ from typing import Any
 
 from tqdm import tqdm
 
-from curate.config import STAGE_ORDER, ConfigError, load_config
-from curate.stages.input import InputError
+from curate.config import ConfigError, load_config
+from curate.io.lock import RunLocked
 from curate.ledger import FateError, StageStats
 from curate.pipeline import IncompleteRun, RunResult, run_pipeline, run_status
 from curate.runner import ShardFailed
+from curate.stages import stage_names
+from curate.stages.input import InputError
 
 log = logging.getLogger("curate")
 
@@ -42,7 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
         command.add_argument("--no-progress", action="store_true", help="no progress bars")
 
     add_pipeline_command("run", "run every stage of a pipeline (resumes where it stopped)")
-    for stage in STAGE_ORDER:
+    for stage in stage_names():
         add_pipeline_command(stage, f"run only the {stage} stage (its upstream must be done)")
     status = commands.add_parser("status", help="per-stage progress and counts of a run")
     status.add_argument("output", type=Path)
@@ -66,7 +68,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ConfigError, InputError) as err:
         print(f"curate: error: {err}", file=sys.stderr)
         return 2
-    except (ShardFailed, FateError, IncompleteRun, FileNotFoundError) as err:
+    except (ShardFailed, FateError, IncompleteRun, RunLocked, FileNotFoundError) as err:
         print(f"curate: error: {err}", file=sys.stderr)
         return 1
 

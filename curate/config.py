@@ -8,7 +8,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
+
+PNG_COMPRESSION = 9  # png's encode_quality when not given: the smallest lossless shards
 
 
 class ConfigError(ValueError):
@@ -17,6 +19,13 @@ class ConfigError(ValueError):
 
 class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def yes_no(value: Any) -> Any:
+    """YAML 1.1 reads `yes`/`no`/`on`/`off` as booleans; a yes/no setting takes them back as words."""
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    return value
 
 
 class InputConfig(Section):
@@ -41,6 +50,11 @@ class InputConfig(Section):
             raise ValueError("must name at least one file")
         return value
 
+    @field_validator("header", mode="before")
+    @classmethod
+    def _header_words(cls, value: Any) -> Any:
+        return yes_no(value)
+
     def paths(self) -> list[str]:
         return [self.path] if isinstance(self.path, str) else list(self.path)
 
@@ -50,7 +64,12 @@ class DownloadConfig(Section):
     resize_mode: Literal["no", "border", "keep_ratio", "keep_ratio_largest", "center_crop"] = "border"
     resize_only_if_bigger: bool = False
     encode_format: Literal["jpg", "png", "webp"] = "jpg"
-    encode_quality: int = Field(95, ge=1, le=100)
+    encode_quality: int = Field(
+        95,
+        ge=0,
+        le=100,
+        description=f"jpg/webp: quality 1-100; png: zlib compression 0-9 (lossless), {PNG_COMPRESSION} when not given",
+    )
     min_image_size: int = Field(0, ge=0, description="shorter side below this is dropped (min_side)")
     max_aspect_ratio: float = Field(float("inf"), gt=0)
     max_image_area: float = Field(float("inf"), gt=0)
@@ -84,6 +103,29 @@ class DownloadConfig(Section):
     backoff_s: float = Field(0.5, ge=0, description="first retry delay for transient failures (doubles)")
     max_retry_after_s: float = Field(10, ge=0, description="longest Retry-After honoured on a 429")
 
+    @model_validator(mode="before")
+    @classmethod
+    def _png_compression_default(cls, raw: Any) -> Any:
+        # the default 95 is a jpg/webp quality; png's number is a compression level
+        if isinstance(raw, dict) and raw.get("encode_format") == "png" and raw.get("encode_quality") is None:
+            return {**raw, "encode_quality": PNG_COMPRESSION}
+        return raw
+
+    @field_validator("resize_mode", mode="before")
+    @classmethod
+    def _resize_mode_no(cls, value: Any) -> Any:
+        return "no" if value is False else value  # YAML 1.1 reads `no` as false
+
+    @field_validator("encode_quality")
+    @classmethod
+    def _quality_fits_format(cls, value: int, info: ValidationInfo) -> int:
+        encode_format = info.data.get("encode_format")
+        low, high = (0, 9) if encode_format == "png" else (1, 100)
+        if encode_format is not None and not low <= value <= high:
+            what = "compression level" if encode_format == "png" else "quality"
+            raise ValueError(f"must be a {encode_format} {what} in [{low}, {high}] for encode_format {encode_format}")
+        return value
+
 
 class EmbedConfig(Section):
     model: str = Field("ViT-B-32", description="open_clip model name, or a path to a model-config JSON")
@@ -113,13 +155,41 @@ class FilterConfig(Section):
     clip_top_fraction: float | None = Field(
         None, gt=0, le=1, description="keep this fraction of the run's pairs with the highest CLIP score"
     )
+    clip_combine: Literal["max", "threshold_only", "top_fraction_only"] | None = Field(
+        None,
+        validate_default=True,
+        description="when clip_threshold and clip_top_fraction are both set: 'max' keeps pairs that pass both "
+        "(the higher cutoff), or use only one of them; required then",
+    )
 
     @model_validator(mode="before")
     @classmethod
     def _apply_preset(cls, raw: Any) -> Any:
+        # keys given explicitly win, null included: `clip_threshold: null` removes the preset's threshold
         if isinstance(raw, dict) and raw.get("preset") in FILTER_PRESETS:
-            return {**FILTER_PRESETS[raw["preset"]], **{k: v for k, v in raw.items() if v is not None}}
+            return {**FILTER_PRESETS[raw["preset"]], **raw}
         return raw
+
+    @field_validator("clip_combine")
+    @classmethod
+    def _combine_is_explicit(cls, value: str | None, info: ValidationInfo) -> str | None:
+        threshold, fraction = info.data.get("clip_threshold"), info.data.get("clip_top_fraction")
+        if value is None and threshold is not None and fraction is not None:
+            raise ValueError(
+                f"filter.clip_threshold ({threshold}) and filter.clip_top_fraction ({fraction}) are both set: "
+                "choose how they combine with filter.clip_combine: max (keep pairs that pass both), "
+                "threshold_only or top_fraction_only; or set one of them to null"
+            )
+        needed = {"threshold_only": ("clip_threshold", threshold), "top_fraction_only": ("clip_top_fraction", fraction)}
+        if value in needed and needed[value][1] is None:
+            raise ValueError(f"{value} needs filter.{needed[value][0]}, which is not set")
+        return value
+
+    def clip_rules(self) -> tuple[float | None, float | None]:
+        """The (threshold, top fraction) that apply once clip_combine has chosen between them."""
+        threshold = None if self.clip_combine == "top_fraction_only" else self.clip_threshold
+        fraction = None if self.clip_combine == "threshold_only" else self.clip_top_fraction
+        return threshold, fraction
 
 
 class DedupConfig(Section):
@@ -152,9 +222,14 @@ class ValidateConfig(Section):
     objective: Literal["clip", "simclr"] = Field("clip", description="simclr: image-only, NT-Xent on two views")
     model: str = Field("curate-tiny", description="open_clip model name, or a path to a model-config JSON")
     batch_size: int = Field(256, gt=0)
-    samples_seen: int = Field(25_600, gt=0, description="the compute budget, the same for every arm and seed")
+    samples_seen: int = Field(
+        25_600,
+        gt=0,
+        validate_default=True,
+        description="the compute budget, the same for every arm and seed: samples_seen // batch_size steps",
+    )
     lr: float = Field(1e-3, gt=0)
-    warmup_steps: int = Field(10, ge=0)
+    warmup_steps: int = Field(10, ge=0, validate_default=True, description="fewer than the run's steps")
     weight_decay: float = Field(0.1, ge=0)
     seeds: int = Field(3, gt=0, description="both arms are trained with seeds 0..seeds-1")
     device: Literal["auto", "cpu", "cuda"] = "auto"
@@ -178,6 +253,28 @@ class ValidateConfig(Section):
     probe_l2: float = Field(1e-3, ge=0)
     eval_batch_size: int = Field(256, gt=0)
 
+    @field_validator("samples_seen")
+    @classmethod
+    def _at_least_one_batch(cls, value: int, info: ValidationInfo) -> int:
+        batch_size = info.data.get("batch_size")
+        if batch_size is not None and value < batch_size:
+            raise ValueError(f"must be at least one batch (validate.batch_size = {batch_size})")
+        return value
+
+    @field_validator("warmup_steps")
+    @classmethod
+    def _warmup_within_the_run(cls, value: int, info: ValidationInfo) -> int:
+        batch_size, samples_seen = info.data.get("batch_size"), info.data.get("samples_seen")
+        if batch_size is None or samples_seen is None:
+            return value  # reported on their own keys
+        steps = samples_seen // batch_size
+        if value >= steps:
+            raise ValueError(
+                f"must be less than the run's {steps} steps "
+                f"(validate.samples_seen {samples_seen} // validate.batch_size {batch_size})"
+            )
+        return value
+
 
 class DaskConfig(Section):
     n_workers: int | None = Field(None, gt=0, description="LocalCluster worker processes (default: one per core)")
@@ -190,11 +287,10 @@ class DaskConfig(Section):
     )
 
 
-STAGE_ORDER = ("input", "download", "embed", "filter", "dedup", "materialize", "validate")
-StageName = Literal["input", "download", "embed", "filter", "dedup", "materialize", "validate"]
-DEFAULT_STAGES = ("input", "download", "embed", "filter", "dedup", "materialize")
-# Stages that decide no row's fate: materialize copies the kept rows, validate trains on them.
-NON_FATE_STAGES = frozenset({"materialize", "validate"})
+def _default_stages() -> list[str]:
+    from curate.stages import default_stage_names
+
+    return list(default_stage_names())
 
 
 # A field named `validate` shadows a deprecated BaseModel method; the field is what we want.
@@ -205,7 +301,9 @@ class PipelineConfig(Section):
     output: str
     executor: Literal["local", "dask"] = "local"
     scheduler: str | None = Field(None, description="address of a running Dask scheduler")
-    stages: list[StageName] = Field(default_factory=lambda: list(DEFAULT_STAGES))
+    stages: list[str] = Field(
+        default_factory=_default_stages, description="the first stages of the registry (curate.stages.STAGES)"
+    )
     dask: DaskConfig = Field(default_factory=DaskConfig)
     input: InputConfig
     download: DownloadConfig = Field(default_factory=DownloadConfig)
@@ -218,7 +316,14 @@ class PipelineConfig(Section):
     @field_validator("stages")
     @classmethod
     def _stages_in_order(cls, stages: list[str]) -> list[str]:
-        order = list(STAGE_ORDER)
+        from curate.stages import stage_names
+
+        order = list(stage_names())
+        unknown = [name for name in stages if name not in order]
+        if unknown:
+            close = difflib.get_close_matches(unknown[0], order, n=1, cutoff=0.6)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ValueError(f"unknown stage {unknown[0]!r}{hint}; stages are {order}")
         if stages != order[: len(stages)] or not stages:
             raise ValueError(f"must be the first stages of {order}, in that order")
         return stages

@@ -1,10 +1,12 @@
-"""Run the configured stages in order over the run's shards, then merge the ledger and check it."""
+"""Run the pipeline: one loop over the planned stages and their phases; every task goes through an executor.
+
+A task whose marker holds this run's fingerprint (and whose listed files are intact) is skipped, so a
+second run of a finished pipeline reads markers and does no stage work.
+"""
 
 from __future__ import annotations
 
-import hashlib
 import logging
-import os
 import shutil
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
@@ -14,31 +16,19 @@ from typing import Any
 
 import pyarrow.parquet as pq
 
-from curate.config import NON_FATE_STAGES, PipelineConfig, dump_config
+from curate.config import PipelineConfig, dump_config
 from curate.executors import Executor
 from curate.executors.local import LocalExecutor
-from curate.stages.input import STAGE as INPUT_STAGE
-from curate.stages.input import InputError, build_input, input_fingerprint, inspect_sources, read_manifest
-from curate.io.fs import read_json, temp_sibling, write_bytes_atomic, write_json_atomic
-from curate.ledger import LEDGER_SCHEMA, FateError, StageStats, Status, ledger_table, merge_ledger, read_fate_parts
-from curate.runner import (
-    ShardState,
-    clear_scratch,
-    marker_stats,
-    remove_orphans,
-    shard_state,
-)
-from curate.stage import RunLayout, ShardStage, StageContext
+from curate.io.fs import read_json, write_bytes_atomic, write_json_atomic
+from curate.io.lock import run_lock
+from curate.ledger import FateError, StageStats, Status
+from curate.runner import clear_scratch, marker_stats, remove_orphans, task_state
+from curate.stage import FATE_PHASE, RunLayout, ShardState, Stage, StageContext
+from curate.stages import fate_stage_names, plan
+from curate.stages.input import InputError, InputOutputs, InputStage
+from curate.stages.ledger import LedgerStage
 
 log = logging.getLogger(__name__)
-
-# Settings that change how fast a stage runs, never what it produces: not part of its fingerprint.
-SCHEDULING_KEYS = {
-    "download": {"threads", "processes", "per_host_connections"},
-    "embed": {"batch_size", "decode_threads", "workers", "device"},
-    "validate": {"device", "checkpoint_every", "decode_workers", "eval_batch_size"},
-}
-
 
 ProgressFactory = Callable[..., AbstractContextManager[Any]]
 """progress(description, total, unit="shard") -> a context manager giving a bar with update(n) and set_postfix()."""
@@ -54,58 +44,22 @@ class RunResult:
     rows: int
     stats: dict[str, StageStats] = field(default_factory=dict)
     complete: bool = False
+    tasks_run: int = 0
+    """Tasks that did work in this call (0 when everything was already done)."""
 
 
 def fate_stages(config: PipelineConfig) -> list[str]:
     """The configured stages that decide fates per shard (materialize only copies what they kept)."""
-    return [name for name in config.stages if name not in NON_FATE_STAGES]
+    return fate_stage_names(config.stages)
 
 
-def make_stage(name: str, config: PipelineConfig) -> ShardStage:
-    if name == "download":
-        from curate.stages.download import DownloadStage
-
-        return DownloadStage(config.download)
-    if name == "embed":
-        from curate.stages.embed import EmbedStage
-
-        return EmbedStage(config.embed)
-    if name == "filter":
-        from curate.stages.filters import FilterStage
-
-        return FilterStage(config.filter)
-    if name == "dedup":
-        from curate.stages.dedup.stage import DedupStage
-
-        return DedupStage(config.dedup, config.embed)
-    raise ValueError(f"unknown stage {name!r}")
-
-
-def stage_workers(name: str, config: PipelineConfig) -> int:
-    return {"download": config.download.processes, "embed": config.embed.workers}.get(name, 1)
-
-
-def stage_fingerprints(config: PipelineConfig, input_print: str) -> dict[str, str]:
-    """Each stage's fingerprint covers its own settings and every upstream fingerprint."""
-    prints = {INPUT_STAGE: input_print}
-    previous = input_print
-    for name in config.stages[1:]:
-        settings = getattr(config, name).model_dump(mode="json", exclude=SCHEDULING_KEYS.get(name, set()))
-        if name == "embed":
-            settings["files"] = file_identities([config.embed.model, config.embed.pretrained])
-        digest = hashlib.sha256(f"{name}|{previous}|{sorted(settings.items())}".encode()).hexdigest()[:16]
-        prints[name] = previous = digest
+def stage_fingerprints(stages: list[Stage]) -> dict[str, str]:
+    """Each stage's fingerprint covers its own settings and, chained, everything upstream."""
+    prints: dict[str, str] = {}
+    upstream = ""
+    for stage in stages:
+        prints[stage.name] = upstream = stage.fingerprint(upstream)
     return prints
-
-
-def file_identities(values: list[str | None]) -> list[list[object]]:
-    """Size and mtime of the values that are files (a checkpoint replaced in place is a new model)."""
-    identities: list[list[object]] = []
-    for value in values:
-        if value and Path(value).is_file():
-            stat = Path(value).stat()
-            identities.append([value, stat.st_size, stat.st_mtime_ns])
-    return identities
 
 
 def run_pipeline(
@@ -115,71 +69,88 @@ def run_pipeline(
     only_stage: str | None = None,
     progress: ProgressFactory | None = None,
 ) -> RunResult:
-    """Run all configured stages (or `only_stage`, whose upstream must be done). Raises InputError
-    before writing anything when an input file is unusable."""
-    progress = progress or (lambda *_args: nullcontext(_NoProgress()))
+    """Run all planned stages (or `only_stage`, whose upstream must be done). Raises ConfigError (InputError
+    among them) before writing anything when the config or an input file is unusable."""
+    progress = progress or (lambda *_args, **_kwargs: nullcontext(_NoProgress()))
     executor = executor or LocalExecutor()
     layout = RunLayout(Path(config.output))
-    stages = {name: make_stage(name, config) for name in fate_stages(config)[1:]}
-    for stage in stages.values():
-        preflight = getattr(stage, "preflight", None)
-        if preflight is not None:
-            preflight()  # raises ConfigError (unknown model, missing file) before anything is written
-    sources = inspect_sources(config.input)
-    prints = stage_fingerprints(config, input_fingerprint(config.input, sources))
-
+    stages = plan(config)
+    for stage in stages:
+        stage.preflight()  # ConfigError / InputError (unknown model, unusable file) before anything is written
+    prints = stage_fingerprints(stages)
     first_created = first_missing_ancestor(layout.root)
-    manifest = read_manifest(layout.stage_dir(INPUT_STAGE))
-    if only_stage in (None, INPUT_STAGE) and (manifest is None or manifest["fingerprint"] != prints[INPUT_STAGE]):
-        layout.root.mkdir(parents=True, exist_ok=True)
-        try:
-            log.info("input: reading %d file(s)", len(sources))
-            build_input(config.input, sources, layout.stage_dir(INPUT_STAGE), prints[INPUT_STAGE])
-        except BaseException:
-            if first_created is not None:
-                shutil.rmtree(first_created, ignore_errors=True)
-            raise
-        manifest = read_manifest(layout.stage_dir(INPUT_STAGE))
-    if manifest is None or manifest["fingerprint"] != prints[INPUT_STAGE]:
-        raise IncompleteRun(f"{layout.root}: the input stage is not done for this config; run it first")
-    write_bytes_atomic(layout.config_path, dump_config(config).encode())
-
-    shards: list[str] = list(manifest["shards"])
-    for name in fate_stages(config)[1:]:
-        if only_stage not in (None, name):
-            continue
-        stage = stages[name]
-        ctx = StageContext(config, layout, prints[name])
-        _require_upstream_done(config, layout, prints, name, shards)
-        remove_orphans(ctx, name, shards)
-        clear_scratch(ctx, name)
-        prepare = getattr(stage, "prepare", None)
-        if prepare is not None:
-            prepare(ctx, shards)  # a global step in the driver, e.g. a run-wide score cutoff
-        pending = [s for s in shards if shard_state(ctx, name, s) is not ShardState.DONE]
-        log.info("%s: %d of %d shards to run", name, len(pending), len(shards))
-        with progress(name, len(shards)) as bar:
-            bar.update(len(shards) - len(pending))
-            for _report in executor.map_shards(stage, ctx, pending, stage_workers(name, config)):
-                bar.update(1)
-        clear_scratch(ctx, name)
-    if "materialize" in config.stages and only_stage in (None, "materialize"):
-        run_materialize(config, layout, prints, shards)
-    result = finalize_run(config, layout, prints, shards, int(manifest["rows"]))
-    if result.complete and "validate" in config.stages and only_stage in (None, "validate"):
-        from curate.stages.validate.stage import run_validation
-
-        run_validation(config, layout, progress)
+    tasks_run = 0
+    try:
+        with run_lock(layout.root):
+            shards: tuple[str, ...] = ()
+            for stage in stages:
+                ctx = StageContext(config, layout, prints[stage.name], shards)
+                if only_stage in (None, stage.name) or isinstance(stage, LedgerStage):
+                    if only_stage is not None:
+                        if isinstance(stage, LedgerStage) and not upstream_done(stages, stage, layout, prints, shards):
+                            continue  # the ledger is written once every stage that decides fates is done
+                        require_upstream_done(stages, stage, layout, prints, shards)
+                    tasks_run += run_stage(stage, ctx, executor, progress)
+                if isinstance(stage, InputStage):
+                    if not stage_done(stage, ctx):
+                        raise IncompleteRun(f"{layout.root}: the input stage is not done for this config; run it first")
+                    shards = tuple(InputOutputs(layout).shards())
+                    write_bytes_atomic(layout.config_path, dump_config(config).encode())
+    except InputError:
+        if first_created is not None:
+            shutil.rmtree(first_created, ignore_errors=True)
+        raise
+    result = finalize_run(config, stages, layout, prints, list(shards))
+    result.tasks_run = tasks_run
     return result
 
 
-def run_materialize(config: PipelineConfig, layout: RunLayout, prints: dict[str, str], shards: list[str]) -> None:
-    from curate.stages.materialize import is_done, materialize
+def run_stage(stage: Stage, ctx: StageContext, executor: Executor, progress: ProgressFactory) -> int:
+    """Every phase of `stage`, in order; returns how many tasks did work."""
+    ran = 0
+    for phase in stage.phases():
+        tasks = phase.tasks(ctx)
+        remove_orphans(ctx, stage, phase, tasks)
+        pending = [task for task in tasks if task_state(ctx, stage.name, task, phase) is not ShardState.DONE]
+        log.info("%s %s: %d of %d tasks to run", stage.name, phase.name, len(pending), len(tasks))
+        if not pending:
+            continue
+        clear_scratch(ctx, stage.name)
+        label = stage.name if phase.name == FATE_PHASE else f"{stage.name}:{phase.name}"
+        resources = phase.resources if phase.resources is not None else stage.resources()
+        workers = phase.workers or stage.workers()
+        with progress(label, len(tasks)) as bar:
+            bar.update(len(tasks) - len(pending))
+            for report in executor.map_tasks(stage, ctx, phase.name, pending, workers, resources):
+                ran += not report.skipped
+                bar.update(1)
+        clear_scratch(ctx, stage.name)
+    return ran
 
-    last = fate_stages(config)[-1]
-    _require_upstream_done(config, layout, prints, "materialize", shards)
-    if not is_done(layout, prints["materialize"]):
-        materialize(config.materialize, layout, shards, last, prints["materialize"])
+
+def stage_done(stage: Stage, ctx: StageContext) -> bool:
+    for phase in stage.phases():
+        if any(task_state(ctx, stage.name, task, phase) is not ShardState.DONE for task in phase.tasks(ctx)):
+            return False
+    return True
+
+
+def upstream_done(
+    stages: list[Stage], stage: Stage, layout: RunLayout, prints: dict[str, str], shards: tuple[str, ...]
+) -> bool:
+    index = stages.index(stage)
+    if index == 0:
+        return True
+    upstream = stages[index - 1]
+    return stage_done(upstream, StageContext(upstream.config, layout, prints[upstream.name], shards))
+
+
+def require_upstream_done(
+    stages: list[Stage], stage: Stage, layout: RunLayout, prints: dict[str, str], shards: tuple[str, ...]
+) -> None:
+    if not upstream_done(stages, stage, layout, prints, shards):
+        upstream = stages[stages.index(stage) - 1]
+        raise IncompleteRun(f"stage {stage.name!r} needs {upstream.name!r}, which is not done")
 
 
 def first_missing_ancestor(path: Path) -> Path | None:
@@ -190,18 +161,6 @@ def first_missing_ancestor(path: Path) -> Path | None:
     while not path.parent.exists():
         path = path.parent
     return path
-
-
-def _require_upstream_done(
-    config: PipelineConfig, layout: RunLayout, prints: dict[str, str], name: str, shards: list[str]
-) -> None:
-    upstream = config.stages[config.stages.index(name) - 1]
-    if upstream == INPUT_STAGE:
-        return
-    ctx = StageContext(config, layout, prints[upstream])
-    not_done = [s for s in shards if shard_state(ctx, upstream, s) is not ShardState.DONE]
-    if not_done:
-        raise IncompleteRun(f"stage {name!r} needs {upstream!r}, which has {len(not_done)} shards not done")
 
 
 class _NoProgress:
@@ -215,14 +174,14 @@ class _NoProgress:
 def collect_stats(
     config: PipelineConfig, layout: RunLayout, prints: dict[str, str], shards: list[str]
 ) -> tuple[dict[str, StageStats], dict[str, dict[str, int]]]:
-    """Sum of per-shard marker stats per stage, and per stage the shard states."""
+    """Sum of per-shard marker stats per fate stage, and per stage the shard states."""
     stats: dict[str, StageStats] = {}
     states: dict[str, dict[str, int]] = {}
     for name in fate_stages(config):
-        ctx = StageContext(config, layout, prints[name])
+        ctx = StageContext(config, layout, prints[name], tuple(shards))
         total, state_counts = StageStats(), {state.value: 0 for state in ShardState}
         for shard in shards:
-            state = shard_state(ctx, name, shard)
+            state = task_state(ctx, name, shard)
             state_counts[state.value] += 1
             if state is ShardState.DONE:
                 total = total + marker_stats(ctx, name, shard)
@@ -231,45 +190,20 @@ def collect_stats(
 
 
 def finalize_run(
-    config: PipelineConfig, layout: RunLayout, prints: dict[str, str], shards: list[str], rows: int
+    config: PipelineConfig, stages: list[Stage], layout: RunLayout, prints: dict[str, str], shards: list[str]
 ) -> RunResult:
-    stats, states = collect_stats(config, layout, prints, shards)
+    """Complete when every planned stage is done; then the run-wide invariants are checked from markers."""
+    manifest = InputOutputs(layout).manifest()
+    rows = int(manifest["rows"]) if manifest else 0  # type: ignore[index]
+    stats, _ = collect_stats(config, layout, prints, shards)
     result = RunResult(layout, rows, stats)
-    stages = fate_stages(config)
-    if any(states[name][ShardState.DONE.value] != len(shards) for name in stages):
+    if not all(stage_done(s, StageContext(config, layout, prints[s.name], tuple(shards))) for s in stages):
         return result
-    if "materialize" in config.stages:
-        from curate.stages.materialize import count_curated_samples, is_done
-
-        if not is_done(layout, prints["materialize"]):
-            return result
-    ledger_rows, ledger_kept = write_ledger(stages, layout, shards)
-    check_run_invariants(ledger_rows, ledger_kept, stats, rows, stages)
-    if "materialize" in config.stages:
-        curated = count_curated_samples(layout)
-        if curated != ledger_kept:
-            raise FateError(f"curated/ holds {curated} samples but the ledger keeps {ledger_kept}")
+    ledger = marker_stats(StageContext(config, layout, prints[LedgerStage.name]), LedgerStage.name, "all", "merge")
+    check_run_invariants(ledger.counts["rows"], ledger.counts["kept"], stats, rows, fate_stages(config))
     write_json_atomic(layout.stats_path, stats_document(stats, rows, prints, layout))
     result.complete = True
     return result
-
-
-def write_ledger(stages: list[str], layout: RunLayout, shards: list[str]) -> tuple[int, int]:
-    """Merge the fates shard by shard (a uid never changes shard), so memory stays one shard deep."""
-    rows = kept = 0
-    tmp = temp_sibling(layout.ledger_path)
-    try:
-        with pq.ParquetWriter(tmp, LEDGER_SCHEMA) as writer:
-            for shard in shards:
-                parts = [(name, read_fate_parts([layout.fates_path(name, shard)])) for name in stages]
-                ledger = merge_ledger(parts)
-                writer.write_table(ledger_table(ledger))
-                rows += len(ledger)
-                kept += int((ledger["status"] == Status.KEPT.value).sum())
-        os.replace(tmp, layout.ledger_path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return rows, kept
 
 
 def check_run_invariants(
@@ -304,16 +238,19 @@ def run_status(run_dir: Path) -> dict[str, Any]:
     if not layout.config_path.exists():
         raise FileNotFoundError(f"{run_dir}: not a curate run (no config.yaml)")
     config = load_config(layout.config_path)
-    manifest = read_manifest(layout.stage_dir(INPUT_STAGE))
+    manifest = InputOutputs(layout).manifest()
     if manifest is None:
         raise FileNotFoundError(f"{run_dir}: the input stage has not finished")
-    prints = {INPUT_STAGE: str(manifest["fingerprint"])}
+    stages = plan(config)
     try:
-        prints = stage_fingerprints(config, input_fingerprint(config.input, inspect_sources(config.input)))
+        prints = stage_fingerprints(stages)
     except InputError as err:
         log.warning("cannot re-check the input files (%s); using the recorded input fingerprint", err)
-        prints = stage_fingerprints(config, prints[INPUT_STAGE])
-    shards = list(manifest["shards"])
+        recorded = read_json(layout.marker_path(InputStage.name, "all", "build"))["fingerprint"]
+        prints = {InputStage.name: recorded}
+        for stage in stages[1:]:
+            prints[stage.name] = stage.fingerprint(prints[stages[stages.index(stage) - 1].name])
+    shards = list(manifest["shards"])  # type: ignore[call-overload]
     stats, states = collect_stats(config, layout, prints, shards)
     ledger_rows = pq.read_metadata(layout.ledger_path).num_rows if layout.ledger_path.exists() else None
     return {

@@ -1,4 +1,4 @@
-"""Run one stage on one shard: skip when done, write to a scratch dir, check, rename, marker last."""
+"""Run one task of one phase: skip when done, write to a scratch dir, check, put in place, marker last."""
 
 from __future__ import annotations
 
@@ -11,52 +11,75 @@ import time
 import uuid
 from collections import Counter
 from dataclasses import dataclass
-from enum import StrEnum
 from pathlib import Path
 
-from curate.io.fs import move_tree_into, read_json, write_json_atomic, write_parquet_atomic
+from curate.io.fs import SCRATCH_SUFFIX, move_tree_into, read_json, replace_dir, write_json_atomic, write_parquet_atomic
 from curate.ledger import StageStats, check_fates, count_fates
-from curate.stage import ShardStage, StageContext
+from curate.stage import FATE_PHASE, Phase, ShardState, Stage, StageContext, TaskOutput
 
 log = logging.getLogger(__name__)
 
-_WORKER_STAGES: dict[tuple[str, str, str], ShardStage] = {}
-
-
-class ShardState(StrEnum):
-    DONE = "done"
-    STALE = "stale"
-    PENDING = "pending"
+_WORKER_STAGES: dict[tuple[str, str, str], Stage] = {}
 
 
 @dataclass(frozen=True)
-class ShardReport:
+class TaskReport:
     stage: str
     shard: str
+    """The task's name: a shard for per-shard phases."""
     stats: StageStats
     skipped: bool
+    phase: str = FATE_PHASE
+
+
+ShardReport = TaskReport
 
 
 class ShardFailed(RuntimeError):
-    def __init__(self, stage: str, shard: str, cause: BaseException | str) -> None:
-        super().__init__(f"stage {stage!r} failed on shard {shard}: {cause}")
+    def __init__(self, stage: str, shard: str, cause: BaseException | str, phase: str = FATE_PHASE) -> None:
+        where = f"shard {shard}" if phase == FATE_PHASE else f"phase {phase!r} task {shard}"
+        super().__init__(f"stage {stage!r} failed on {where}: {cause}")
         self.stage, self.shard = stage, shard
 
 
-def shard_state(ctx: StageContext, stage: str, shard: str) -> ShardState:
-    marker = ctx.layout.marker_path(stage, shard)
-    if not marker.exists():
+def output_root(phase: Phase, ctx: StageContext, stage: str) -> Path:
+    return phase.output_root(ctx) if phase.output_root else ctx.layout.stage_dir(stage)
+
+
+def task_state(ctx: StageContext, stage: str, task: str, phase: Phase | str = FATE_PHASE) -> ShardState:
+    """done only when the marker has this fingerprint and every file it lists is there with its size."""
+    phase_name = phase if isinstance(phase, str) else phase.name
+    marker_path = ctx.layout.marker_path(stage, task, phase_name)
+    try:
+        marker = read_json(marker_path)
+    except FileNotFoundError:
         return ShardState.PENDING
-    return ShardState.DONE if read_json(marker).get("fingerprint") == ctx.fingerprint else ShardState.STALE
+    except ValueError:  # a marker cut short by a crash of an older version: not done
+        return ShardState.PENDING
+    if marker.get("fingerprint") != ctx.fingerprint:
+        return ShardState.STALE
+    files = marker.get("files")
+    if files and not isinstance(phase, str):
+        root = output_root(phase, ctx, stage)
+        for relative, size in files.items():
+            path = root / relative
+            if not path.exists() or path.stat().st_size != size:
+                log.warning("stage %s %s %s: %s is missing or damaged; redoing it", stage, phase_name, task, path)
+                return ShardState.DAMAGED
+    return ShardState.DONE
 
 
-def marker_stats(ctx: StageContext, stage: str, shard: str) -> StageStats:
-    marker = read_json(ctx.layout.marker_path(stage, shard))
+def shard_state(ctx: StageContext, stage: str, shard: str) -> ShardState:
+    return task_state(ctx, stage, shard)
+
+
+def marker_stats(ctx: StageContext, stage: str, task: str, phase: str = FATE_PHASE) -> StageStats:
+    marker = read_json(ctx.layout.marker_path(stage, task, phase))
     return StageStats(Counter(marker["counts"]), marker["seconds"])
 
 
-def worker_stage(stage: ShardStage, ctx: StageContext) -> ShardStage:
-    """The set-up copy of `stage` in this process: models load once per worker, not once per shard."""
+def worker_stage(stage: Stage, ctx: StageContext) -> Stage:
+    """The set-up copy of `stage` in this process: models load once per worker, not once per task."""
     # A stage pickles without its loaded resources, so equal pickles mean an equivalent stage.
     key = (stage.name, ctx.fingerprint, hashlib.sha256(pickle.dumps(stage)).hexdigest())
     if key not in _WORKER_STAGES:
@@ -70,50 +93,95 @@ def clear_worker_stages() -> None:
     _WORKER_STAGES.clear()
 
 
-def run_shard(stage: ShardStage, ctx: StageContext, shard: str) -> ShardReport:
+def run_shard(stage: Stage, ctx: StageContext, shard: str) -> TaskReport:
+    return run_task(stage, ctx, FATE_PHASE, shard)
+
+
+def run_task(stage: Stage, ctx: StageContext, phase_name: str, task: str) -> TaskReport:
     """Idempotent: running it twice, or in two processes at once, leaves the same committed result."""
-    if shard_state(ctx, stage.name, shard) is ShardState.DONE:
-        return ShardReport(stage.name, shard, marker_stats(ctx, stage.name, shard), skipped=True)
+    phase = stage.phase(phase_name)
+    if task_state(ctx, stage.name, task, phase) is ShardState.DONE:
+        return TaskReport(stage.name, task, marker_stats(ctx, stage.name, task, phase_name), True, phase_name)
     stage = worker_stage(stage, ctx)
+    phase = stage.phase(phase_name)
     layout = ctx.layout
-    layout.marker_path(stage.name, shard).unlink(missing_ok=True)
-    workdir = layout.scratch_dir(stage.name) / f"{shard}.{os.getpid()}.{uuid.uuid4().hex[:8]}"
-    workdir.mkdir(parents=True)
+    marker = layout.marker_path(stage.name, task, phase_name)
+    marker.unlink(missing_ok=True)
+    root = output_root(phase, ctx, stage.name)
+    workdir = scratch_workdir(ctx, stage.name, phase, root, task)
     started = time.perf_counter()
     try:
-        expected = stage.expected_uids(ctx, shard)
-        fates = stage.process_shard(ctx, shard, workdir)
-        check_fates(fates, expected, where=f"stage {stage.name!r}, shard {shard}")
-        write_parquet_atomic(
-            fates, workdir / layout.fates_path(stage.name, shard).relative_to(layout.stage_dir(stage.name))
-        )
-        move_tree_into(workdir, layout.stage_dir(stage.name))
+        result = phase.run(ctx, task, workdir)
+        output = result if isinstance(result, TaskOutput) else TaskOutput(fates=result)
+        counts = Counter(output.counts)
+        if phase.decides_fates:
+            assert phase.expected is not None and output.fates is not None, f"{stage.name}: a fate phase returns fates"
+            check_fates(output.fates, phase.expected(ctx, task), where=f"stage {stage.name!r}, shard {task}")
+            fates_path = layout.fates_path(stage.name, task)
+            write_parquet_atomic(output.fates, workdir / fates_path.relative_to(root))
+            counts = count_fates(output.fates)
+        files = commit(phase, workdir, root)
     finally:
-        shutil.rmtree(workdir, ignore_errors=True)
-    stats = StageStats(count_fates(fates), time.perf_counter() - started)
+        if phase.commit != "in_place":
+            shutil.rmtree(workdir, ignore_errors=True)
+    stats = StageStats(counts, time.perf_counter() - started)
     write_json_atomic(
-        layout.marker_path(stage.name, shard),
-        {"fingerprint": ctx.fingerprint, "counts": dict(stats.counts), "seconds": stats.seconds},
+        marker,
+        {"fingerprint": ctx.fingerprint, "counts": dict(stats.counts), "seconds": stats.seconds, "files": files},
     )
-    log.debug("stage %s shard %s: %s", stage.name, shard, dict(stats.counts))
-    return ShardReport(stage.name, shard, stats, skipped=False)
+    log.debug("stage %s %s %s: %s", stage.name, phase_name, task, dict(stats.counts))
+    return TaskReport(stage.name, task, stats, False, phase_name)
+
+
+def scratch_workdir(ctx: StageContext, stage: str, phase: Phase, root: Path, task: str) -> Path:
+    if phase.commit == "in_place":
+        root.mkdir(parents=True, exist_ok=True)
+        return root
+    unique = f"{task}.{os.getpid()}.{uuid.uuid4().hex[:8]}"
+    if phase.commit == "replace":  # beside the folder it replaces
+        workdir = root.parent / f".{root.name}.{unique}{SCRATCH_SUFFIX}"
+    else:
+        workdir = ctx.layout.scratch_dir(stage) / unique
+    workdir.mkdir(parents=True)
+    return workdir
+
+
+def commit(phase: Phase, workdir: Path, root: Path) -> dict[str, int]:
+    """Put the task's files in place; returns them (relative to `root`) with their sizes, for the marker."""
+    if phase.commit == "in_place":
+        return {}
+    files = {str(p.relative_to(workdir)): p.stat().st_size for p in sorted(workdir.rglob("*")) if p.is_file()}
+    if phase.commit == "replace":
+        replace_dir(workdir, root)
+    else:
+        move_tree_into(workdir, root)
+    return files
 
 
 def clear_scratch(ctx: StageContext, stage: str) -> None:
-    """Remove leftovers of shards that died before committing (safe only when nothing is running)."""
+    """Remove leftovers of tasks that died before committing (the run lock makes sure none is running)."""
     shutil.rmtree(ctx.layout.scratch_dir(stage), ignore_errors=True)
 
 
-def remove_orphans(ctx: StageContext, stage: str, shards: list[str]) -> None:
-    """Forget markers and fate parts of shards that are no longer part of the run."""
-    wanted = set(shards)
-    for kind in ("_done", "fates"):
-        folder = ctx.layout.stage_dir(stage) / kind
-        if folder.exists():
-            for path in folder.iterdir():
+def remove_orphans(ctx: StageContext, stage: Stage, phase: Phase, tasks: list[str]) -> None:
+    """Forget markers (and the files they list) and fate parts of tasks that are no longer part of the run."""
+    wanted = set(tasks)
+    folder = ctx.layout.marker_dir(stage.name, phase.name)
+    if folder.exists():
+        root = output_root(phase, ctx, stage.name)
+        for marker in folder.glob("*.json"):
+            if marker.stem in wanted:
+                continue
+            try:
+                listed = read_json(marker).get("files") or {}
+            except ValueError:
+                listed = {}
+            for relative in listed:
+                (root / relative).unlink(missing_ok=True)
+            marker.unlink()
+    if phase.decides_fates:
+        fates = ctx.layout.stage_dir(stage.name) / "fates"
+        if fates.exists():
+            for path in fates.glob("*.parquet"):
                 if path.stem not in wanted:
                     path.unlink()
-
-
-def shard_paths(ctx: StageContext, stage: str, shards: list[str]) -> list[Path]:
-    return [ctx.layout.fates_path(stage, shard) for shard in shards]

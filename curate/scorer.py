@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
-from curate.stages.validate.train import resolve_device, resolve_model_name
+from curate.io.wds import image_extension_of, iter_members
 
 if TYPE_CHECKING:
     import torch
@@ -43,14 +43,11 @@ class ClipScorer:
     @classmethod
     def load(cls, checkpoint: Path | str | None, model: str, device: str = "auto", batch_size: int = 256) -> ClipScorer:
         """`checkpoint`: a file open_clip's `pretrained=` accepts (e.g. train_clip's), or None for random weights."""
-        import open_clip
+        from curate.clip import ClipSpec, load_clip
 
-        name = resolve_model_name(model)
-        torch_device = resolve_device(device)
         pretrained = str(checkpoint) if checkpoint is not None else None
-        clip, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=pretrained, device=torch_device)
-        clip.eval()
-        return cls(clip, preprocess, open_clip.get_tokenizer(name), torch_device, batch_size)
+        loaded = load_clip(ClipSpec(model, pretrained, device))
+        return cls(loaded.model, loaded.preprocess, loaded.tokenizer, loaded.device, batch_size)
 
     def score(self, images: Sequence[Any], captions: Sequence[str]) -> np.ndarray:
         """Cosine similarity of each image with the caption at the same position."""
@@ -115,11 +112,14 @@ def _batched(items: Sequence[Any], size: int) -> Iterable[Sequence[Any]]:
 
 
 def read_shard_pairs(shards: Sequence[Path]) -> list[Pair]:
-    """(jpg bytes, caption) of every jpg+txt sample in `shards`, in shard order."""
-    import webdataset as wds
-
-    pipeline = wds.DataPipeline(wds.SimpleShardList([str(s) for s in shards]), wds.tarfile_to_samples())
-    return [(s["jpg"], s["txt"].decode("utf-8")) for s in pipeline if "jpg" in s and "txt" in s]
+    """(image bytes, caption) of every sample with an image and a .txt in `shards`, in shard order."""
+    pairs: list[Pair] = []
+    for shard in shards:
+        for _, members in iter_members(shard):
+            extension = image_extension_of(members)
+            if extension is not None and "txt" in members:
+                pairs.append((members[extension], members["txt"].decode("utf-8")))
+    return pairs
 
 
 def mismatched_captions(captions: Sequence[str], seed: int) -> list[str]:
@@ -187,7 +187,7 @@ def calibrate(
 ) -> dict[str, Any]:
     """Score held-out matched pairs and seeded mismatches; suggest the threshold that separates them.
 
-    `shards_or_pairs`: webdataset shards (jpg + txt) or (image, caption) pairs, the image a path,
+    `shards_or_pairs`: webdataset shards (an image + txt per sample) or (image, caption) pairs, the image a path,
     encoded bytes or a PIL image. Pass `scorer` to reuse a loaded model.
     """
     pairs = _as_pairs(shards_or_pairs)

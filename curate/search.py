@@ -34,6 +34,8 @@ import pyarrow.parquet as pq
 from curate.io.fs import read_json, write_bytes_atomic, write_json_atomic, write_parquet_atomic
 from curate.report.images import ImageRef, locate_images, scan_tar
 from curate.stage import RunLayout, kept_uids
+from curate.stages.embed import EmbedOutputs
+from curate.stages.materialize import CuratedOutputs
 
 log = logging.getLogger(__name__)
 
@@ -87,7 +89,8 @@ def run_fingerprint(layout: RunLayout) -> str:
     digest = hashlib.sha256(f"format {INDEX_FORMAT}".encode())
     ledger = layout.ledger_path.stat()
     digest.update(f"ledger {ledger.st_size} {ledger.st_mtime_ns}".encode())
-    for marker in [layout.root / "curated" / "_done.json", *sorted((layout.stage_dir("embed") / "_done").glob("*"))]:
+    markers = sorted(layout.marker_dir(EmbedOutputs.stage).glob("*.json"))
+    for marker in [CuratedOutputs(layout).marker_path, *markers]:
         if marker.exists():
             digest.update(marker.name.encode() + marker.read_bytes())
     return digest.hexdigest()[:16]
@@ -104,18 +107,17 @@ def last_fate_stage(layout: RunLayout) -> str:
 def curated_shards(layout: RunLayout) -> Iterator[tuple[pa.Table, np.ndarray]]:
     """Per embed shard, the metadata and image embeddings of the rows the run kept (joined by uid)."""
     last = last_fate_stage(layout)
-    root = layout.stage_dir("embed")
-    for meta_path in sorted((root / "metadata").glob("metadata_*.parquet")):
-        shard = meta_path.stem.removeprefix("metadata_")
-        metadata = pq.read_table(meta_path, columns=["uid", "caption", "url", "clip_score"])
+    embed = EmbedOutputs(layout)
+    for shard in embed.shards():
+        metadata = embed.metadata(shard, columns=["uid", "caption", "url", "clip_score"])
         mask = pc.is_in(metadata["uid"], kept_uids(layout, last, shard)).to_numpy(zero_copy_only=False)
-        embeddings = np.load(root / "img_emb" / f"img_emb_{shard}.npy")
+        embeddings = embed.image_embeddings(shard)
         yield metadata.filter(mask), embeddings[mask].astype(np.float32)
 
 
 def image_refs(layout: RunLayout, uids: set[str]) -> dict[str, ImageRef]:
     """Where each curated image is: in curated/*.tar when materialize ran, else in the download tars."""
-    curated_tars = sorted((layout.root / "curated").glob("*.tar"))
+    curated_tars = CuratedOutputs(layout).shards()
     if not curated_tars:
         return locate_images(layout, uids)
     refs: dict[str, ImageRef] = {}
@@ -127,7 +129,7 @@ def image_refs(layout: RunLayout, uids: set[str]) -> dict[str, ImageRef]:
 def build_index(layout: RunLayout) -> None:
     import faiss
 
-    if not (layout.stage_dir("embed") / "metadata").is_dir():
+    if not EmbedOutputs(layout).shards():
         raise SearchError(f"{layout.root}: no embeddings; the run needs the embed stage to be searchable")
     fingerprint = run_fingerprint(layout)
     tables, vectors = [], []
@@ -267,15 +269,15 @@ class RunSearch:
     def model(self) -> Any:
         with self._lock:
             if self._model is None:
+                from curate.clip import ClipSpec, load_clip
                 from curate.config import load_config
-                from curate.stages.embed import load_clip
 
                 embed = load_config(self.layout.config_path).embed
-                self._model = load_clip(embed, device="cpu", precision="fp32")
+                self._model = load_clip(ClipSpec(embed.model, embed.pretrained, device="cpu", section="embed"))
             return self._model
 
     def text(self, query: str, k: int = 16) -> list[SearchHit]:
-        from curate.stages.embed import embed_texts
+        from curate.clip import embed_texts
 
         model = self.model
         with self._lock:
@@ -285,7 +287,7 @@ class RunSearch:
     def image(self, image: bytes | Path, k: int = 16) -> list[SearchHit]:
         from PIL import Image
 
-        from curate.stages.embed import embed_images
+        from curate.clip import embed_images
 
         data = image.read_bytes() if isinstance(image, Path) else image
         model = self.model

@@ -1,15 +1,28 @@
-"""The contract every per-shard stage follows, and the context it runs in."""
+"""The one stage contract: a stage describes itself (name, config, resources, phases, outputs) in one place.
+
+A stage is a list of phases; a phase is a set of tasks (one per shard, one per partition, or a single one),
+each committed by `curate.runner.run_task` like a shard: scratch directory, check, rename into place, done-marker
+last with the stage's fingerprint inside. A fate phase (`Phase.decides_fates`) returns exactly one fate for every
+uid it was given; other phases only write outputs. The pipeline is one loop over stages and their phases.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import hashlib
+import json
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from enum import StrEnum
 from pathlib import Path
-from typing import TYPE_CHECKING, ClassVar, Protocol
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import pyarrow as pa
 
 if TYPE_CHECKING:
     from curate.config import PipelineConfig
+
+FATE_PHASE = "shards"
+"""The per-shard fate phase of a stage; its markers are `<stage>/_done/<shard>.json`."""
 
 
 @dataclass(frozen=True)
@@ -24,8 +37,13 @@ class RunLayout:
     def fates_path(self, stage: str, shard: str) -> Path:
         return self.stage_dir(stage) / "fates" / f"{shard}.parquet"
 
-    def marker_path(self, stage: str, shard: str) -> Path:
-        return self.stage_dir(stage) / "_done" / f"{shard}.json"
+    def marker_path(self, stage: str, task: str, phase: str = FATE_PHASE) -> Path:
+        folder = self.stage_dir(stage) / "_done"
+        return folder / f"{task}.json" if phase == FATE_PHASE else folder / phase / f"{task}.json"
+
+    def marker_dir(self, stage: str, phase: str = FATE_PHASE) -> Path:
+        folder = self.stage_dir(stage) / "_done"
+        return folder if phase == FATE_PHASE else folder / phase
 
     def scratch_dir(self, stage: str) -> Path:
         return self.stage_dir(stage) / "_tmp"
@@ -49,6 +67,181 @@ class StageContext:
     layout: RunLayout
     fingerprint: str
     """Fingerprint of this stage's config and of everything upstream; a marker with another one is stale."""
+    shards: tuple[str, ...] = ()
+    """The run's input shards (empty before the input stage has run)."""
+
+
+@dataclass(frozen=True)
+class TaskOutput:
+    """What a task hands the runner: the fates of a fate phase, or counts that describe a non-fate task."""
+
+    fates: pa.Table | None = None
+    counts: dict[str, int] = field(default_factory=dict)
+
+
+TaskFn = Callable[[StageContext, str, Path], TaskOutput | pa.Table]
+
+
+@dataclass(frozen=True)
+class Phase:
+    """A set of tasks of one stage. `tasks` is evaluated in the driver once the earlier phases are done.
+
+    `commit` says how the runner puts a task's scratch directory in place: "move" renames each file into
+    `output_root` (relative paths kept), "replace" swaps the whole `output_root` for it (all or nothing), and
+    "in_place" means the task writes its final files itself (e.g. a resumable training run) and the runner
+    only writes the marker.
+    """
+
+    name: str
+    tasks: Callable[[StageContext], list[str]]
+    run: TaskFn
+    expected: Callable[[StageContext, str], pa.Array] | None = None
+    """For a fate phase: the uids a task must decide (one fate each)."""
+    output_root: Callable[[StageContext], Path] | None = None
+    commit: str = "move"
+    resources: dict[str, float] | None = None
+    """Overrides the stage's resources for this phase."""
+    workers: int | None = None
+    """Overrides the stage's local worker count for this phase."""
+
+    @property
+    def decides_fates(self) -> bool:
+        return self.expected is not None
+
+
+class Stage:
+    """Every hook has a default. Subclasses set `name` and implement `phases` (or, for a stage that only
+    decides fates per shard, `expected_uids` and `process_shard`)."""
+
+    name: ClassVar[str]
+    section: ClassVar[str | None] = None
+    """The config section of this stage's settings (default: `name`; None for a stage with none)."""
+    speed_only: ClassVar[frozenset[str]] = frozenset()
+    """Settings that change how fast the stage runs, never what it produces: left out of its fingerprint."""
+    decides_fates: ClassVar[bool] = True
+    """False for stages that decide no row's fate (materialize copies the kept rows, validate trains)."""
+    default: ClassVar[bool] = True
+    """Part of the pipeline when the config does not list `stages`."""
+    outputs: ClassVar[type[StageOutputs] | None] = None
+
+    def __init__(self, config: PipelineConfig) -> None:
+        self.config = config
+
+    @property
+    def cfg(self) -> Any:
+        section = self.section_name()
+        return getattr(self.config, section) if section else None
+
+    @classmethod
+    def section_name(cls) -> str | None:
+        return cls.section if cls.section is not None or not hasattr(cls, "name") else cls.name
+
+    def fingerprint(self, upstream: str) -> str:
+        """This stage's settings (less `speed_only`) and extras, chained to the upstream fingerprint."""
+        settings = self.cfg.model_dump(mode="json", exclude=set(self.speed_only)) if self.cfg is not None else {}
+        return digest({"stage": self.name, "upstream": upstream, "settings": settings, **self.fingerprint_extras()})
+
+    def fingerprint_extras(self) -> dict[str, Any]:
+        """Content identities of files the settings name (a checkpoint's bytes, not its path)."""
+        return {}
+
+    def resources(self) -> dict[str, float]:
+        """Worker resources its tasks need, e.g. {"GPU": 1} for a model on cuda."""
+        return {}
+
+    def workers(self) -> int:
+        """Tasks run at once by the local executor."""
+        return 1
+
+    def preflight(self) -> None:
+        """Config errors in the driver before any work (unknown model, missing file); loads nothing heavy."""
+
+    def setup(self) -> None:
+        """Once per worker process, before its first task (load models here, not in __init__)."""
+
+    def phases(self) -> list[Phase]:
+        return [self.fate_phase()]
+
+    def fate_phase(self, **options: Any) -> Phase:
+        return Phase(FATE_PHASE, run_shards, self.process_shard, expected=self.expected_uids, **options)
+
+    def expected_uids(self, ctx: StageContext, shard: str) -> pa.Array:
+        raise NotImplementedError(f"stage {self.name!r} has no fate phase")
+
+    def process_shard(self, ctx: StageContext, shard: str, workdir: Path) -> pa.Table:
+        raise NotImplementedError(f"stage {self.name!r} has no fate phase")
+
+    def phase(self, name: str) -> Phase:
+        for phase in self.phases():
+            if phase.name == name:
+                return phase
+        raise KeyError(f"stage {self.name!r} has no phase {name!r}")
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Loaded resources (models, connections: attributes starting with `_`) are never pickled into tasks."""
+        return {k: (None if k.startswith("_") else v) for k, v in self.__dict__.items()}
+
+
+def run_shards(ctx: StageContext) -> list[str]:
+    """The tasks of a per-shard phase: every input shard of the run."""
+    return list(ctx.shards)
+
+
+def single_task(_ctx: StageContext) -> list[str]:
+    return ["all"]
+
+
+def digest(payload: Any) -> str:
+    """The one fingerprint recipe: a short sha256 of canonical JSON."""
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+BLOCK = 1 << 20
+
+
+def content_identity(path: str | Path, name: str | None = None) -> dict[str, Any]:
+    """A file identified by its bytes, not by where it lies or when it was copied: its size and a hash of its
+    first and last MiB (for parquet that covers the footer, so any rewrite of its row groups shows). `name`
+    is kept when the file's name is part of what it means (generated uids hash the source file's name)."""
+    path = Path(path)
+    size = path.stat().st_size
+    hasher = hashlib.sha256()
+    with open(path, "rb") as handle:
+        hasher.update(handle.read(BLOCK))
+        if size > BLOCK:
+            handle.seek(max(BLOCK, size - BLOCK))
+            hasher.update(handle.read(BLOCK))
+    identity: dict[str, Any] = {"size": size, "sha256_ends": hasher.hexdigest()}
+    if name is not None:
+        identity["name"] = name
+    return identity
+
+
+class StageOutputs:
+    """A typed reader of what a stage wrote; consumers use it instead of spelling the stage's paths."""
+
+    stage: ClassVar[str]
+
+    def __init__(self, layout: RunLayout | Path | str) -> None:
+        self.layout = layout if isinstance(layout, RunLayout) else RunLayout(Path(layout))
+
+    @property
+    def folder(self) -> Path:
+        return self.layout.stage_dir(self.stage)
+
+    def fates_path(self, shard: str) -> Path:
+        return self.layout.fates_path(self.stage, shard)
+
+    def fates(self, shard: str, columns: list[str] | None = None) -> pa.Table:
+        import pyarrow.parquet as pq
+
+        from curate.ledger import FATE_SCHEMA
+
+        table = pq.read_table(self.fates_path(shard), schema=FATE_SCHEMA)
+        return table.select(columns) if columns else table
+
+    def kept_uids(self, shard: str) -> pa.Array:
+        return kept_uids(self.layout, self.stage, shard)
 
 
 def kept_uids(layout: RunLayout, stage: str, shard: str) -> pa.Array:
@@ -57,22 +250,12 @@ def kept_uids(layout: RunLayout, stage: str, shard: str) -> pa.Array:
     import pyarrow.parquet as pq
 
     fates = pq.read_table(layout.fates_path(stage, shard), columns=["uid", "status"])
-    return fates.filter(pc.equal(fates["status"], "kept"))["uid"].combine_chunks()
+    return fates.filter(pc.equal(fates["status"], "kept"))["uid"].combine_chunks().cast(pa.string())
 
 
-class ShardStage(Protocol):
-    """A stage that turns one shard into outputs plus exactly one fate per uid it was given.
-
-    `process_shard` writes its outputs under `workdir` with the paths they must have under the stage
-    directory; the runner checks the fates, renames the outputs into place and writes the marker last.
-    Expected failures (a 404, a bad image) are fates; anything raised fails the shard.
-    """
-
-    name: ClassVar[str]
-
-    def expected_uids(self, ctx: StageContext, shard: str) -> pa.Array: ...
-
-    def setup(self) -> None:
-        """Once per worker process, before its first shard (load models here, not in __init__)."""
-
-    def process_shard(self, ctx: StageContext, shard: str, workdir: Path) -> pa.Table: ...
+class ShardState(StrEnum):
+    DONE = "done"
+    STALE = "stale"
+    DAMAGED = "damaged"
+    """The marker matches but a file it lists is missing or has another size: redone."""
+    PENDING = "pending"

@@ -272,3 +272,89 @@ def test_validate_config_names_its_source() -> None:
         validate_config({"input": {"path": "x.csv"}})
     raw = yaml.safe_load(FULL)
     assert validate_config(raw).input.uid_col == "key"
+
+
+# ---------------------------------------------------------------- presets, combinations, format limits
+
+MINIMAL = "output: out\ninput:\n  path: crawl.csv\n"
+
+
+def test_a_null_key_removes_the_presets_value(tmp_path: Path) -> None:
+    path = write(tmp_path, MINIMAL + "filter:\n  preset: laion\n  clip_threshold: null\n")
+    assert load_config(path).filter.clip_threshold is None
+    assert load_config(path).filter.caption_min_chars == 5  # the preset's other keys stay
+    nulled = load_config(write(tmp_path, MINIMAL + "filter:\n  preset: laion\n"), ["filter.clip_threshold=null"])
+    assert nulled.filter.clip_threshold is None and nulled.filter.clip_rules() == (None, None)
+    assert load_config(write(tmp_path, dump_config(nulled), "resolved.yaml")) == nulled
+
+
+def test_threshold_and_top_fraction_together_need_clip_combine(tmp_path: Path) -> None:
+    path = write(tmp_path, MINIMAL + "filter:\n  preset: laion\n")
+    message = error_of(path, ["filter.clip_top_fraction=0.3"])
+    both = "filter.clip_combine: filter.clip_threshold (0.28) and filter.clip_top_fraction (0.3) are both set"
+    assert both in message
+    assert "max (keep pairs that pass both), threshold_only or top_fraction_only" in message
+    chosen = {
+        "max": (0.28, 0.3),
+        "threshold_only": (0.28, None),
+        "top_fraction_only": (None, 0.3),
+    }
+    for combine, rules in chosen.items():
+        config = load_config(path, ["filter.clip_top_fraction=0.3", f"filter.clip_combine={combine}"])
+        assert config.filter.clip_rules() == rules
+    assert load_config(path, ["filter.clip_top_fraction=0.3", "filter.clip_threshold=null"]).filter.clip_rules() == (
+        None,
+        0.3,
+    )
+
+
+def test_clip_combine_naming_an_unset_rule_is_an_error(tmp_path: Path) -> None:
+    message = error_of(write(tmp_path, MINIMAL), ["filter.clip_combine=top_fraction_only"])
+    assert "filter.clip_combine: top_fraction_only needs filter.clip_top_fraction, which is not set" in message
+
+
+@pytest.mark.parametrize(
+    ("download", "expected"),
+    [
+        ("  encode_format: png\n  encode_quality: 95\n", "encode_quality: must be a png compression level in [0, 9]"),
+        ("  encode_format: png\n  encode_quality: -1\n", "encode_quality: Input should be greater than or equal to 0"),
+        ("  encode_format: jpg\n  encode_quality: 0\n", "encode_quality: must be a jpg quality in [1, 100]"),
+        ("  encode_format: webp\n  encode_quality: 101\n", "encode_quality: Input should be less than or equal to 100"),
+    ],
+)  # fmt: skip
+def test_encode_quality_limits_depend_on_the_format(tmp_path: Path, download: str, expected: str) -> None:
+    assert f"download.{expected}" in error_of(write(tmp_path, MINIMAL + "download:\n" + download))
+
+
+def test_png_takes_a_compression_level_and_defaults_to_the_smallest_files(tmp_path: Path) -> None:
+    png = load_config(write(tmp_path, MINIMAL + "download:\n  encode_format: png\n")).download
+    assert png.encode_quality == 9 and DownloadConfig(encode_format="png").encode_quality == 9
+    assert load_config(write(tmp_path, MINIMAL), ["download.encode_format=png", "download.encode_quality=0"])
+    assert DownloadConfig().encode_quality == 95 and DownloadConfig(encode_format="webp").encode_quality == 95
+
+
+@pytest.mark.parametrize(
+    ("overrides", "expected"),
+    [
+        (["validate.samples_seen=1000", "validate.batch_size=256"],
+         "validate.warmup_steps: must be less than the run's 3 steps (validate.samples_seen 1000 // "
+         "validate.batch_size 256) (got 10)"),
+        (["validate.warmup_steps=100"], "validate.warmup_steps: must be less than the run's 100 steps"),
+        (["validate.samples_seen=100", "validate.batch_size=256"],
+         "validate.samples_seen: must be at least one batch (validate.batch_size = 256) (got 100)"),
+    ],
+)  # fmt: skip
+def test_warmup_must_fit_in_the_runs_steps(tmp_path: Path, overrides: list[str], expected: str) -> None:
+    assert expected in error_of(write(tmp_path, MINIMAL), overrides)
+    assert load_config(write(tmp_path, MINIMAL), ["validate.warmup_steps=99"]).validate.warmup_steps == 99
+
+
+@pytest.mark.parametrize(("spelling", "header"), [("no", "no"), ("off", "no"), ("yes", "yes"), ("on", "yes"),
+                                                  ("'no'", "no"), ("auto", "auto")])  # fmt: skip
+def test_yes_no_settings_take_yaml_booleans(tmp_path: Path, spelling: str, header: str) -> None:
+    config = load_config(write(tmp_path, MINIMAL.replace("crawl.csv", f"crawl.tsv\n  header: {spelling}")))
+    assert config.input.header == header
+    assert load_config(write(tmp_path, MINIMAL + "download:\n  resize_mode: no\n")).download.resize_mode == "no"
+    assert "download.resize_mode: Input should be 'no'" in error_of(
+        write(tmp_path, MINIMAL + "download:\n  resize_mode: yes\n")
+    )

@@ -13,7 +13,7 @@ from curate.config import DaskConfig, load_config, validate_config
 from curate.executors.dask import DaskExecutor
 from curate.ledger import make_fates, read_ledger
 from curate.pipeline import run_pipeline
-from curate.stage import RunLayout, StageContext
+from curate.stage import RunLayout, Stage, StageContext
 from tests.test_download import tar_samples
 from tests.world_fixtures import ServedWorld, full_pipeline_overrides
 
@@ -91,7 +91,7 @@ def test_the_worker_profiler_is_there_when_asked_for():
     assert profiling
 
 
-class WhereDidItRun:
+class WhereDidItRun(Stage):
     """A stage that records which worker ran each shard; asks for a GPU when told to."""
 
     name: ClassVar[str] = "where"
@@ -139,7 +139,7 @@ def test_a_stage_asking_for_a_gpu_runs_only_on_workers_that_offer_one(tmp_path: 
     assert gpu_names == {"gpu-worker"}
 
 
-class FailsOnOneShard:
+class FailsOnOneShard(Stage):
     """A stage whose `bad` shard raises on every attempt while `switch` exists; each attempt leaves a file."""
 
     name: ClassVar[str] = "flaky"

@@ -50,6 +50,8 @@ from curate.stages.fetch import (
     is_public_address,
     opt_out_directive,
     parse_retry_after,
+    parse_robots,
+    robots_agent,
 )
 from curate.ledger import read_ledger
 from curate.pipeline import run_pipeline
@@ -584,3 +586,89 @@ def test_declared_pixels_are_checked_from_the_header(tmp_path: Path):
         check_declared_pixels(small, max_pixels=1000)
     check_declared_pixels(small, max_pixels=64 * 48)
     check_declared_pixels(junk, max_pixels=1000)  # undecodable bytes are img2dataset's to judge
+
+
+# --- robots.txt (RFC 9309, through protego) ----------------------------------------------------------
+
+RFC_ROBOTS_TXT = b"""\
+User-agent: *
+Disallow: /*.jpg$
+Disallow: /private/
+Allow: /private/ok/
+
+User-agent: otherbot
+Disallow: /
+
+User-agent: curate
+Disallow: /not-for-curate/
+Allow: /not-for-curate/but-this/
+"""
+
+
+def robots_allows(body: bytes, path: str, agent: str = "curate") -> bool:
+    try:
+        parse_robots(200, body).check(f"http://example.com{path}", agent)
+    except FetchError as err:
+        assert err.reason == "robots_txt" and not err.requested
+        return False
+    return True
+
+
+@pytest.mark.parametrize(
+    ("path", "allowed"),
+    [
+        ("/a.jpg", False),  # `*` and `$`: any path ending in .jpg
+        ("/deep/down/b.jpg", False),
+        ("/a.jpg?x=1", True),  # `$` anchors the end of path and query: this one does not end in .jpg
+        ("/a.jpeg", True),
+        ("/private/x.png", False),
+        ("/private/ok/x.png", True),  # the longer Allow wins over the shorter Disallow, whatever their order
+        ("/private/ok/x.jpg", True),  # /private/ok/ (12 octets) is longer than /*.jpg$ (7)
+    ],
+)
+def test_robots_wildcards_and_the_longest_match_for_other_agents(path: str, allowed: bool):
+    assert robots_allows(RFC_ROBOTS_TXT, path, agent="somebot") is allowed
+
+
+def test_robots_group_for_our_token_replaces_the_star_group():
+    assert robots_allows(RFC_ROBOTS_TXT, "/a.jpg")  # our group has no /*.jpg$ rule
+    assert not robots_allows(RFC_ROBOTS_TXT, "/not-for-curate/x.jpg")
+    assert robots_allows(RFC_ROBOTS_TXT, "/not-for-curate/but-this/x.jpg")
+    assert robots_allows(RFC_ROBOTS_TXT, "/not-for-curate/x.png", agent="somebot")
+    assert not robots_allows(RFC_ROBOTS_TXT, "/anything", agent="otherbot")
+    assert robots_allows(b"User-agent: CURATE\nDisallow: /x\n", "/y") and not robots_allows(
+        b"User-agent: CURATE\nDisallow: /x\n", "/x"
+    )  # user-agent lines match case-insensitively
+    assert not robots_allows(b"\xef\xbb\xbfUser-agent: curate\nDisallow: /\n", "/x")  # a UTF-8 BOM is ignored
+
+
+def test_robots_agent_is_our_product_tokens_not_the_header_comment():
+    assert robots_agent(DownloadConfig()) == "curate"
+    assert robots_agent(DownloadConfig(user_agent_token="curate-demo")) == "curate-demo curate"
+    assert robots_agent(DownloadConfig(user_agent_token=None, user_agent="Acme/2.0 (dataset crawl)")) == "acme"
+    # "dataset" is a word of our User-Agent's comment, not a product token: its group is not ours
+    body = b"User-agent: dataset\nDisallow: /\n\nUser-agent: curate-demo\nDisallow: /demo/\n"
+    agent = robots_agent(DownloadConfig(user_agent_token="curate-demo"))
+    assert robots_allows(body, "/x", agent) and not robots_allows(body, "/demo/x", agent)
+
+
+def test_the_fetcher_obeys_rfc_robots_rules_for_its_token(tmp_path: Path):
+    image = small_jpegs(1)[0]
+    robots = b"User-agent: *\nDisallow: /\n\nUser-agent: curate-test\nDisallow: /*.png$\nAllow: /\n"
+
+    def serve(handler: _Handler, path: str) -> None:
+        handler.send(200, robots, "text/plain") if path == "/robots.txt" else handler.send(200, image)
+
+    server = _WebServer("127.0.0.1", serve)
+    threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+    try:
+        config = DownloadConfig(allow_hosts=[server.base_url.removeprefix("http://")], user_agent_token="curate-test")
+        fetcher = GuardedFetcher(config)
+        outcomes = {p: fetcher.fetch_to_file(f"{server.base_url}{p}", tmp_path / "x") for p in ("/a.jpg", "/b.png")}
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert isinstance(outcomes["/a.jpg"], Fetched)
+    refused = outcomes["/b.png"]
+    assert isinstance(refused, FetchFailure) and (refused.status.value, refused.reason) == ("dropped", "robots_txt")
+    assert server.hits == {"/robots.txt": 1, "/a.jpg": 1}

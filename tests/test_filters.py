@@ -141,3 +141,17 @@ def test_top_fraction_is_ranked_over_the_whole_run_not_per_shard(tmp_path: Path)
     assert summary["clip_cutoff"] == pytest.approx(0.81, abs=1e-6)
     assert summary["clip_score"]["count"] == 20
     assert summary["filters"] == ["clip_score"]
+
+
+@pytest.mark.parametrize(
+    ("combine", "cutoff", "rule"),
+    [("max", 0.6, (0.6, 0.5)), ("threshold_only", 0.6, (0.6, None)), ("top_fraction_only", 0.5, (None, 0.5))],
+)
+def test_clip_combine_chooses_the_cutoff(tmp_path: Path, combine: str, cutoff: float, rule: tuple) -> None:
+    layout = write_fake_embed_run(tmp_path, {"00000": [i / 10 for i in range(10)]})  # top 50%: >= 0.5
+    filter_cfg = {"clip_threshold": 0.6, "clip_top_fraction": 0.5, "clip_combine": combine}
+    config = validate_config({"output": str(tmp_path), "input": {"path": "x"}, "filter": filter_cfg})
+    FilterStage(config.filter).prepare(StageContext(config, layout, "fp"), ["00000"])
+    summary = json.loads((tmp_path / "filter" / "summary.json").read_text())
+    assert summary["clip_cutoff"] == pytest.approx(cutoff)  # top 50% of 0.0 .. 0.9: 0.5
+    assert (summary["clip_threshold"], summary["clip_top_fraction"]) == rule

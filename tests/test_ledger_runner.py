@@ -12,7 +12,7 @@ import pytest
 from curate.config import validate_config
 from curate.ledger import FateError, Status, check_fates, count_fates, make_fates, merge_ledger
 from curate.runner import ShardState, run_shard, shard_state
-from curate.stage import RunLayout, StageContext
+from curate.stage import RunLayout, Stage, StageContext
 
 
 def test_check_fates_demands_exactly_one_fate_per_uid():
@@ -73,7 +73,7 @@ def test_counts_are_keyed_by_status_and_reason():
     assert count_fates(fates) == {"kept": 1, "failed/http_404": 2}
 
 
-class UpperStage:
+class UpperStage(Stage):
     """Writes the uid list in upper case; fails uids starting with 'x'."""
 
     name: ClassVar[str] = "upper"

@@ -13,6 +13,7 @@ import torch
 import webdataset as wds
 from PIL import Image
 
+from curate.clip import resolve_model_name
 from curate.scorer import calibrate, mismatched_captions, suggest_threshold
 from curate.stages.validate.batches import SampleReader, make_batches
 from curate.stages.validate.train import (
@@ -21,12 +22,12 @@ from curate.stages.validate.train import (
     TrainResult,
     decode_side,
     load_checkpoint,
-    resolve_model_name,
     train_clip,
 )
 from examples.demo_world import COLORS, encode_image, make_caption, random_scene, render_scene
 
-# Smaller than curate-tiny so each step takes milliseconds; registered from its JSON path.
+# Smaller than curate-tiny so each step takes milliseconds; registered from its JSON path (as curate-train-micro:
+# a file named after curate's own curate-micro would be refused, it would change what that name means).
 MICRO_CONFIG = {
     "embed_dim": 32,
     "vision_cfg": {"image_size": 32, "patch_size": 8, "width": 64, "layers": 2, "head_width": 32},
@@ -39,7 +40,7 @@ SAMPLES_PER_SHARD = 24
 def data(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[Path]]:
     """(model-config path, two shards of demo-world scenes in img2dataset's jpg/txt/json layout)."""
     root = tmp_path_factory.mktemp("train-data")
-    config = root / "curate-micro.json"
+    config = root / "curate-train-micro.json"
     config.write_text(json.dumps(MICRO_CONFIG))
     rng = np.random.default_rng(0)
     shards = []
@@ -88,9 +89,9 @@ def test_short_run_lowers_loss(trained: TrainResult) -> None:
 
 def test_checkpoint_reloads_through_open_clip(trained: TrainResult, data: tuple[Path, list[Path]]) -> None:
     checkpoint = load_checkpoint(trained.checkpoint)
-    assert checkpoint["model_name"] == "curate-micro" and checkpoint["step"] == 16
+    assert checkpoint["model_name"] == "curate-train-micro" and checkpoint["step"] == 16
     assert TrainRecipe.from_dict(checkpoint["recipe"]) == recipe(data[0])
-    model, _, _ = open_clip.create_model_and_transforms("curate-micro", pretrained=str(trained.checkpoint))
+    model, _, _ = open_clip.create_model_and_transforms("curate-train-micro", pretrained=str(trained.checkpoint))
     reloaded = model.state_dict()
     assert reloaded.keys() == checkpoint["state_dict"].keys()
     for name, tensor in checkpoint["state_dict"].items():
@@ -199,6 +200,27 @@ def test_a_reader_keeps_only_a_few_shards_open(tmp_path: Path, monkeypatch: pyte
     ]
     assert len(reader._files) == 2
     reader.close()
+
+
+def test_training_batches_come_from_png_and_webp_shards(data: tuple[Path, list[Path]], tmp_path: Path) -> None:
+    """download.encode_format: png (or webp) writes <key>.png members; training reads them like jpgs."""
+    config, _ = data
+    rng = np.random.default_rng(1)
+    shard, written = tmp_path / "00000.tar", []
+    with wds.TarWriter(str(shard)) as sink:
+        for i in range(12):
+            scene = random_scene(rng, (48, 48))
+            extension = "webp" if i % 3 == 0 else "png"
+            encoded = io.BytesIO()
+            render_scene(rng, scene).save(encoded, format=extension.upper())
+            caption = make_caption(rng, scene.shape, scene.color, scene.count, scene.background)
+            sink.write({"__key__": f"{i:04d}", extension: encoded.getvalue(), "txt": caption, "json": {"uid": str(i)}})
+            written.append((encoded.getvalue(), caption))
+    reader = SampleReader([shard])
+    assert [reader.read(0, i) for i in range(len(reader.index(0)))] == written
+    reader.close()
+    batches = first_batches([shard], config, workers=0, start_step=0, n=2)
+    assert len(batches) == 2 and all(torch.isfinite(b).all() for b in batches)
 
 
 def test_jpegs_decode_at_the_smallest_scale_that_covers_the_crop(data: tuple[Path, list[Path]]) -> None:

@@ -1,10 +1,10 @@
 """Run shards as Dask tasks: on a LocalCluster of worker processes, or on an existing cluster.
 
-One task per shard (never per image). The task is the same `run_shard` the local executor calls, so a
+One task per shard or partition (never per image). The task is the same `run_task` the local executor calls, so a
 re-executed task (Dask re-runs a dead worker's tasks, finished ones included) commits the same files
 again: shard commits are idempotent. A stage whose model must run on a GPU asks for the `GPU` worker
-resource; workers offer it when started with `dask worker ... --resources GPU=1`. The output
-directory must be on a filesystem that every worker sees.
+resource; workers offer it when started with `dask worker ... --resources GPU=1`, and a phase asking for a
+resource no worker offers fails at once. The output directory must be on a filesystem that every worker sees.
 
 LocalCluster workers keep glibc's default malloc tuning, not the `MALLOC_TRIM_THRESHOLD_=65536` Dask's nanny
 sets by default (see `WORKER_ENV_UNSET`), and run without Dask's statistical profiler unless
@@ -23,11 +23,11 @@ import os
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any
 
-from curate.config import DaskConfig
-from curate.runner import ShardFailed, ShardReport, run_shard
-from curate.stage import ShardStage, StageContext
+from curate.config import ConfigError, DaskConfig
+from curate.executors import execute_task, reported
+from curate.runner import ShardFailed, TaskReport
+from curate.stage import FATE_PHASE, Stage, StageContext
 
 log = logging.getLogger(__name__)
 
@@ -76,36 +76,58 @@ class DaskExecutor:
     def dashboard_link(self) -> str:
         return str(self.client.dashboard_link)
 
-    def map_shards(
-        self, stage: ShardStage, ctx: StageContext, shards: list[str], workers: int
-    ) -> Iterator[ShardReport]:
+    def map_shards(self, stage: Stage, ctx: StageContext, shards: list[str], workers: int) -> Iterator[TaskReport]:
+        return self.map_tasks(stage, ctx, FATE_PHASE, shards, workers, stage.resources())
+
+    def map_tasks(
+        self,
+        stage: Stage,
+        ctx: StageContext,
+        phase: str,
+        tasks: list[str],
+        workers: int,
+        resources: dict[str, float] | None = None,
+    ) -> Iterator[TaskReport]:
         from distributed import as_completed
 
-        if not shards:
+        if not tasks:
             return
-        resources = stage_resources(stage)
+        self.require_resources(stage.name, resources or {})
         submission = uuid.uuid4().hex[:8]  # a fresh key per submission: Dask remembers keys it has seen
         futures = self.client.map(
-            run_shard,
-            [stage] * len(shards),
-            [ctx] * len(shards),
-            shards,
-            key=[f"{stage.name}-{shard}-{submission}" for shard in shards],
-            resources=resources,
+            execute_task,
+            [stage] * len(tasks),
+            [ctx] * len(tasks),
+            [phase] * len(tasks),
+            tasks,
+            key=[f"{stage.name}-{phase}-{task}-{submission}" for task in tasks],
+            resources=resources or None,
             retries=self.cfg.shard_retries,
             pure=False,
         )
-        shard_of = {future.key: shard for future, shard in zip(futures, shards, strict=True)}
+        task_of = {future.key: task for future, task in zip(futures, tasks, strict=True)}
         try:
             for future in as_completed(futures):
                 if future.status == "error":
                     error = future.exception()
-                    raise ShardFailed(stage.name, shard_of[future.key], f"{type(error).__name__}: {error}")
-                yield future.result()
+                    raise ShardFailed(stage.name, task_of[future.key], f"{type(error).__name__}: {error}", phase)
+                yield reported(future.result())
         finally:
             unfinished = [future for future in futures if not future.done()]
             if unfinished:
                 self.client.cancel(unfinished)
+
+    def require_resources(self, stage: str, resources: dict[str, float]) -> None:
+        """Fail at once, naming the resource, when no worker offers what the tasks ask for (Dask would wait)."""
+        if not resources:
+            return
+        offered = [info.get("resources", {}) for info in self.client.scheduler_info()["workers"].values()]
+        for name, amount in resources.items():
+            if not any(worker.get(name, 0) >= amount for worker in offered):
+                raise ConfigError(
+                    f"stage {stage!r} needs worker resource {name}={amount:g} but none of the cluster's "
+                    f"{len(offered)} workers offers it (start GPU workers with `dask worker ... --resources {name}=1`)"
+                )
 
     def close(self) -> None:
         self.client.close()
@@ -139,9 +161,3 @@ def worker_environment(profiler: bool = False) -> Iterator[None]:
                 os.environ.pop(key, None)
             else:
                 os.environ[key] = value
-
-
-def stage_resources(stage: ShardStage) -> dict[str, Any] | None:
-    """Worker resources a stage's tasks need, e.g. {"GPU": 1} for a model on cuda."""
-    wanted = getattr(stage, "resources", None)
-    return wanted() if callable(wanted) else None

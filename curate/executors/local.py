@@ -1,4 +1,4 @@
-"""Run shards in this process, or in a pool of spawned worker processes."""
+"""Run tasks in this process, or in a pool of spawned worker processes."""
 
 from __future__ import annotations
 
@@ -7,8 +7,9 @@ import multiprocessing
 from collections.abc import Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 
-from curate.runner import ShardFailed, ShardReport, run_shard
-from curate.stage import ShardStage, StageContext
+from curate.executors import ConfigFailure, execute_task, reported
+from curate.runner import ShardFailed, TaskReport
+from curate.stage import FATE_PHASE, Stage, StageContext
 
 log = logging.getLogger(__name__)
 
@@ -17,44 +18,57 @@ class LocalExecutor:
     def __init__(self, shard_retries: int = 1) -> None:
         self.shard_retries = shard_retries
 
-    def map_shards(
-        self, stage: ShardStage, ctx: StageContext, shards: list[str], workers: int
-    ) -> Iterator[ShardReport]:
-        if workers <= 1 or len(shards) <= 1:
-            for shard in shards:
-                yield self._run_with_retries(stage, ctx, shard)
+    def map_shards(self, stage: Stage, ctx: StageContext, shards: list[str], workers: int) -> Iterator[TaskReport]:
+        return self.map_tasks(stage, ctx, FATE_PHASE, shards, workers, stage.resources())
+
+    def map_tasks(
+        self,
+        stage: Stage,
+        ctx: StageContext,
+        phase: str,
+        tasks: list[str],
+        workers: int,
+        resources: dict[str, float] | None = None,
+    ) -> Iterator[TaskReport]:
+        if workers <= 1 or len(tasks) <= 1:
+            for task in tasks:
+                yield self._run_with_retries(stage, ctx, phase, task)
             return
         # spawn, not fork: img2dataset and torch are not fork-safe once threads exist
         context = multiprocessing.get_context("spawn")
-        with ProcessPoolExecutor(max_workers=min(workers, len(shards)), mp_context=context) as pool:
-            attempts = dict.fromkeys(shards, 0)
-            running: dict[Future[ShardReport], str] = {pool.submit(run_shard, stage, ctx, s): s for s in shards}
+        with ProcessPoolExecutor(max_workers=min(workers, len(tasks)), mp_context=context) as pool:
+            attempts = dict.fromkeys(tasks, 0)
+            running: dict[Future[TaskReport | ConfigFailure], str] = {
+                pool.submit(execute_task, stage, ctx, phase, t): t for t in tasks
+            }
             try:
                 while running:
                     finished, _ = wait(running, return_when=FIRST_COMPLETED)
                     for future in finished:
-                        shard = running.pop(future)
+                        task = running.pop(future)
                         error = future.exception()
                         if error is None:
-                            yield future.result()
+                            yield reported(future.result())
                             continue
-                        attempts[shard] += 1
-                        if attempts[shard] > self.shard_retries:
-                            raise ShardFailed(stage.name, shard, error) from error
-                        log.warning("stage %s shard %s failed (%s); retrying", stage.name, shard, error)
-                        running[pool.submit(run_shard, stage, ctx, shard)] = shard
+                        attempts[task] += 1
+                        if attempts[task] > self.shard_retries:
+                            raise ShardFailed(stage.name, task, error, phase) from error
+                        log.warning("stage %s %s %s failed (%s); retrying", stage.name, phase, task, error)
+                        running[pool.submit(execute_task, stage, ctx, phase, task)] = task
             finally:
                 for future in running:
                     future.cancel()
 
-    def _run_with_retries(self, stage: ShardStage, ctx: StageContext, shard: str) -> ShardReport:
+    def _run_with_retries(self, stage: Stage, ctx: StageContext, phase: str, task: str) -> TaskReport:
         for attempt in range(self.shard_retries + 1):
             try:
-                return run_shard(stage, ctx, shard)
+                outcome = execute_task(stage, ctx, phase, task)
             except Exception as error:
                 if attempt == self.shard_retries:
-                    raise ShardFailed(stage.name, shard, error) from error
-                log.warning("stage %s shard %s failed (%s); retrying", stage.name, shard, error)
+                    raise ShardFailed(stage.name, task, error, phase) from error
+                log.warning("stage %s %s %s failed (%s); retrying", stage.name, phase, task, error)
+                continue
+            return reported(outcome)
         raise AssertionError("unreachable")
 
     def close(self) -> None:

@@ -14,7 +14,7 @@ import pyarrow.parquet as pq
 
 
 def temp_sibling(path: Path) -> Path:
-    return path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+    return path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}{SCRATCH_SUFFIX}")
 
 
 def write_bytes_atomic(path: Path, data: bytes) -> None:
@@ -49,3 +49,23 @@ def move_tree_into(src: Path, dest: Path) -> list[Path]:
 
 def read_json(path: Path) -> Any:
     return json.loads(path.read_text())
+
+
+SCRATCH_SUFFIX = ".tmp"
+"""Every scratch name the project writes ends so (and starts with a dot): leftovers are recognisable."""
+
+
+def replace_dir(new: Path, dest: Path) -> None:
+    """Put the folder `new` where `dest` is: two renames, then the old folder is removed.
+
+    A crash between the renames leaves no `dest` and the old folder under a recognisable `.old.tmp` name;
+    the task's marker is written only after this returns, so the next run redoes the task.
+    """
+    if dest.exists():
+        retired = dest.with_name(f".{dest.name}.{uuid.uuid4().hex[:8]}.old{SCRATCH_SUFFIX}")
+        os.replace(dest, retired)
+        os.replace(new, dest)
+        shutil.rmtree(retired, ignore_errors=True)
+    else:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(new, dest)

@@ -1,16 +1,14 @@
 """Find a sample's image by uid in a run's webdataset tars, and make small thumbnails of it.
 
 img2dataset's download tars name samples by its own keys, and the uid is in each sample's .json, so
-finding an image means reading a tar's .json members once; the result is an `ImageRef` (tar, byte
-offset, size) that reads the image back with one seek.
+finding an image means reading a tar's .json members once (`curate.io.wds`); the result is an
+`ImageRef` (tar, byte offset, size) that reads the image back with one seek.
 """
 
 from __future__ import annotations
 
 import io
-import json
 import logging
-import tarfile
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,12 +16,10 @@ from pathlib import Path
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from curate.io.wds import iter_samples
 from curate.stage import RunLayout
 
 log = logging.getLogger(__name__)
-
-IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
-
 
 @dataclass(frozen=True)
 class ImageRef:
@@ -38,26 +34,11 @@ class ImageRef:
 
 
 def scan_tar(tar_path: Path, wanted: set[str] | None = None) -> dict[str, ImageRef]:
-    """uid -> ImageRef for the samples of a webdataset tar (only the `wanted` uids, when given)."""
-    images: dict[str, tarfile.TarInfo] = {}
-    uid_of_key: dict[str, str] = {}
-    with tarfile.open(tar_path) as tar:
-        for member in tar:
-            if not member.isfile():
-                continue
-            key, _, extension = member.name.partition(".")
-            if extension in IMAGE_EXTENSIONS:
-                images[key] = member
-            elif extension == "json":
-                payload = tar.extractfile(member)
-                uid = json.loads(payload.read()).get("uid") if payload is not None else None
-                if uid is not None:
-                    uid_of_key[key] = str(uid)
+    """uid -> ImageRef for the samples with an image of a curate tar (only the `wanted` uids, when given)."""
     refs = {}
-    for key, uid in uid_of_key.items():
-        member = images.get(key)
-        if member is not None and (wanted is None or uid in wanted):
-            refs[uid] = ImageRef(tar_path, member.offset_data, member.size)
+    for sample in iter_samples(tar_path, wanted, read=()):
+        if sample.image_extension is not None:
+            refs[sample.uid] = ImageRef(tar_path, *sample.spans[sample.image_extension])
     return refs
 
 

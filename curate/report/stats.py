@@ -23,9 +23,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import yaml
 
-from curate.config import NON_FATE_STAGES, STAGE_ORDER
 from curate.io.fs import read_json
 from curate.stage import RunLayout
+from curate.stages import fate_stage_names, stage_names
+from curate.stages.dedup.stage import DedupOutputs
+from curate.stages.embed import EmbedOutputs
+from curate.stages.filters import FilterOutputs
+from curate.stages.materialize import CuratedOutputs
+from curate.stages.validate.stage import ValidateOutputs
 
 log = logging.getLogger(__name__)
 
@@ -55,15 +60,15 @@ def load_run(run_dir: Path) -> RunData:
     layout = RunLayout(Path(run_dir))
     if not layout.config_path.exists():
         raise FileNotFoundError(f"{run_dir}: not a curate run (no config.yaml)")
-    decisions_path = layout.stage_dir("dedup") / "decisions.parquet"
+    dedup = DedupOutputs(layout)
     return RunData(
         layout=layout,
         config=_read_yaml(layout.config_path),
         ledger_path=layout.ledger_path if layout.ledger_path.exists() else None,
         run_stats=_read_optional_json(layout.stats_path),
-        filter_summary=_read_optional_json(layout.stage_dir("filter") / "summary.json"),
-        decisions=pq.read_table(decisions_path).to_pandas() if decisions_path.exists() else None,
-        metrics=_read_optional_json(layout.stage_dir("validate") / "metrics.json"),
+        filter_summary=_read_optional_json(FilterOutputs(layout).summary_path),
+        decisions=dedup.decisions().to_pandas() if dedup.folder.joinpath("decisions").is_dir() else None,
+        metrics=_read_optional_json(ValidateOutputs(layout).metrics_path),
     )
 
 
@@ -151,7 +156,8 @@ def digest_ledger(path: Path, cutoff: float | None, edges: list[float] | None) -
 
 
 def stage_rank(stage: str) -> int:
-    return STAGE_ORDER.index(stage) if stage in STAGE_ORDER else len(STAGE_ORDER)
+    order = stage_names()
+    return order.index(stage) if stage in order else len(order)
 
 
 def funnel(data: RunData, digest: LedgerDigest | None) -> list[dict[str, Any]] | None:
@@ -173,7 +179,7 @@ def funnel(data: RunData, digest: LedgerDigest | None) -> list[dict[str, Any]] |
 
 
 def _configured_stages(data: RunData) -> list[str]:
-    return [s for s in data.config.get("stages", []) if s not in NON_FATE_STAGES]
+    return fate_stage_names([s for s in data.config.get("stages", []) if s in stage_names()])
 
 
 def funnel_from_counts(counts: Counter[tuple[str, str, str]], configured: list[str]) -> list[dict[str, Any]]:
@@ -222,10 +228,11 @@ def score_stats(data: RunData) -> dict[str, Any] | None:
 
 
 def _embedded_scores(layout: RunLayout) -> np.ndarray | None:
-    paths = sorted((layout.stage_dir("embed") / "metadata").glob("metadata_*.parquet"))
-    if not paths:
+    embed = EmbedOutputs(layout)
+    shards = embed.shards()
+    if not shards:
         return None
-    parts = [pq.read_table(p, columns=["clip_score"])["clip_score"].to_numpy(zero_copy_only=False) for p in paths]
+    parts = [embed.metadata(s, columns=["clip_score"])["clip_score"].to_numpy(zero_copy_only=False) for s in shards]
     return np.concatenate(parts).astype(np.float64)
 
 
@@ -350,7 +357,7 @@ def run_summary(data: RunData, funnel_rows: list[dict[str, Any]] | None) -> dict
     filt = config.get("filter") or {}
     input_rows = funnel_rows[0]["rows"] if funnel_rows else None
     curated = funnel_rows[-1]["kept"] if funnel_rows else None
-    marker = data.layout.root / "curated" / "_done.json"
+    marker = CuratedOutputs(data.layout).marker_path
     return {
         "run": str(data.layout.root.resolve()),
         "name": data.layout.root.resolve().name,

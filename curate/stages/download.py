@@ -19,16 +19,19 @@ import shutil
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, ClassVar, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from curate.config import DownloadConfig
-from curate.stages.fetch import Fetched, FetchFailure, FetchOutcome, GuardedFetcher
-from curate.stages.input import read_manifest, read_shard_rows
 from curate.ledger import Status, empty_fates, make_fates
-from curate.stage import StageContext
+from curate.stage import Stage, StageContext, StageOutputs
+from curate.stages.fetch import Fetched, FetchFailure, FetchOutcome, GuardedFetcher
+from curate.stages.input import InputOutputs
+
+if TYPE_CHECKING:
+    from curate.config import PipelineConfig
 
 log = logging.getLogger(__name__)
 
@@ -85,16 +88,32 @@ class DownloadError(RuntimeError):
 FETCH_FAILED_URL = "curate-fetch-failed:"
 
 
-class DownloadStage:
-    name: ClassVar[str] = "download"
-    upstream: ClassVar[str] = "input"
+class DownloadOutputs(StageOutputs):
+    stage = "download"
 
-    def __init__(self, cfg: DownloadConfig) -> None:
-        self.cfg = cfg
+    def tar_path(self, shard: str) -> Path:
+        return self.folder / f"{shard}.tar"
+
+    def results_path(self, shard: str) -> Path:
+        """img2dataset's per-shard parquet of statuses and hashes."""
+        return self.folder / f"{shard}.parquet"
+
+
+class DownloadStage(Stage):
+    name = "download"
+    speed_only = frozenset({"threads", "processes", "per_host_connections"})
+    outputs = DownloadOutputs
+
+    def __init__(self, config: PipelineConfig) -> None:
+        super().__init__(config)
         self._fetcher: GuardedFetcher | None = None
 
-    def __getstate__(self) -> dict:
-        return {"cfg": self.cfg, "_fetcher": None}
+    @property
+    def cfg(self) -> DownloadConfig:
+        return self.config.download
+
+    def workers(self) -> int:
+        return self.cfg.processes
 
     def setup(self) -> None:
         """Once per worker: the guarded fetcher's connections and robots.txt cache serve every shard."""
@@ -102,13 +121,14 @@ class DownloadStage:
             self._fetcher = GuardedFetcher(self.cfg)
 
     def expected_uids(self, ctx: StageContext, shard: str) -> pa.Array:
-        return read_shard_rows(ctx.layout.stage_dir(self.upstream), shard)["uid"].combine_chunks()
+        return InputOutputs(ctx.layout).rows(shard)["uid"].combine_chunks()
 
     def process_shard(self, ctx: StageContext, shard: str, workdir: Path) -> pa.Table:
-        rows = read_shard_rows(ctx.layout.stage_dir(self.upstream), shard)
+        inputs = InputOutputs(ctx.layout)
+        rows = inputs.rows(shard)
         if rows.num_rows == 0:
             return empty_fates()
-        shard_size = int(read_manifest(ctx.layout.stage_dir(self.upstream))["shard_size"])  # type: ignore[index]
+        shard_size = int(inputs.manifest()["shard_size"])  # type: ignore[index]
         samples_per_shard = max(shard_size, rows.num_rows)
         if not self.cfg.guarded_fetch:
             results = self._run_img2dataset(rows, shard, workdir, samples_per_shard, WebDatasetWriter())

@@ -19,8 +19,6 @@ torch and open_clip are imported inside functions: importing this module must st
 
 from __future__ import annotations
 
-import contextlib
-import difflib
 import functools
 import io
 import json
@@ -30,27 +28,34 @@ import struct
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from curate import clip
+from curate.clip import MODEL_CONFIG_DIR as MODEL_CONFIG_DIR  # re-exported: tests and fixtures read them here
+from curate.clip import ClipSpec, LoadedClip, encode_pairs
+from curate.clip import PixelSteps as PixelSteps
+from curate.clip import embed_images as embed_images
+from curate.clip import embed_texts as embed_texts
+from curate.clip import register_model_configs as register_model_configs
 from curate.config import ConfigError, EmbedConfig
+from curate.io.wds import IMAGE_EXTENSIONS, Sample, iter_samples
 from curate.ledger import Status, make_fates
-from curate.stage import StageContext, kept_uids
+from curate.stage import Stage, StageContext, StageOutputs, content_identity
+from curate.stages.download import DownloadOutputs
 
 if TYPE_CHECKING:
+    from curate.config import PipelineConfig
     import torch
     from PIL import Image
 
 log = logging.getLogger(__name__)
 
-MODEL_CONFIG_DIR = Path(__file__).parent.parent / "model_configs"
-CHECKPOINT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors", ".ckpt", ".npz")
-IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 METADATA_SCHEMA = pa.schema(
     [
         pa.field("uid", pa.string()),
@@ -62,211 +67,31 @@ METADATA_SCHEMA = pa.schema(
 # What Pillow raises on bytes it cannot decode (DecompressionBombError is handled apart: not an OSError).
 DECODE_ERRORS: tuple[type[BaseException], ...] = (OSError, SyntaxError, ValueError, EOFError, struct.error)
 
-_registered_paths: set[Path] = set()
-
 
 # --------------------------------------------------------------------------------------------------
-# Model resolution and loading
+# The model: curate.clip is the one factory; these adapt an EmbedConfig to it
 
 
-def register_model_configs(path: Path = MODEL_CONFIG_DIR) -> None:
-    """Add curate's model configs (or one JSON file / folder) to open_clip's registry, once per process."""
-    path = path.resolve()
-    if path in _registered_paths:
-        return
-    import open_clip
-
-    open_clip.add_model_config(path)
-    _registered_paths.add(path)
+def clip_spec(cfg: EmbedConfig) -> ClipSpec:
+    return ClipSpec(cfg.model, cfg.pretrained, cfg.device, cfg.precision, section="embed")
 
 
 def resolve_model(cfg: EmbedConfig) -> tuple[str, str | None]:
     """(open_clip registry name, pretrained tag or absolute checkpoint path or None); raise ConfigError.
 
-    Cheap: reads at most a model-config JSON, never model weights.
+    Cheap and offline: reads at most a model-config JSON and looks at the weights cache, never loads weights.
     """
-    register_model_configs()
-    name = _resolve_model_name(cfg.model)
-    return name, _resolve_pretrained(name, cfg.pretrained)
-
-
-def _resolve_model_name(model: str) -> str:
-    import open_clip
-
-    if model.endswith(".json"):
-        return _register_config_file(Path(model).expanduser())
-    name = model.replace("/", "-")  # open_clip's own spelling rule: ViT-B/32 is ViT-B-32
-    known = open_clip.list_models()
-    if name not in known:
-        close = difflib.get_close_matches(name, known, n=3, cutoff=0.6)
-        hint = f" (did you mean {', '.join(map(repr, close))}?)" if close else ""
-        raise ConfigError(
-            f"embed.model: unknown open_clip model {model!r}{hint}; "
-            "give a registry name (open_clip.list_models()) or a path to a model-config .json"
-        )
-    return name
-
-
-def _register_config_file(path: Path) -> str:
-    import open_clip
-
-    if not path.is_file():
-        raise ConfigError(f"embed.model: no such model-config file {str(path)!r}")
-    try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise ConfigError(f"embed.model: cannot read model-config file {str(path)!r}: {err}") from None
-    missing = [
-        key for key in ("embed_dim", "vision_cfg", "text_cfg") if not isinstance(config, dict) or key not in config
-    ]
-    if missing:
-        raise ConfigError(f"embed.model: {str(path)!r} is not an open_clip model config (missing {missing})")
-    name = path.stem
-    registered = open_clip.get_model_config(name)
-    if registered is None or path.resolve() not in _registered_paths:
-        if registered is not None and registered != config:
-            # the registry is process-wide: registering would silently change what `name` means elsewhere
-            raise ConfigError(
-                f"embed.model: {str(path)!r} would replace open_clip's registered model {name!r}; rename the file"
-            )
-        register_model_configs(path)
-    elif registered != config:
-        open_clip.add_model_config(path)  # our own file, edited since: re-read it
-    return name
-
-
-def _resolve_pretrained(name: str, pretrained: str | None) -> str | None:
-    import open_clip
-
-    if pretrained is None:
-        return None
-    path = Path(pretrained).expanduser()
-    if path.is_file():
-        return str(path.resolve())
-    if "/" in pretrained or os.sep in pretrained or pretrained.lower().endswith(CHECKPOINT_SUFFIXES):
-        raise ConfigError(f"embed.pretrained: no such checkpoint file {pretrained!r}")
-    if open_clip.get_pretrained_cfg(name, pretrained):
-        return pretrained
-    tags = open_clip.list_pretrained_tags_by_model(name)
-    if not tags:
-        raise ConfigError(
-            f"embed.pretrained: {pretrained!r} is neither a file nor a tag: {name!r} has no pretrained tags, "
-            "give a checkpoint file"
-        )
-    close = difflib.get_close_matches(pretrained.lower().replace("-", "_"), tags, n=1, cutoff=0.6)
-    hint = f"did you mean {close[0]!r}? " if close else ""
-    raise ConfigError(
-        f"embed.pretrained: {pretrained!r} is neither a file nor a pretrained tag of {name!r} "
-        f"({hint}valid tags: {', '.join(tags)})"
-    )
+    return clip.resolve_model(clip_spec(cfg))
 
 
 def resolve_device(cfg: EmbedConfig) -> str:
-    """'cuda' or 'cpu'. `auto` means what this process's machine has."""
-    import torch
-
-    device = cfg.device
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    elif device == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("embed.device is 'cuda' but torch sees no CUDA device on this machine")
-    if device == "cpu" and cfg.precision == "fp16":
-        raise ConfigError("embed.precision 'fp16' needs a CUDA device; use 'fp32' (or 'bf16') on cpu")
-    return device
-
-
-@dataclass(frozen=True)
-class LoadedClip:
-    """A model ready for inference: eval mode, on its device, with its val transform and tokenizer."""
-
-    model: Any
-    preprocess: Callable[[Image.Image], torch.Tensor]
-    tokenizer: Callable[[list[str]], torch.Tensor]
-    device: torch.device
-    model_name: str
-    embed_dim: int
-    autocast: Callable[[], contextlib.AbstractContextManager[Any]] = field(default=contextlib.nullcontext)
-    pixel_steps: PixelSteps | None = None
-    """`preprocess` split for batch work (None when its shape is not the usual one: then it runs per image)."""
-
-
-@dataclass(frozen=True)
-class PixelSteps:
-    """open_clip's val transform split at its ToTensor.
-
-    The PIL steps (resize, crop, RGB) run per image in the decode threads and give uint8 pixels; ToTensor's
-    scaling and Normalize run once per batch on the model's device. Per-image torch ops in decode threads
-    would each start an intra-op parallel region that competes with the model's threads (on a busy 2-core
-    machine we measured ~35 ms per 224-px image for ToTensor + Normalize, against ~0.1 ms single-threaded),
-    and uint8 is a quarter of the bytes to copy to a GPU. The arithmetic is ToTensor's and Normalize's own
-    (x / 255, then (x - mean) / std, in float32), so the result is bit-identical to `preprocess`.
-    """
-
-    pil: Callable[[Image.Image], Image.Image]
-    mean: tuple[float, ...]
-    std: tuple[float, ...]
-
-    @classmethod
-    def from_preprocess(cls, preprocess: Any) -> PixelSteps | None:
-        from torchvision.transforms import Compose, Normalize, ToTensor
-
-        steps = list(getattr(preprocess, "transforms", []))
-        if len(steps) < 2 or not isinstance(steps[-2], ToTensor) or not isinstance(steps[-1], Normalize):
-            return None
-        if any(isinstance(step, (ToTensor, Normalize)) for step in steps[:-2]):
-            return None
-        normalize = steps[-1]
-        return cls(Compose(steps[:-2]), tuple(map(float, normalize.mean)), tuple(map(float, normalize.std)))
-
-    def pixels(self, image: Image.Image) -> np.ndarray:
-        """(H, W, 3) uint8 after the PIL steps."""
-        image = self.pil(image)
-        return np.asarray(image if image.mode == "RGB" else image.convert("RGB"))
-
-    def to_model_input(self, pixels: torch.Tensor, device: torch.device) -> torch.Tensor:
-        """(n, H, W, 3) uint8 on any device -> normalised (n, 3, H, W) float32 on `device`."""
-        import torch
-
-        x = pixels.to(device, non_blocking=True).permute(0, 3, 1, 2).contiguous()
-        mean = torch.tensor(self.mean, dtype=torch.float32, device=device).view(1, -1, 1, 1)
-        std = torch.tensor(self.std, dtype=torch.float32, device=device).view(1, -1, 1, 1)
-        return x.to(torch.float32).div_(255).sub_(mean).div_(std)
+    """'cpu', 'cuda' or 'cuda:N'. `auto` means what this process's machine has."""
+    return str(clip.resolve_device(cfg.device, cfg.precision, section="embed"))
 
 
 def load_clip(cfg: EmbedConfig | None = None, /, **settings: Any) -> LoadedClip:
     """Load the model an EmbedConfig names; keyword settings override it (`load_clip(model="curate-tiny")`)."""
-    import open_clip
-    import torch
-
-    cfg = _with_settings(cfg, settings)
-    name, pretrained = resolve_model(cfg)
-    device = torch.device(resolve_device(cfg))
-    if pretrained is None:
-        log.warning("embed: model %s has random weights (embed.pretrained is not set): its scores mean nothing", name)
-    try:
-        model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=pretrained, device=device)
-    except RuntimeError as err:
-        if pretrained is not None and Path(pretrained).is_file():
-            raise ConfigError(
-                f"embed.pretrained: checkpoint {pretrained!r} does not fit model {name!r}: {err}"
-            ) from err
-        if pretrained is not None:
-            raise RuntimeError(
-                f"embed.pretrained: cannot get the weights of tag {pretrained!r} for {name!r} ({err}); "
-                "without network access, give the path of a local checkpoint file instead"
-            ) from err
-        raise
-    model.eval()
-    return LoadedClip(
-        model=model,
-        preprocess=preprocess,
-        tokenizer=open_clip.get_tokenizer(name),
-        device=device,
-        model_name=name,
-        embed_dim=int(open_clip.get_model_config(name)["embed_dim"]),
-        autocast=_autocast_factory(device, cfg.precision),
-        pixel_steps=PixelSteps.from_preprocess(preprocess),
-    )
+    return clip.load_clip(clip_spec(_with_settings(cfg, settings)))
 
 
 def _with_settings(cfg: EmbedConfig | None, settings: dict[str, Any]) -> EmbedConfig:
@@ -277,80 +102,11 @@ def _with_settings(cfg: EmbedConfig | None, settings: dict[str, Any]) -> EmbedCo
         raise ConfigError(f"embed: {err}") from None
 
 
-def _autocast_factory(device: torch.device, precision: str) -> Callable[[], contextlib.AbstractContextManager[Any]]:
-    import torch
-
-    if precision == "fp32":
-        return contextlib.nullcontext
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
-    return functools.partial(torch.autocast, device_type=device.type, dtype=dtype)
-
-
-# --------------------------------------------------------------------------------------------------
-# Encoding
-
-
-def encode_pairs(loaded: LoadedClip, images: torch.Tensor, tokens: torch.Tensor) -> tuple[np.ndarray, ...]:
-    """(image embeddings, text embeddings, cosine) for aligned batches; float32, L2-normalised in fp32."""
-    import torch
-
-    with torch.inference_mode():
-        image_emb, text_emb = _encode(loaded, images, tokens)
-        scores = (image_emb * text_emb).sum(dim=-1)
-        return image_emb.cpu().numpy(), text_emb.cpu().numpy(), scores.cpu().numpy()
-
-
-def _encode(
-    loaded: LoadedClip, images: torch.Tensor | None, tokens: torch.Tensor | None
-) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    import torch.nn.functional as F
-
-    image_emb = text_emb = None
-    with loaded.autocast():
-        if images is not None:
-            image_emb = loaded.model.encode_image(images.to(loaded.device, non_blocking=True))
-        if tokens is not None:
-            text_emb = loaded.model.encode_text(tokens.to(loaded.device, non_blocking=True))
-    # normalise outside autocast: in fp16 the norm of a wide vector loses digits
-    image_emb = F.normalize(image_emb.float(), dim=-1) if image_emb is not None else None
-    text_emb = F.normalize(text_emb.float(), dim=-1) if text_emb is not None else None
-    return image_emb, text_emb
-
-
-def embed_images(loaded: LoadedClip, images: Sequence[Image.Image], batch_size: int = 256) -> np.ndarray:
-    """L2-normalised float32 (n, dim) embeddings of PIL images (any mode; converted to RGB)."""
-    import torch
-
-    parts = [np.zeros((0, loaded.embed_dim), np.float32)]
-    for start in range(0, len(images), batch_size):
-        batch = torch.stack([loaded.preprocess(im.convert("RGB")) for im in images[start : start + batch_size]])
-        with torch.inference_mode():
-            parts.append(_encode(loaded, batch, None)[0].cpu().numpy())  # type: ignore[union-attr]
-    return np.concatenate(parts)
-
-
-def embed_texts(loaded: LoadedClip, texts: Sequence[str], batch_size: int = 1024) -> np.ndarray:
-    """L2-normalised float32 (n, dim) embeddings of texts."""
-    import torch
-
-    parts = [np.zeros((0, loaded.embed_dim), np.float32)]
-    for start in range(0, len(texts), batch_size):
-        tokens = loaded.tokenizer(list(texts[start : start + batch_size]))
-        with torch.inference_mode():
-            parts.append(_encode(loaded, None, tokens)[1].cpu().numpy())  # type: ignore[union-attr]
-    return np.concatenate(parts)
-
-
 # --------------------------------------------------------------------------------------------------
 # Reading a download shard and preparing batches
 
 
-@dataclass(frozen=True)
-class RawSample:
-    uid: str
-    url: str | None
-    caption: str
-    image: bytes | None
+RawSample = Sample  # a download shard's sample: uid, url, caption and image bytes (None when it has no image)
 
 
 @dataclass
@@ -367,23 +123,7 @@ class PreparedBatch:
 
 def read_tar_samples(tar_path: Path, wanted: set[str]) -> Iterator[RawSample]:
     """The samples of an img2dataset webdataset tar whose uid is in `wanted`, in tar order."""
-    from webdataset.tariterators import tarfile_samples
-
-    seen: set[str] = set()
-    with open(tar_path, "rb") as stream:
-        for sample in tarfile_samples([{"url": str(tar_path), "stream": stream}]):
-            if "json" not in sample:
-                raise ValueError(f"{tar_path}: sample {sample['__key__']!r} has no .json (not an img2dataset shard?)")
-            meta = json.loads(sample["json"])
-            uid = str(meta["uid"])
-            if uid not in wanted:
-                continue
-            if uid in seen:
-                raise ValueError(f"{tar_path}: uid {uid!r} appears in two samples")
-            seen.add(uid)
-            image = next((sample[ext] for ext in IMAGE_EXTENSIONS if ext in sample), None)
-            caption = sample["txt"].decode("utf-8", errors="replace") if "txt" in sample else meta.get("caption") or ""
-            yield RawSample(uid, meta.get("url"), caption, image)
+    return iter_samples(tar_path, wanted, read=(*IMAGE_EXTENSIONS, "txt"))
 
 
 def decode_image(data: bytes) -> Image.Image:
@@ -546,16 +286,54 @@ def read_embeddings(
 # The stage
 
 
-class EmbedStage:
-    name: ClassVar[str] = "embed"
-    upstream: ClassVar[str] = "download"
+class EmbedOutputs(StageOutputs):
+    """Per shard, row-aligned and in uid order: image and text embeddings (float16) and their metadata."""
 
-    def __init__(self, cfg: EmbedConfig) -> None:
-        self.cfg = cfg
+    stage = "embed"
+
+    def paths(self, shard: str) -> tuple[Path, Path, Path]:
+        return embedding_paths(self.folder, shard)
+
+    def metadata(self, shard: str, columns: list[str] | None = None) -> pa.Table:
+        return pq.read_table(self.paths(shard)[2], columns=columns, schema=None if columns else METADATA_SCHEMA)
+
+    def image_embeddings(self, shard: str) -> np.ndarray:
+        return np.load(self.paths(shard)[0])
+
+    def text_embeddings(self, shard: str) -> np.ndarray:
+        return np.load(self.paths(shard)[1])
+
+    def has(self, shard: str) -> bool:
+        return self.paths(shard)[0].exists()
+
+    def shards(self) -> list[str]:
+        """Every shard with embeddings on disk (for readers of a finished run)."""
+        folder = self.folder / "metadata"
+        return sorted(p.stem.removeprefix("metadata_") for p in folder.glob("metadata_*.parquet"))
+
+
+class EmbedStage(Stage):
+    name = "embed"
+    speed_only = frozenset({"batch_size", "decode_threads", "workers", "device"})
+    outputs = EmbedOutputs
+
+    def __init__(self, config: PipelineConfig) -> None:
+        super().__init__(config)
         self._loaded: LoadedClip | None = None
 
-    def __getstate__(self) -> dict[str, Any]:
-        return {"cfg": self.cfg, "_loaded": None}  # models are loaded per worker, never pickled into tasks
+    @property
+    def cfg(self) -> EmbedConfig:
+        return self.config.embed
+
+    def fingerprint_extras(self) -> dict[str, Any]:
+        files = [value for value in (self.cfg.model, self.cfg.pretrained) if value and Path(value).is_file()]
+        return {"files": [content_identity(path) for path in files]}
+
+    def resources(self) -> dict[str, float]:
+        return {"GPU": 1} if self.cfg.device.startswith("cuda") else {}
+
+    def workers(self) -> int:
+        return self.cfg.workers
 
     def preflight(self) -> None:
         """Name, file and tag checks in the driver, before anything runs; loads no weights."""
@@ -566,7 +344,7 @@ class EmbedStage:
     def setup(self) -> None:
         import torch
 
-        if self.cfg.workers > 1 and self.cfg.device != "cuda":
+        if self.cfg.workers > 1 and not self.cfg.device.startswith("cuda"):
             # several spawned workers share the cores: without this, each would start one torch thread per core
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // self.cfg.workers))
         self._loaded = load_clip(self.cfg)
@@ -579,7 +357,7 @@ class EmbedStage:
         return self._loaded  # type: ignore[return-value]
 
     def expected_uids(self, ctx: StageContext, shard: str) -> pa.Array:
-        return kept_uids(ctx.layout, self.upstream, shard)
+        return DownloadOutputs(ctx.layout).kept_uids(shard)
 
     def process_shard(self, ctx: StageContext, shard: str, workdir: Path) -> pa.Table:
         expected = self.expected_uids(ctx, shard).to_pylist()
@@ -587,7 +365,7 @@ class EmbedStage:
         results: list[EmbeddedBatch] = []
         failures: list[tuple[str, str, str]] = []
         if expected:
-            tar_path = ctx.layout.stage_dir(self.upstream) / f"{shard}.tar"
+            tar_path = DownloadOutputs(ctx.layout).tar_path(shard)
             for batch in self._prepared_batches(loaded, read_tar_samples(tar_path, set(expected))):
                 failures.extend(batch.failures)
                 if batch.uids:

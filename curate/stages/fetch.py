@@ -28,7 +28,6 @@ import socket
 import ssl
 import threading
 import time
-import urllib.robotparser
 import zlib
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -38,6 +37,7 @@ from typing import Any
 import httpcore
 import httpx
 from PIL import Image
+from protego import Protego
 
 from curate.config import DownloadConfig
 from curate.ledger import Status
@@ -202,24 +202,26 @@ def opt_out_directive(headers: httpx.Headers, user_agent_token: str | None, dire
 
 
 class RobotsRules:
-    """robots.txt of one origin: parsed rules, 'allow everything', or the fetch failure to repeat."""
+    """robots.txt of one origin: parsed rules, 'allow everything', or the fetch failure to repeat.
 
-    def __init__(self, parser: urllib.robotparser.RobotFileParser | None, failure: FetchError | None = None) -> None:
+    Protego implements RFC 9309's matching: `*` and `$` in paths, the longest matching rule wins
+    (Allow on a tie), and the group whose user-agent line best matches our product token applies.
+    """
+
+    def __init__(self, parser: Protego | None, failure: FetchError | None = None) -> None:
         self.parser, self.failure = parser, failure
 
-    def check(self, url: str, user_agent: str) -> None:
+    def check(self, url: str, robots_agent: str) -> None:
         if self.failure is not None:
             raise FetchError(self.failure.reason, self.failure.detail, requested=False)
-        if self.parser is not None and not self.parser.can_fetch(user_agent, url):
+        if self.parser is not None and not self.parser.can_fetch(url, robots_agent):
             raise FetchError("robots_txt", "disallowed by robots.txt for our user agent", requested=False)
 
 
 def parse_robots(status_code: int, body: bytes) -> RobotsRules:
     """RFC 9309: 2xx -> the rules; 4xx -> no rules; 5xx (and 429) -> assume complete disallow."""
-    parser = urllib.robotparser.RobotFileParser()
     if 200 <= status_code < 300:
-        parser.parse(body.decode("utf-8", errors="replace").splitlines())
-        return RobotsRules(parser)
+        return RobotsRules(Protego.parse(body.decode("utf-8-sig", errors="replace")))  # -sig: drop a BOM
     if 400 <= status_code < 500 and status_code != 429:
         return RobotsRules(None)
     return RobotsRules(None, FetchError("robots_txt", f"robots.txt answered HTTP {status_code}: assuming disallow"))
@@ -425,6 +427,7 @@ class GuardedFetcher:
         self.cfg = cfg
         self.guard = AddressGuard(cfg.allow_hosts)
         self.user_agent = user_agent_string(cfg)
+        self.robots_agent = robots_agent(cfg)
         self.directives = {d.strip().lower() for d in cfg.disallowed_header_directives}
         self.backend = PinnedBackend()
         self.client = httpx.Client(
@@ -498,7 +501,7 @@ class GuardedFetcher:
         host, port = url.host, default_port(url)
         address = self.guard.resolve(host, port)
         if check_robots:
-            self._robots_rules(url).check(str(url), self.user_agent)
+            self._robots_rules(url).check(str(url), self.robots_agent)
         with (
             self._host_slot(f"{host}:{port}"),
             self.backend.request_scope(url.raw_host.decode("ascii"), port, address, deadline),
@@ -587,6 +590,14 @@ def user_agent_string(cfg: DownloadConfig) -> str:
     if token and token.lower() not in cfg.user_agent.lower():
         return f"{cfg.user_agent} (compatible; {token})"
     return cfg.user_agent
+
+
+def robots_agent(cfg: DownloadConfig) -> str:
+    """The product tokens robots.txt groups are matched against: user_agent_token, then the User-Agent's
+    product name ("curate" of "curate/0.1 (...)"); never the comment, whose words are not ours to match."""
+    product = cfg.user_agent.split("/", 1)[0].split()[0] if cfg.user_agent.strip() else ""
+    tokens = [(cfg.user_agent_token or "").strip().lower(), product.lower()]
+    return " ".join(dict.fromkeys(token for token in tokens if token))
 
 
 def redirect_target(response: httpx.Response, current: httpx.URL) -> httpx.URL | None:

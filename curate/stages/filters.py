@@ -8,22 +8,22 @@ a threshold re-runs this stage and later ones only.
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import ClassVar
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
 from curate.config import FilterConfig
-from curate.io.fs import write_json_atomic
-from curate.ledger import FATE_SCHEMA, Status, make_fates
-from curate.stage import StageContext, kept_uids
+from curate.io.fs import read_json, write_json_atomic
+from curate.ledger import Status, make_fates
+from curate.stage import Phase, Stage, StageContext, StageOutputs, TaskOutput, single_task
+from curate.stages.download import DownloadOutputs
+from curate.stages.embed import EmbedOutputs
 
 SCORE_QUANTILES = (0.01, 0.05, 0.1, 0.25, 0.5, 0.75, 0.9, 0.95, 0.99)
 
@@ -139,61 +139,68 @@ def histogram(scores: np.ndarray, bins: int = 50) -> dict[str, list[float]]:
     return {"counts": counts.astype(int).tolist(), "edges": [float(e) for e in edges]}
 
 
-class FilterStage:
-    name: ClassVar[str] = "filter"
-    upstream: ClassVar[str] = "embed"
+class FilterOutputs(StageOutputs):
+    stage = "filter"
 
-    def __init__(self, cfg: FilterConfig) -> None:
-        self.cfg = cfg
+    @property
+    def summary_path(self) -> Path:
+        return self.folder / "summary.json"
 
-    def setup(self) -> None:
-        pass
+    def summary(self) -> dict[str, Any]:
+        return read_json(self.summary_path)
 
-    def summary_path(self, ctx: StageContext) -> Path:
-        return ctx.layout.stage_dir(self.name) / "summary.json"
 
-    def prepare(self, ctx: StageContext, shards: list[str]) -> None:
+class FilterStage(Stage):
+    name = "filter"
+    outputs = FilterOutputs
+
+    @property
+    def cfg(self) -> FilterConfig:
+        return self.config.filter
+
+    def phases(self) -> list[Phase]:
+        return [Phase("cutoff", single_task, self._cutoff), self.fate_phase()]
+
+    def _cutoff(self, ctx: StageContext, _task: str, workdir: Path) -> TaskOutput:
         """Run-wide step: the score distribution, and the cutoff a top fraction implies."""
+        shards = list(ctx.shards)
         scores = np.concatenate([self._shard_scores(ctx, s) for s in shards]) if shards else np.zeros(0)
+        threshold, fraction = self.cfg.clip_rules()  # clip_combine: both (the higher cutoff) or one of them
         cutoffs = []
-        if self.cfg.clip_threshold is not None:
-            cutoffs.append(self.cfg.clip_threshold)
+        if threshold is not None:
+            cutoffs.append(threshold)
         top_cutoff = None
-        if self.cfg.clip_top_fraction is not None:
-            top_cutoff = top_fraction_cutoff(scores, self.cfg.clip_top_fraction)
+        if fraction is not None:
+            top_cutoff = top_fraction_cutoff(scores, fraction)
             cutoffs.append(top_cutoff)
         summary = {
             "clip_score": score_summary(scores),
             "clip_score_histogram": histogram(scores),
-            "clip_threshold": self.cfg.clip_threshold,
-            "clip_top_fraction": self.cfg.clip_top_fraction,
+            "clip_threshold": threshold,
+            "clip_top_fraction": fraction,
             "top_fraction_cutoff": top_cutoff,
             "clip_cutoff": max(cutoffs) if cutoffs else None,
             "filters": [f.name for f in build_filters(self.cfg, max(cutoffs) if cutoffs else None)],
         }
-        write_json_atomic(self.summary_path(ctx), summary)
+        write_json_atomic(workdir / FilterOutputs(ctx.layout).summary_path.name, summary)
+        return TaskOutput(counts={"scores": len(scores)})
 
     def _shard_scores(self, ctx: StageContext, shard: str) -> np.ndarray:
-        metadata = ctx.layout.stage_dir(self.upstream) / "metadata" / f"metadata_{shard}.parquet"
-        return pq.read_table(metadata, columns=["clip_score"])["clip_score"].to_numpy(zero_copy_only=False)
+        metadata = EmbedOutputs(ctx.layout).metadata(shard, columns=["clip_score"])
+        return metadata["clip_score"].to_numpy(zero_copy_only=False)
 
     def expected_uids(self, ctx: StageContext, shard: str) -> pa.Array:
-        return kept_uids(ctx.layout, self.upstream, shard)
+        return EmbedOutputs(ctx.layout).kept_uids(shard)
 
     def process_shard(self, ctx: StageContext, shard: str, workdir: Path) -> pa.Table:
-        cutoff = json.loads(self.summary_path(ctx).read_text())["clip_cutoff"]
+        cutoff = FilterOutputs(ctx.layout).summary()["clip_cutoff"]
         table = self.filter_inputs(ctx, shard)
         return apply_filters(table, build_filters(self.cfg, cutoff))
 
     def filter_inputs(self, ctx: StageContext, shard: str) -> pa.Table:
         """uid, caption, clip_score of the embedded samples, with the original size from download."""
         layout = ctx.layout
-        metadata = pq.read_table(
-            layout.stage_dir(self.upstream) / "metadata" / f"metadata_{shard}.parquet",
-            columns=["uid", "caption", "clip_score"],
-        )
+        metadata = EmbedOutputs(layout).metadata(shard, columns=["uid", "caption", "clip_score"])
         metadata = metadata.filter(pc.is_in(metadata["uid"], self.expected_uids(ctx, shard)))
-        sizes = pq.read_table(layout.fates_path("download", shard), schema=FATE_SCHEMA).select(
-            ["uid", "width", "height"]
-        )
+        sizes = DownloadOutputs(layout).fates(shard, ["uid", "width", "height"])
         return metadata.join(sizes, "uid", join_type="left outer").sort_by("uid")

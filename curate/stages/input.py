@@ -49,9 +49,10 @@ import pyarrow.compute as pc
 import pyarrow.csv as pcsv
 import pyarrow.parquet as pq
 
-from curate.config import InputConfig
-from curate.io.fs import write_json_atomic
+from curate.config import ConfigError, InputConfig
+from curate.io.fs import SCRATCH_SUFFIX, replace_dir, write_json_atomic
 from curate.ledger import StageStats, Status, count_fates, make_fates
+from curate.stage import Phase, Stage, StageContext, StageOutputs, TaskOutput, content_identity, digest, single_task
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +86,7 @@ _STRING_TYPES = (
 )
 
 
-class InputError(ValueError):
+class InputError(ConfigError):
     """An input file that cannot be used; the message names the file and the problem."""
 
 
@@ -602,31 +603,25 @@ class _StagingWriter:
         return table.select(columns) if columns else table
 
 
+def source_identities(cfg: InputConfig, sources: list[SourceFile]) -> list[dict[str, object]]:
+    """The input files by content, in order (the order decides which repeat of a pair is the first). A file's
+    name counts only when generated uids hash it."""
+    return [content_identity(s.path, s.name if cfg.uid_col is None else None) for s in sources]
+
+
 def input_fingerprint(cfg: InputConfig, sources: list[SourceFile]) -> str:
-    described = cfg.model_dump(mode="json", exclude={"batch_rows"})
-    described["files"] = [
-        {"path": str(s.path.resolve()), "size": s.path.stat().st_size, "mtime_ns": s.path.stat().st_mtime_ns}
-        for s in sources
-    ]
-    return hashlib.sha256(json.dumps(described, sort_keys=True).encode()).hexdigest()[:16]
+    return InputStage.settings_digest(cfg, sources)
 
 
 def build_input(cfg: InputConfig, sources: list[SourceFile], stage_dir: Path, fingerprint: str) -> InputSummary:
     """Stream every source into `stage_dir` (shards/, fates/, _done/, manifest.json), all or nothing:
     on any error nothing is left behind and an existing `stage_dir` is untouched."""
     created = [p for p in (stage_dir.parent, *stage_dir.parent.parents) if not p.exists()]
-    scratch = stage_dir.parent / f".{stage_dir.name}.{uuid.uuid4().hex[:8]}.tmp"
-    staging = scratch / "staging"
-    staging.mkdir(parents=True)
+    scratch = stage_dir.parent / f".{stage_dir.name}.{uuid.uuid4().hex[:8]}{SCRATCH_SUFFIX}"
     committed = False
     try:
-        summary = _stream_and_shard(cfg, sources, scratch, staging, fingerprint)
-        shutil.rmtree(staging)
-        if stage_dir.exists():
-            retired = stage_dir.parent / f".{stage_dir.name}.{uuid.uuid4().hex[:8]}.old"
-            os.replace(stage_dir, retired)
-            shutil.rmtree(retired)
-        os.replace(scratch, stage_dir)
+        summary = write_input(cfg, sources, scratch, fingerprint)
+        replace_dir(scratch, stage_dir)
         committed = True
         return summary
     finally:
@@ -635,6 +630,14 @@ def build_input(cfg: InputConfig, sources: list[SourceFile], stage_dir: Path, fi
             for folder in created:  # innermost first; only folders this call made
                 with contextlib.suppress(OSError):
                     folder.rmdir()
+
+
+def write_input(cfg: InputConfig, sources: list[SourceFile], folder: Path, fingerprint: str) -> InputSummary:
+    staging = folder / "staging"
+    staging.mkdir(parents=True)
+    summary = _stream_and_shard(cfg, sources, folder, staging, fingerprint)
+    shutil.rmtree(staging)
+    return summary
 
 
 @dataclass
@@ -814,3 +817,48 @@ def read_manifest(stage_dir: Path) -> dict[str, object] | None:
 
 def read_shard_rows(stage_dir: Path, shard: str) -> pa.Table:
     return pq.read_table(stage_dir / "shards" / f"{shard}.parquet", schema=SHARD_SCHEMA)
+
+
+class InputOutputs(StageOutputs):
+    stage = STAGE
+
+    def manifest(self) -> dict[str, object] | None:
+        return read_manifest(self.folder)
+
+    def shards(self) -> list[str]:
+        manifest = self.manifest()
+        if manifest is None:
+            raise FileNotFoundError(f"{self.layout.root}: the input stage has not finished")
+        return list(manifest["shards"])  # type: ignore[call-overload]
+
+    def rows(self, shard: str) -> pa.Table:
+        return read_shard_rows(self.folder, shard)
+
+
+class InputStage(Stage):
+    """Reads, validates and shards the input files; every row gets a uid and a fate. All or nothing: the
+    stage folder is replaced as a whole, so an unusable file leaves a previous input untouched."""
+
+    name = STAGE
+    speed_only = frozenset({"batch_rows"})
+    outputs = InputOutputs
+
+    def preflight(self) -> None:
+        inspect_sources(self.cfg)  # format and columns of every file, before anything is written or fetched
+
+    def fingerprint(self, upstream: str) -> str:
+        return self.settings_digest(self.cfg, resolve_sources(self.cfg))
+
+    @classmethod
+    def settings_digest(cls, cfg: InputConfig, sources: list[SourceFile]) -> str:
+        settings = cfg.model_dump(mode="json", exclude={"path", *cls.speed_only})
+        return digest({"stage": cls.name, "settings": settings, "files": source_identities(cfg, sources)})
+
+    def phases(self) -> list[Phase]:
+        return [
+            Phase("build", single_task, self._build, commit="replace", output_root=lambda ctx: ctx.layout.stage_dir(STAGE))
+        ]
+
+    def _build(self, ctx: StageContext, _task: str, workdir: Path) -> TaskOutput:
+        summary = write_input(self.cfg, inspect_sources(self.cfg), workdir, ctx.fingerprint)
+        return TaskOutput(counts=dict(summary.stats.counts))

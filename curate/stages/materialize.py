@@ -1,31 +1,29 @@
 """Materialize: reshard the kept samples into curated webdataset shards and write the uid list.
 
-This is the one place images are rewritten. It is a run-wide step rather than a per-shard fate stage:
-it decides nothing (every row's fate is final after dedup), it only copies kept samples, in input-shard
-then uid order, into shards of `materialize.samples_per_shard`, so one sequential pass over the
-download tars produces every output shard. The result replaces `curated/` in one rename and carries
-a done-marker with the fingerprint of everything upstream.
+This is the one place images are rewritten. It decides nothing (every row's fate is final after dedup); it
+copies kept samples, in input-shard then uid order, into shards of `materialize.samples_per_shard`. Output
+shard j holds the kept samples numbered [j * size, (j + 1) * size) in that order: the numbering comes from a
+prefix sum over the per-shard kept counts in the last deciding stage's markers, so each output shard is its
+own task, written and resumed independently of the others. A last task writes `uids.npy` and
+`curated/_done.json` (the fingerprint of everything upstream and the sample count).
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
-import os
 import re
-import shutil
 import tarfile
-import uuid
-from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
 
 import numpy as np
-import pyarrow.parquet as pq
 
 from curate.config import MaterializeConfig
 from curate.io.fs import read_json, write_json_atomic
-from curate.ledger import FATE_SCHEMA
-from curate.stage import RunLayout
+from curate.ledger import FATE_SCHEMA, FateError
+from curate.stage import Phase, RunLayout, Stage, StageContext, StageOutputs, TaskOutput, single_task
+from curate.stages.download import DownloadOutputs
 
 log = logging.getLogger(__name__)
 
@@ -46,20 +44,56 @@ def uid_array(uids: list[str]) -> np.ndarray:
     return np.sort(array)
 
 
-def is_done(layout: RunLayout, fingerprint: str) -> bool:
-    marker = layout.root / CURATED / "_done.json"
-    return marker.exists() and read_json(marker).get("fingerprint") == fingerprint
+class CuratedOutputs(StageOutputs):
+    """curated/NNNNN.tar (webdataset), curated/uids.npy and the completion marker curated/_done.json."""
+
+    stage = "materialize"
+
+    @property
+    def curated_dir(self) -> Path:
+        return self.layout.root / CURATED
+
+    def shard_path(self, index: int) -> Path:
+        return self.curated_dir / f"{index:05d}.tar"
+
+    def shards(self) -> list[Path]:
+        return sorted(self.curated_dir.glob("*.tar"))
+
+    @property
+    def uids_path(self) -> Path:
+        return self.curated_dir / "uids.npy"
+
+    @property
+    def marker_path(self) -> Path:
+        return self.curated_dir / "_done.json"
+
+    def marker(self) -> dict[str, Any] | None:
+        return read_json(self.marker_path) if self.marker_path.exists() else None
+
+    def is_done(self, fingerprint: str | None = None) -> bool:
+        marker = self.marker()
+        return marker is not None and (fingerprint is None or marker.get("fingerprint") == fingerprint)
+
+    def fingerprint(self) -> str:
+        marker = self.marker()
+        if marker is None:
+            raise FileNotFoundError(f"{self.layout.root}: curated/ is not materialized; run the pipeline through it")
+        return str(marker["fingerprint"])
 
 
 def kept_rows(layout: RunLayout, last_stage: str, shard: str) -> dict[str, dict[str, object]]:
     """uid -> fate row for the samples kept by the last deciding stage in this shard."""
+    import pyarrow.parquet as pq
+
     fates = pq.read_table(layout.fates_path(last_stage, shard), schema=FATE_SCHEMA).to_pylist()
     return {row["uid"]: row for row in fates if row["status"] == "kept"}
 
 
-def download_samples(layout: RunLayout, shard: str) -> Iterator[tuple[str, dict[str, bytes]]]:
+def download_samples(layout: RunLayout, shard: str):  # type: ignore[no-untyped-def]
     """(uid, {extension: bytes}) for every sample in a download tar, grouping members by key."""
-    tar_path = layout.stage_dir("download") / f"{shard}.tar"
+    import json
+
+    tar_path = DownloadOutputs(layout).tar_path(shard)
     if not tar_path.exists():
         return
     current_key, members = None, {}
@@ -77,43 +111,82 @@ def download_samples(layout: RunLayout, shard: str) -> Iterator[tuple[str, dict[
         yield json.loads(members["json"])["uid"], members
 
 
-def materialize(cfg: MaterializeConfig, layout: RunLayout, shards: list[str], last_stage: str, fingerprint: str) -> int:
-    """Write curated/NNNNN.tar and curated/uids.npy for the kept samples; returns the sample count."""
-    import webdataset as wds
+class MaterializeStage(Stage):
+    name = "materialize"
+    decides_fates = False
+    outputs = CuratedOutputs
 
-    final = layout.root / CURATED
-    scratch = layout.root / f".{CURATED}.{uuid.uuid4().hex[:8]}.tmp"
-    scratch.mkdir(parents=True)
-    written: list[str] = []
-    try:
-        pattern = str(scratch / "%05d.tar")
-        with wds.ShardWriter(pattern, maxcount=cfg.samples_per_shard, verbose=0) as writer:
-            for shard in shards:
-                kept = kept_rows(layout, last_stage, shard)
-                found = {}
-                for uid, members in download_samples(layout, shard):
-                    if uid in kept:
-                        found[uid] = members
-                missing = sorted(set(kept) - set(found))
+    @property
+    def cfg(self) -> MaterializeConfig:
+        return self.config.materialize
+
+    def phases(self) -> list[Phase]:
+        curated = lambda ctx: CuratedOutputs(ctx.layout).curated_dir  # noqa: E731
+        return [
+            Phase("shards", self._output_shards, self._write_shard, output_root=curated),
+            Phase("index", single_task, self._write_index, output_root=curated),
+        ]
+
+    def last_stage(self) -> str:
+        from curate.stages import fate_stage_names
+
+        return fate_stage_names(self.config.stages)[-1]
+
+    def kept_counts(self, ctx: StageContext) -> np.ndarray:
+        """Kept samples per input shard, from the last deciding stage's markers (no row is read)."""
+        last = self.last_stage()
+        return np.array([read_json(ctx.layout.marker_path(last, s))["counts"].get("kept", 0) for s in ctx.shards])
+
+    def _output_shards(self, ctx: StageContext) -> list[str]:
+        total = int(self.kept_counts(ctx).sum())
+        return [f"{j:05d}" for j in range(-(-total // self.cfg.samples_per_shard))]
+
+    def _write_shard(self, ctx: StageContext, task: str, workdir: Path) -> TaskOutput:
+        import webdataset as wds
+
+        size, last = self.cfg.samples_per_shard, self.last_stage()
+        start = int(task) * size
+        stop = start + size
+        counts = self.kept_counts(ctx)
+        offsets = np.concatenate([[0], np.cumsum(counts)])
+        path = workdir / f"{task}.tar"
+        written = 0
+        with wds.TarWriter(str(path)) as writer:
+            for i, shard in enumerate(ctx.shards):
+                lo, hi = max(start, offsets[i]), min(stop, offsets[i + 1])
+                if lo >= hi:
+                    continue
+                kept = kept_rows(ctx.layout, last, shard)
+                chosen = sorted(kept)[lo - offsets[i] : hi - offsets[i]]
+                wanted = set(chosen)
+                found = {uid: members for uid, members in download_samples(ctx.layout, shard) if uid in wanted}
+                missing = [uid for uid in chosen if uid not in found]
                 if missing:
-                    raise RuntimeError(f"shard {shard}: kept samples missing from download/{shard}.tar: {missing[:3]}")
-                for uid in sorted(kept):
+                    raise FateError(f"shard {shard}: kept samples missing from its download tar: {missing[:3]}")
+                for uid in chosen:
                     writer.write(curated_sample(uid, kept[uid], found[uid]))
-                    written.append(uid)
-        np.save(scratch / "uids.npy", uid_array(written))
-        write_json_atomic(scratch / "_done.json", {"fingerprint": fingerprint, "samples": len(written)})
-        if final.exists():
-            retired = layout.root / f".{CURATED}.{uuid.uuid4().hex[:8]}.old"
-            os.replace(final, retired)
-            shutil.rmtree(retired)
-        os.replace(scratch, final)
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
-    log.info("materialize: %d samples into %s", len(written), final)
-    return len(written)
+                    written += 1
+        on_disk = count_tar_samples(path)
+        if on_disk != written:
+            raise FateError(f"curated/{task}.tar holds {on_disk} samples after writing {written}")
+        return TaskOutput(counts={"samples": written})
+
+    def _write_index(self, ctx: StageContext, _task: str, workdir: Path) -> TaskOutput:
+        last = self.last_stage()
+        uids = [uid for shard in ctx.shards for uid in kept_rows(ctx.layout, last, shard)]
+        shards = self._output_shards(ctx)
+        written = sum(read_json(ctx.layout.marker_path(self.name, s, "shards"))["counts"]["samples"] for s in shards)
+        if written != len(uids):
+            raise FateError(f"curated/ holds {written} samples but {last} kept {len(uids)}")
+        np.save(workdir / "uids.npy", uid_array(uids))
+        write_json_atomic(workdir / "_done.json", {"fingerprint": ctx.fingerprint, "samples": len(uids)})
+        log.info("materialize: %d samples in %d shards", len(uids), len(shards))
+        return TaskOutput(counts={"samples": len(uids)})
 
 
 def curated_sample(uid: str, fate: dict[str, object], members: dict[str, bytes]) -> dict[str, object]:
+    import json
+
     meta = json.loads(members["json"])
     record = {
         "uid": uid,
@@ -128,10 +201,11 @@ def curated_sample(uid: str, fate: dict[str, object], members: dict[str, bytes])
     return {"__key__": uid, image_ext: members[image_ext], "txt": record["caption"], "json": record}
 
 
+def count_tar_samples(path: Path) -> int:
+    with tarfile.open(path) as tar:
+        return sum(1 for m in tar if m.isfile() and m.name.endswith(".json"))
+
+
 def count_curated_samples(layout: RunLayout) -> int:
     """Samples actually present in curated/*.tar (read back, not taken from the marker)."""
-    total = 0
-    for tar_path in sorted((layout.root / CURATED).glob("*.tar")):
-        with tarfile.open(tar_path) as tar:
-            total += sum(1 for m in tar if m.isfile() and m.name.endswith(".json"))
-    return total
+    return sum(count_tar_samples(path) for path in CuratedOutputs(layout).shards())

@@ -11,7 +11,6 @@ from __future__ import annotations
 import glob
 import io
 import logging
-import tarfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -19,6 +18,7 @@ from typing import Any, NamedTuple
 import numpy as np
 from PIL import Image
 
+from curate.io.wds import IMAGE_EXTENSIONS, image_extension_of, iter_members
 from curate.stages.dedup.compute import as_matrix, nearest
 from curate.stages.dedup.decisions import Decisions, as_uids, canonical_order
 
@@ -85,7 +85,7 @@ def contamination_decisions(
     return Decisions(uids, found.mask, matched, similarity)
 
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
+IMAGE_SUFFIXES = tuple(f".{extension}" for extension in IMAGE_EXTENSIONS)
 
 
 def load_eval_images(paths: Sequence[str]) -> tuple[list[Image.Image], list[str]]:
@@ -100,13 +100,23 @@ def load_eval_images(paths: Sequence[str]) -> tuple[list[Image.Image], list[str]
                     images.append(_open_rgb(file.read_bytes()))
                     ids.append(f"{match.name}/{file.relative_to(match)}")
             elif match.suffix == ".tar" and match.exists():
-                with tarfile.open(match) as tar:
-                    for member in tar:
-                        if member.isfile() and Path(member.name).suffix.lower() in IMAGE_SUFFIXES:
-                            images.append(_open_rgb(tar.extractfile(member).read()))  # type: ignore[union-attr]
-                            ids.append(f"{match.name}/{member.name}")
+                tar_images, tar_ids = _tar_images(match)
+                images += tar_images
+                ids += tar_ids
             else:
                 raise FileNotFoundError(f"dedup.eval_sets: {pattern!r} is not a folder of images or a .tar")
+    return images, ids
+
+
+def _tar_images(path: Path) -> tuple[list[Image.Image], list[str]]:
+    """The image of every sample of a webdataset tar (no .json needed), its id `tar name/key.extension`."""
+    images: list[Image.Image] = []
+    ids: list[str] = []
+    for key, members in iter_members(path):
+        extension = image_extension_of(members)
+        if extension is not None:
+            images.append(_open_rgb(members[extension]))
+            ids.append(f"{path.name}/{key}.{extension}")
     return images, ids
 
 
@@ -117,9 +127,10 @@ def _open_rgb(data: bytes) -> Image.Image:
 
 def embed_eval_sets(paths: Sequence[str], embed_cfg: Any) -> tuple[np.ndarray, list[str]]:
     """Embed the evaluation images with the run's own model, so similarities are comparable."""
-    from curate.stages.embed import embed_images, load_clip
+    from curate.clip import embed_images, load_clip
+    from curate.stages.embed import clip_spec
 
     images, ids = load_eval_images(paths)
     if not images:
         return np.zeros((0, 1), np.float32), []
-    return embed_images(load_clip(embed_cfg), images), ids
+    return embed_images(load_clip(clip_spec(embed_cfg)), images), ids

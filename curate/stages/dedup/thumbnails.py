@@ -13,7 +13,7 @@ import io
 import numpy as np
 from PIL import Image
 
-from curate.stages.materialize import download_samples
+from curate.io.wds import iter_samples
 from curate.stage import RunLayout
 
 THUMBNAIL_SIDE = 16
@@ -29,10 +29,15 @@ def thumbnail_feature(image_bytes: bytes, side: int = THUMBNAIL_SIDE) -> np.ndar
 
 def shard_thumbnail_features(layout: RunLayout, shard: str, uids: list[str]) -> np.ndarray:
     """One feature row per uid (in the given order), read from the shard's download tar."""
-    wanted = set(uids)
+    if not uids:
+        return np.zeros((0, 3 * THUMBNAIL_SIDE**2), np.float32)
+    tar_path = layout.stage_dir("download") / f"{shard}.tar"
     features: dict[str, np.ndarray] = {}
-    for uid, members in download_samples(layout, shard):
-        if uid in wanted:
-            image = next(members[ext] for ext in ("jpg", "png", "webp") if ext in members)
-            features[uid] = thumbnail_feature(image)
-    return np.stack([features[u] for u in uids]) if uids else np.zeros((0, 3 * THUMBNAIL_SIDE**2), np.float32)
+    for sample in iter_samples(tar_path, set(uids)):
+        if sample.image is None:
+            raise ValueError(f"{tar_path}: sample {sample.key!r} (uid {sample.uid!r}) has no image")
+        features[sample.uid] = thumbnail_feature(sample.image)
+    missing = [uid for uid in uids if uid not in features]
+    if missing:
+        raise ValueError(f"{tar_path}: no sample for uid(s) {missing[:3]}")
+    return np.stack([features[u] for u in uids])

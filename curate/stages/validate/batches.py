@@ -2,9 +2,9 @@
 
 The stream is a pure function of the seed: shards are shuffled per epoch, samples pass a seeded shuffle
 buffer, and batch b holds samples b*B .. (b+1)*B - 1 of that stream, each decoded with its own index.
-Shards are indexed once (the byte spans of every sample's jpg and txt, from one pass over the tar
-headers); the shuffle then moves (shard, sample) references, and a sample's bytes are read only by the
-worker that decodes it.
+Shards are indexed once (`curate.io.wds.index_tar`: the byte spans of every member, from one pass over
+the tar headers, kept here as each training sample's image and txt spans); the shuffle then moves (shard,
+sample) references, and a sample's bytes are read only by the worker that decodes it.
 """
 
 from __future__ import annotations
@@ -13,7 +13,6 @@ import itertools
 import logging
 import os
 import random
-import tarfile
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -24,6 +23,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from curate.io.wds import IMAGE_EXTENSIONS, index_tar
+
 if TYPE_CHECKING:
     from curate.stages.validate.train import TrainRecipe
 
@@ -33,35 +34,21 @@ PREFETCH_BATCHES = 2  # batches each decode worker builds ahead of the model
 OPEN_SHARDS = 32  # per reader: the shuffle buffer spans a few shards at a time; thousands would exhaust fds
 
 Decoder = Callable[[int, bytes, str], tuple[torch.Tensor, torch.Tensor]]
-"""(index in the stream, jpg bytes, caption) -> the two tensors of one sample."""
+"""(index in the stream, image bytes, caption) -> the two tensors of one sample."""
 
 
-@dataclass(frozen=True)
-class ShardIndex:
-    """Where the jpg and txt of each sample of one tar shard lie, in tar order."""
-
-    path: Path
-    spans: np.ndarray  # (samples, 4) int64: jpg offset, jpg size, txt offset, txt size
-
-    def __len__(self) -> int:
-        return len(self.spans)
-
-    @classmethod
-    def build(cls, path: Path) -> ShardIndex:
-        """One pass over the tar's headers; a sample without both a .jpg and a .txt is left out."""
-        from webdataset.tariterators import base_plus_ext  # webdataset's own (key, extension) split
-
-        spans: list[list[int]] = []
-        with tarfile.open(path) as tar:
-            named = ((base_plus_ext(m.name), m) for m in tar if m.isfile())
-            for key, members in itertools.groupby(named, key=lambda item: item[0][0]):
-                found = {extension: member for (_, extension), member in members}
-                if "jpg" in found and "txt" in found:
-                    jpg, txt = found["jpg"], found["txt"]
-                    spans.append([jpg.offset_data, jpg.size, txt.offset_data, txt.size])
-                else:
-                    log.debug("%s: skipping %s, no jpg+txt pair", path, key)
-        return cls(Path(path), np.asarray(spans, dtype=np.int64).reshape(-1, 4))
+def training_spans(path: Path) -> np.ndarray:
+    """(samples, 4) int64: image offset, image size, txt offset, txt size of each sample of the shard that
+    has an image (any of IMAGE_EXTENSIONS) and a .txt, in tar order. A compact array rather than the
+    TarIndex itself, because every decode worker holds one per shard for the whole run."""
+    spans: list[tuple[int, int, int, int]] = []
+    for sample in index_tar(path).samples:
+        image = sample.image_extension
+        if image is not None and "txt" in sample.members:
+            spans.append((*sample.members[image], *sample.members["txt"]))
+        else:
+            log.debug("%s: skipping %s, no image+txt pair", path, sample.key)
+    return np.asarray(spans, dtype=np.int64).reshape(-1, 4)
 
 
 class SampleReader:
@@ -69,12 +56,13 @@ class SampleReader:
 
     def __init__(self, shards: Sequence[Path]) -> None:
         self.shards = [Path(s) for s in shards]
-        self._indexes: dict[int, ShardIndex] = {}
+        self._indexes: dict[int, np.ndarray] = {}
         self._files: OrderedDict[int, int] = OrderedDict()
 
-    def index(self, shard: int) -> ShardIndex:
+    def index(self, shard: int) -> np.ndarray:
+        """The shard's `training_spans`."""
         if shard not in self._indexes:
-            self._indexes[shard] = ShardIndex.build(self.shards[shard])
+            self._indexes[shard] = training_spans(self.shards[shard])
         return self._indexes[shard]
 
     def refs(self, seed: int, shuffle_buffer: int) -> Iterator[tuple[int, int]]:
@@ -92,12 +80,13 @@ class SampleReader:
                 yield ref
             if n == 0:
                 names = [str(s) for s in self.shards[:3]]
-                raise ValueError(f"no <key>.jpg + <key>.txt samples in {len(self.shards)} shard(s): {names}...")
+                images = "/".join(IMAGE_EXTENSIONS)
+                raise ValueError(f"no <key>.{images} + <key>.txt samples in {len(self.shards)} shard(s): {names}...")
 
     def read(self, shard: int, sample: int) -> tuple[bytes, str]:
         fd = self._file(shard)
-        jpg_offset, jpg_size, txt_offset, txt_size = (int(v) for v in self.index(shard).spans[sample])
-        return os.pread(fd, jpg_size, jpg_offset), os.pread(fd, txt_size, txt_offset).decode("utf-8")
+        image_offset, image_size, txt_offset, txt_size = (int(v) for v in self.index(shard)[sample])
+        return os.pread(fd, image_size, image_offset), os.pread(fd, txt_size, txt_offset).decode("utf-8")
 
     def _file(self, shard: int) -> int:
         """An open descriptor of the shard; only the most recently read OPEN_SHARDS stay open."""
@@ -116,7 +105,7 @@ class SampleReader:
 
 
 def iter_raw_samples(shards: Sequence[Path], seed: int, shuffle_buffer: int) -> Iterator[tuple[bytes, str]]:
-    """(jpg bytes, caption) forever, in the order training sees them."""
+    """(image bytes, caption) forever, in the order training sees them."""
     reader = SampleReader(shards)
     try:
         for ref in reader.refs(seed, shuffle_buffer):

@@ -12,11 +12,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from curate.clip import resolve_model_name
 from curate.config import PipelineConfig, load_config
 from curate.io.fs import write_json_atomic
 from curate.stage import RunLayout
 from curate.stages.validate.stage import count_samples, curated_shards, train_recipe
-from curate.stages.validate.train import Progress, export_model, resolve_model_name, train_clip
+from curate.stages.validate.train import Progress, export_model, train_clip
 
 SCORER_DIR = "scorer"
 
@@ -49,7 +50,7 @@ def train_scorer(
     result = train_clip(shards, recipe, dest.with_name(f"{dest.stem}.train-seed{seed}"), progress=progress)
     export_model(result.checkpoint, dest)
     info = {
-        "model": resolve_model_name(cfg.model),
+        "model": resolve_model_name(cfg.model, section="validate"),
         "model_setting": cfg.model,
         "pretrained": str(dest.resolve()),
         "recipe": recipe.to_dict(),

@@ -117,9 +117,10 @@ def evaluate_checkpoint(
     import open_clip
     import torch
 
-    model, _, preprocess = open_clip.create_model_and_transforms(model_name, pretrained=str(checkpoint), device=device)
-    model.eval()
-    tokenizer = open_clip.get_tokenizer(model_name)
+    from curate.clip import ClipSpec, load_clip
+
+    loaded = load_clip(ClipSpec(model_name, str(checkpoint), device, section="validate"))
+    model, preprocess, tokenizer, device = loaded.model, loaded.preprocess, loaded.tokenizer, loaded.device
     labels = torch.tensor(eval_set.labels)
     with torch.no_grad():
         images = encode_images(model, preprocess, eval_set, options.batch_size, device)

@@ -29,8 +29,6 @@ from curate.stages.validate.train import (
     crop_params,
     load_checkpoint,
     make_optimizer,
-    resolve_device,
-    resolve_model_name,
 )
 
 if TYPE_CHECKING:
@@ -118,9 +116,9 @@ def train_simclr(
     progress: Progress | None = None,
 ) -> TrainResult:
     """Train the image tower of `recipe.model` with NT-Xent (or resume out_dir/checkpoint.pt)."""
-    import open_clip
     import torch
 
+    from curate.clip import load_clip
     from curate.stages.validate.batches import make_batches
 
     out_dir = Path(out_dir)
@@ -128,10 +126,9 @@ def train_simclr(
     checkpoint = _resumable(path, recipe, temperature)
     if checkpoint is not None and checkpoint["step"] >= recipe.total_steps:
         return _result(path, checkpoint, recipe)
-    model_name = resolve_model_name(recipe.model)
-    device = resolve_device(recipe.device)
-    torch.manual_seed(recipe.seed)
-    model, train_transform, _ = open_clip.create_model_and_transforms(model_name, device=device)
+    torch.manual_seed(recipe.seed)  # the weights' initialisation
+    loaded = load_clip(recipe.clip_spec, train=True)
+    model, model_name, device, train_transform = loaded.model, loaded.model_name, loaded.device, loaded.train_preprocess
     head = projection_head(model.visual.output_dim).to(device)
     trainable = torch.nn.ModuleDict({"visual": model.visual, "head": head})
     optimizer = make_optimizer(trainable, recipe.lr, recipe.weight_decay)

@@ -10,22 +10,23 @@ another training fingerprint is wiped, since the trainer's own check only compar
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import os
 import shutil
 import uuid
 from collections.abc import Callable, Sequence
-from contextlib import AbstractContextManager, nullcontext
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import pyarrow.parquet as pq
 
 from curate.io.fs import read_json, write_json_atomic
-from curate.stage import RunLayout, kept_uids
+from curate.stage import Phase, RunLayout, Stage, StageContext, StageOutputs, TaskOutput, digest, single_task
+from curate.stages.download import DownloadOutputs
+from curate.stages.embed import EmbedOutputs
+from curate.stages.input import InputOutputs
+from curate.stages.materialize import CuratedOutputs
 
 if TYPE_CHECKING:
     from curate.config import PipelineConfig, ValidateConfig
@@ -73,18 +74,6 @@ def train_recipe(cfg: ValidateConfig, seed: int) -> TrainRecipe:
         raise ValueError(f"validate: {err}") from None
 
 
-def digest(payload: Any) -> str:
-    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-def upstream_fingerprint(layout: RunLayout) -> str:
-    """The curated set's fingerprint (materialize's marker covers every upstream stage)."""
-    marker = layout.root / "curated" / "_done.json"
-    if not marker.exists():
-        raise FileNotFoundError(f"{layout.root}: curated/ is not materialized; run the pipeline through materialize")
-    return str(read_json(marker)["fingerprint"])
-
-
 def settings(cfg: ValidateConfig, exclude: frozenset[str] = frozenset()) -> dict[str, Any]:
     return cfg.model_dump(mode="json", exclude=set(SCHEDULING_FIELDS | exclude))
 
@@ -93,45 +82,41 @@ def settings(cfg: ValidateConfig, exclude: frozenset[str] = frozenset()) -> dict
 
 
 def curated_shards(layout: RunLayout) -> list[Path]:
-    shards = sorted((layout.root / "curated").glob("*.tar"))
+    shards = CuratedOutputs(layout).shards()
     if not shards:
         raise FileNotFoundError(f"{layout.root}/curated holds no shards to train on")
     return shards
 
 
 def input_shards(layout: RunLayout) -> list[str]:
-    from curate.stages.input import read_manifest
-
-    manifest = read_manifest(layout.stage_dir("input"))
-    if manifest is None:
-        raise FileNotFoundError(f"{layout.root}: the input stage has not finished")
-    return list(manifest["shards"])
+    return InputOutputs(layout).shards()
 
 
 def baseline_pool(layout: RunLayout, shards: Sequence[str], contaminated: set[str]) -> list[str]:
     """Every successfully downloaded uid, minus those close to an eval image: the unfiltered data."""
     pool: set[str] = set()
     for shard in shards:
-        pool.update(kept_uids(layout, "download", shard).to_pylist())
+        pool.update(DownloadOutputs(layout).kept_uids(shard).to_pylist())
     return sorted(pool - contaminated)
 
 
 def contaminated_uids(config: PipelineConfig, layout: RunLayout, shards: Sequence[str]) -> set[str]:
     """Downloaded uids within dedup's contamination threshold of an eval image. dedup only sees the samples
-    that passed the filters; the baseline draws from every download, so the same rule is applied to all."""
+    that passed the filters; the baseline draws from every download, so the same rule is applied to all,
+    with the evaluation embeddings dedup's `eval` phase computed."""
     if not config.dedup.eval_sets or "embed" not in config.stages:
         return set()
-    from curate.stages.dedup.decontaminate import contaminated, embed_eval_sets
+    from curate.stages.dedup.decontaminate import contaminated
+    from curate.stages.dedup.stage import DedupOutputs
 
-    eval_emb, _ = embed_eval_sets(config.dedup.eval_sets, config.embed)
+    eval_emb, _ = DedupOutputs(layout).eval_embeddings()
     found: set[str] = set()
-    embed_dir = layout.stage_dir("embed")
+    embed = EmbedOutputs(layout)
     for shard in shards:
-        emb_path = embed_dir / "img_emb" / f"img_emb_{shard}.npy"
-        if not emb_path.exists():  # a shard with no downloaded image
+        if not embed.has(shard):  # a shard with no downloaded image
             continue
-        uids = pq.read_table(embed_dir / "metadata" / f"metadata_{shard}.parquet", columns=["uid"])["uid"]
-        mask = contaminated(np.load(emb_path), eval_emb, config.dedup.contamination_threshold).mask
+        uids = embed.metadata(shard, columns=["uid"])["uid"]
+        mask = contaminated(embed.image_embeddings(shard), eval_emb, config.dedup.contamination_threshold).mask
         found.update(uid for uid, hit in zip(uids.to_pylist(), mask, strict=True) if hit)
     return found
 
@@ -254,9 +239,9 @@ def train(
 
 
 def evaluate(cfg: ValidateConfig, checkpoint: Path) -> dict[str, Any]:
+    from curate.clip import resolve_device, resolve_model_name
     from curate.stages.validate.evalsets import load_eval_set
     from curate.stages.validate.evaluate import EvalOptions, evaluate_checkpoint
-    from curate.stages.validate.train import resolve_device, resolve_model_name
 
     options = EvalOptions(
         templates=tuple(cfg.templates),
@@ -273,53 +258,110 @@ def evaluate(cfg: ValidateConfig, checkpoint: Path) -> dict[str, Any]:
     )
 
 
-# ---------------------------------------------------------------- the driver
+# ---------------------------------------------------------------- the stage
+
+
+class ValidateOutputs(StageOutputs):
+    stage = STAGE
+
+    @property
+    def metrics_path(self) -> Path:
+        return self.folder / "metrics.json"
+
+    def metrics(self) -> dict[str, Any]:
+        return read_json(self.metrics_path)
+
+    def run_dir(self, arm: str, seed: int) -> Path:
+        return self.folder / f"{arm}-seed{seed}"
+
+
+class ValidateStage(Stage):
+    """Phases: `baseline` (the unfiltered arm's random subset of the download), `runs` (one task per arm and
+    seed, each resuming its own checkpoint; GPU tasks when on cuda) and `metrics` (the table)."""
+
+    name = STAGE
+    speed_only = SCHEDULING_FIELDS
+    decides_fates = False
+    default = False
+    outputs = ValidateOutputs
+
+    @property
+    def cfg(self) -> ValidateConfig:
+        return self.config.validate
+
+    def fingerprint_extras(self) -> dict[str, Any]:
+        from curate.stages.validate.evalsets import eval_set_fingerprint
+
+        return {"eval_set": eval_set_fingerprint(Path(self.cfg.eval_set)) if self.cfg.eval_set else None}
+
+    def preflight(self) -> None:
+        from curate.config import ConfigError
+
+        if self.cfg.eval_set is None:
+            raise ConfigError("validate.eval_set: the validate stage needs a held-out eval set folder (labels.json)")
+        if not (Path(self.cfg.eval_set) / "labels.json").is_file():
+            raise ConfigError(f"validate.eval_set: {self.cfg.eval_set!r} has no labels.json")
+
+    def resources(self) -> dict[str, float]:
+        return {"GPU": 1} if self.cfg.device.startswith("cuda") else {}
+
+    def phases(self) -> list[Phase]:
+        return [
+            Phase("baseline", single_task, self._baseline, commit="in_place", resources={}),
+            Phase("runs", self._run_names, self._run, commit="in_place"),
+            Phase("metrics", single_task, self._metrics, resources={}),
+        ]
+
+    def _run_names(self, _ctx: StageContext) -> list[str]:
+        return [f"{arm}-seed{seed}" for seed in range(self.cfg.seeds) for arm in ARMS]
+
+    def _data(self, layout: RunLayout) -> tuple[dict[str, list[Path]], dict[str, str], int, int]:
+        """Each arm's shards and data fingerprint, the curated sample count and the baseline's pool size."""
+        upstream = CuratedOutputs(layout).fingerprint()
+        data = {"curated": curated_shards(layout)}
+        n_curated = count_samples(data["curated"])
+        data["baseline"], n_pool, baseline_print = ensure_baseline_shards(self.config, layout, n_curated, upstream)
+        return data, {"curated": upstream, "baseline": baseline_print}, n_curated, n_pool
+
+    def _eval_print(self) -> str:
+        from curate.stages.validate.evalsets import eval_set_fingerprint
+
+        return digest({"eval_set": eval_set_fingerprint(Path(self.cfg.eval_set)), "settings": settings(self.cfg)})
+
+    def _baseline(self, ctx: StageContext, _task: str, _workdir: Path) -> TaskOutput:
+        data, _, n_curated, n_pool = self._data(ctx.layout)
+        return TaskOutput(counts={"curated": n_curated, "baseline": count_samples(data["baseline"]), "pool": n_pool})
+
+    def _run(self, ctx: StageContext, task: str, _workdir: Path) -> TaskOutput:
+        arm, _, seed_text = task.rpartition("-seed")
+        seed = int(seed_text)
+        data, data_prints, _, _ = self._data(ctx.layout)
+        train_print = digest({"data": data_prints[arm], "seed": seed, "settings": settings(self.cfg, EVAL_FIELDS)})
+        out_dir = ValidateOutputs(ctx.layout).run_dir(arm, seed)
+        result = run_arm(self.cfg, data[arm], out_dir, seed, train_print, self._eval_print(), None)
+        return TaskOutput(counts={"steps": int(result["steps"])})
+
+    def _metrics(self, ctx: StageContext, _task: str, workdir: Path) -> TaskOutput:
+        outputs = ValidateOutputs(ctx.layout)
+        data, data_prints, n_curated, n_pool = self._data(ctx.layout)
+        runs: dict[str, list[dict[str, Any]]] = {arm: [] for arm in ARMS}
+        for seed in range(self.cfg.seeds):
+            for arm in ARMS:
+                runs[arm].append(read_json(outputs.run_dir(arm, seed) / "result.json"))
+        counts = {"curated_samples": n_curated, "baseline_samples": count_samples(data["baseline"]), "baseline_pool": n_pool}
+        metrics = metrics_document(self.cfg, runs, data_prints["curated"], self._eval_print(), counts)
+        write_json_atomic(workdir / outputs.metrics_path.name, metrics)
+        return TaskOutput(counts=counts)
 
 
 def run_validation(
     config: PipelineConfig, layout: RunLayout, progress: ProgressFactory | None = None
 ) -> dict[str, Any]:
-    """Train and evaluate every (arm, seed), resuming what was interrupted; write and return metrics.json."""
-    from curate.stages.validate.evalsets import eval_set_fingerprint
+    """Train and evaluate every (arm, seed) in this process, resuming what was interrupted; return metrics.json."""
+    from curate.pipeline import run_pipeline
 
-    cfg = config.validate  # type: ignore[attr-defined]
-    if cfg.eval_set is None:
-        raise ValueError("validate.eval_set: the validate stage needs a held-out eval set folder (labels.json)")
-    progress = progress or (lambda *_args: nullcontext(None))
-    upstream = upstream_fingerprint(layout)
-    data = {"curated": curated_shards(layout)}
-    n_curated = count_samples(data["curated"])
-    data["baseline"], n_pool, baseline_print = ensure_baseline_shards(config, layout, n_curated, upstream)
-    data_prints = {"curated": upstream, "baseline": baseline_print}
-    eval_print = digest({"eval_set": eval_set_fingerprint(Path(cfg.eval_set)), "settings": settings(cfg)})
-    runs: dict[str, list[dict[str, Any]]] = {arm: [] for arm in ARMS}
-    for seed in range(cfg.seeds):
-        for arm in ARMS:
-            train_print = digest({"data": data_prints[arm], "seed": seed, "settings": settings(cfg, EVAL_FIELDS)})
-            with progress(f"validate {arm} seed {seed}", cfg.samples_seen, "sample") as bar:
-                result = run_arm(
-                    cfg,
-                    data[arm],
-                    layout.stage_dir(STAGE) / f"{arm}-seed{seed}",
-                    seed,
-                    train_print,
-                    eval_print,
-                    None if bar is None else _bar_updater(bar),
-                )
-            runs[arm].append(result)
-    metrics = metrics_document(
-        cfg,
-        runs,
-        upstream,
-        eval_print,
-        {
-            "curated_samples": n_curated,
-            "baseline_samples": count_samples(data["baseline"]),
-            "baseline_pool": n_pool,
-        },
-    )
-    write_json_atomic(layout.stage_dir(STAGE) / "metrics.json", metrics)
-    return metrics
+    run_pipeline(config, only_stage=STAGE, progress=progress)
+    return ValidateOutputs(layout).metrics()
 
 
 def _bar_updater(bar: Any) -> Progress:

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
+from curate.clip import PRECISIONS, ClipSpec, autocast, valid_device
 from curate.io.fs import temp_sibling
 
 if TYPE_CHECKING:
@@ -38,7 +39,7 @@ EXECUTION_FIELDS = frozenset({"checkpoint_every", "decode_workers"})
 LOG_EVERY_STEPS = 10
 MAX_LOGIT_SCALE = math.log(100)  # open_clip_train's clamp
 
-Device = Literal["auto", "cpu", "cuda"]
+Device = str  # auto, cpu, cuda or cuda:N
 Precision = Literal["fp32", "bf16", "fp16"]
 Progress = Callable[[int, float], object]
 """Called after every step with the number of samples it consumed and its loss."""
@@ -72,12 +73,17 @@ class TrainRecipe:
             raise ValueError(f"TrainRecipe.warmup_steps must be in [0, {self.total_steps}), got {self.warmup_steps}")
         if self.lr <= 0 or self.weight_decay < 0:
             raise ValueError("TrainRecipe.lr must be > 0 and weight_decay >= 0")
-        if self.device not in ("auto", "cpu", "cuda") or self.precision not in ("fp32", "bf16", "fp16"):
+        if not valid_device(self.device) or self.precision not in PRECISIONS:
             raise ValueError(f"TrainRecipe: unknown device {self.device!r} or precision {self.precision!r}")
 
     @property
     def total_steps(self) -> int:
         return self.samples_seen // self.batch_size
+
+    @property
+    def clip_spec(self) -> ClipSpec:
+        """The model to train: random weights, on the recipe's device and precision."""
+        return ClipSpec(self.model, device=self.device, precision=self.precision, section="validate")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -115,47 +121,6 @@ class TrainState:
     step: int = 0
     losses: list[float] = field(default_factory=list)
     seconds: float = 0.0
-
-
-# ---------------------------------------------------------------- model names and devices
-
-
-def resolve_model_name(model: str) -> str:
-    """The open_clip name for `model`: a registered name (curate's own configs included), or a model-config
-    JSON path, which is registered under its file stem."""
-    import open_clip
-
-    from curate.stages.embed import register_model_configs
-
-    register_model_configs()
-    path = Path(model).expanduser()
-    if path.suffix == ".json":
-        if not path.is_file():
-            raise FileNotFoundError(f"no model config at {path}")
-        register_model_configs(path)
-        return path.stem
-    name = model.replace("/", "-")  # open_clip spells ViT-B/32 as ViT-B-32
-    if name not in open_clip.list_models():
-        raise ValueError(f"unknown open_clip model {model!r} (not a registered name nor a .json config path)")
-    return name
-
-
-def resolve_device(device: str) -> torch.device:
-    import torch
-
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("device 'cuda' was asked for but torch sees no CUDA device")
-    return torch.device(device)
-
-
-def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
-    import torch
-
-    if precision == "fp32":
-        return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
 
 
 # ---------------------------------------------------------------- data
@@ -385,9 +350,9 @@ def train_clip(
     shards: Sequence[Path], recipe: TrainRecipe, out_dir: Path, progress: Progress | None = None
 ) -> TrainResult:
     """Train `recipe.model` from scratch (or resume out_dir/checkpoint.pt) on the jpg+txt samples of `shards`."""
-    import open_clip
     import torch
 
+    from curate.clip import load_clip
     from curate.stages.validate.batches import make_batches
 
     if not shards:
@@ -399,23 +364,21 @@ def train_clip(
         log.info("%s is complete (%d steps); nothing to train", path, checkpoint["step"])
         return _result(path, checkpoint["losses"], recipe, checkpoint["seconds"], checkpoint["step"])
 
-    model_name = resolve_model_name(recipe.model)
-    device = resolve_device(recipe.device)
-    torch.manual_seed(recipe.seed)
-    model, train_transform, val_transform = open_clip.create_model_and_transforms(model_name, device=device)
-    model.train()
+    torch.manual_seed(recipe.seed)  # the weights' initialisation
+    loaded = load_clip(recipe.clip_spec, train=True)
+    model, model_name = loaded.model, loaded.model_name
     state = TrainState(
         model=model,
         optimizer=make_optimizer(model, recipe.lr, recipe.weight_decay),
-        scaler=torch.amp.GradScaler(device.type, enabled=recipe.precision == "fp16"),
+        scaler=torch.amp.GradScaler(loaded.device.type, enabled=recipe.precision == "fp16"),
     )
     if checkpoint is not None:
         restore_state(state, checkpoint)
         log.info("resuming %s from step %d of %d", path, state.step, recipe.total_steps)
     start_step = state.step
     decoder = SampleDecoder(
-        transform=train_transform if recipe.augment else val_transform,
-        tokenizer=open_clip.get_tokenizer(model_name),
+        transform=loaded.train_preprocess if recipe.augment else loaded.preprocess,
+        tokenizer=loaded.tokenizer,
         augment=recipe.augment,
         seed=recipe.seed,
         input_size=input_side(model),
