@@ -158,11 +158,11 @@ def noop_shard(stage: Any, ctx: Any, shard: str) -> str:
 
 def per_task_overhead(executor: DaskExecutor, pipeline: Path, tasks: int = 320) -> float:
     """Seconds per task of no-op tasks with a shard task's arguments, through the cluster (all workers busy)."""
-    from curate.pipeline import make_stage
     from curate.stage import RunLayout, StageContext
+    from curate.stages import EmbedStage
 
     config = load_config(pipeline)
-    stage, ctx = make_stage("embed", config), StageContext(config, RunLayout(Path(config.output)), "overhead")
+    stage, ctx = EmbedStage(config), StageContext(config, RunLayout(Path(config.output)), "overhead")
     shards = [f"{i:05d}" for i in range(tasks)]
     started = time.perf_counter()
     futures = executor.client.map(noop_shard, [stage] * tasks, [ctx] * tasks, shards, pure=False)

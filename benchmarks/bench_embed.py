@@ -35,10 +35,10 @@ from PIL import Image
 
 from benchmarks.common import ratio_fields
 from curate.config import validate_config
-from curate.stages.embed import EmbedStage, LoadedClip
 from curate.io.fs import write_parquet_atomic
 from curate.ledger import make_fates
 from curate.stage import RunLayout, StageContext
+from curate.stages.embed import EmbedStage, LoadedClip
 from examples.demo_world import make_caption, random_scene, render_scene
 
 MODEL, IMAGE_SIZE, SHARD = "ViT-B-32", 224, "00000"
@@ -134,7 +134,7 @@ def run(
     )
     layout = RunLayout(root)
     uids = make_shard(layout, images)
-    stage = EmbedStage(config.embed)
+    stage = EmbedStage(config)
     stage.setup()
     loaded = stage.loaded  # one model object for both sides: same weights, same threads
     ctx = StageContext(config, layout, "bench")

@@ -13,6 +13,7 @@ from typing import Any
 from tqdm import tqdm
 
 from curate.config import ConfigError, load_config
+from curate.extras import MissingExtra, distribution_version, require
 from curate.io.lock import RunLocked
 from curate.ledger import FateError, StageStats
 from curate.pipeline import IncompleteRun, RunResult, run_pipeline, run_status
@@ -26,6 +27,7 @@ log = logging.getLogger("curate")
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="curate", description=__doc__)
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv for debug)")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {distribution_version()}")
     commands = parser.add_subparsers(dest="command", required=True)
 
     def add_pipeline_command(name: str, help_text: str) -> None:
@@ -95,12 +97,16 @@ def run_command(args: argparse.Namespace) -> int:
     if "embed" in config.stages:
         from curate.report import write_report
 
-        print(f"report: {write_report(result.layout.root)}")
+        try:
+            print(f"report: {write_report(result.layout.root)}")
+        except MissingExtra as err:  # the run is complete; `curate report` builds it once installed
+            print(f"report: skipped: {err}")
     return 0
 
 
 def make_executor(config: Any) -> Any:
     if config.executor == "dask":
+        require("distributed", "dask", "the dask executor")
         from curate.executors.dask import DaskExecutor
 
         executor = DaskExecutor(config.dask, scheduler=config.scheduler)

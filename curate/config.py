@@ -5,10 +5,19 @@ from __future__ import annotations
 import difflib
 import warnings
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 PNG_COMPRESSION = 9  # png's encode_quality when not given: the smallest lossless shards
 
@@ -287,6 +296,17 @@ class DaskConfig(Section):
     )
 
 
+def _known_stage(name: str) -> str:
+    from curate.stages import stage_names
+
+    order = list(stage_names())
+    if name not in order:
+        close = difflib.get_close_matches(name, order, n=1, cutoff=0.6)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise ValueError(f"unknown stage {name!r}{hint}; the stages are {', '.join(order)}")
+    return name
+
+
 def _default_stages() -> list[str]:
     from curate.stages import default_stage_names
 
@@ -301,7 +321,7 @@ class PipelineConfig(Section):
     output: str
     executor: Literal["local", "dask"] = "local"
     scheduler: str | None = Field(None, description="address of a running Dask scheduler")
-    stages: list[str] = Field(
+    stages: list[Annotated[str, AfterValidator(_known_stage)]] = Field(
         default_factory=_default_stages, description="the first stages of the registry (curate.stages.STAGES)"
     )
     dask: DaskConfig = Field(default_factory=DaskConfig)
@@ -319,11 +339,6 @@ class PipelineConfig(Section):
         from curate.stages import stage_names
 
         order = list(stage_names())
-        unknown = [name for name in stages if name not in order]
-        if unknown:
-            close = difflib.get_close_matches(unknown[0], order, n=1, cutoff=0.6)
-            hint = f" (did you mean {close[0]!r}?)" if close else ""
-            raise ValueError(f"unknown stage {unknown[0]!r}{hint}; stages are {order}")
         if stages != order[: len(stages)] or not stages:
             raise ValueError(f"must be the first stages of {order}, in that order")
         return stages

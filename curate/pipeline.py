@@ -179,10 +179,10 @@ def collect_stats(
     states: dict[str, dict[str, int]] = {}
     for name in fate_stages(config):
         ctx = StageContext(config, layout, prints[name], tuple(shards))
-        total, state_counts = StageStats(), {state.value: 0 for state in ShardState}
+        total, state_counts = StageStats(), {state.value: 0 for state in ShardState if state is not ShardState.DAMAGED}
         for shard in shards:
             state = task_state(ctx, name, shard)
-            state_counts[state.value] += 1
+            state_counts[state.value] = state_counts.get(state.value, 0) + 1  # "damaged" only when there are
             if state is ShardState.DONE:
                 total = total + marker_stats(ctx, name, shard)
         stats[name], states[name] = total, state_counts

@@ -106,7 +106,8 @@ def run_task(stage: Stage, ctx: StageContext, phase_name: str, task: str) -> Tas
     phase = stage.phase(phase_name)
     layout = ctx.layout
     marker = layout.marker_path(stage.name, task, phase_name)
-    marker.unlink(missing_ok=True)
+    if phase.commit != "replace":  # a replaced folder takes its old marker with it, and only on success
+        marker.unlink(missing_ok=True)
     root = output_root(phase, ctx, stage.name)
     workdir = scratch_workdir(ctx, stage.name, phase, root, task)
     started = time.perf_counter()
@@ -120,7 +121,7 @@ def run_task(stage: Stage, ctx: StageContext, phase_name: str, task: str) -> Tas
             fates_path = layout.fates_path(stage.name, task)
             write_parquet_atomic(output.fates, workdir / fates_path.relative_to(root))
             counts = count_fates(output.fates)
-        files = commit(phase, workdir, root)
+        files = commit(phase, workdir, root, output.files)
     finally:
         if phase.commit != "in_place":
             shutil.rmtree(workdir, ignore_errors=True)
@@ -146,10 +147,10 @@ def scratch_workdir(ctx: StageContext, stage: str, phase: Phase, root: Path, tas
     return workdir
 
 
-def commit(phase: Phase, workdir: Path, root: Path) -> dict[str, int]:
+def commit(phase: Phase, workdir: Path, root: Path, in_place: tuple[str, ...] = ()) -> dict[str, int]:
     """Put the task's files in place; returns them (relative to `root`) with their sizes, for the marker."""
     if phase.commit == "in_place":
-        return {}
+        return {name: (root / name).stat().st_size for name in in_place}
     files = {str(p.relative_to(workdir)): p.stat().st_size for p in sorted(workdir.rglob("*")) if p.is_file()}
     if phase.commit == "replace":
         replace_dir(workdir, root)

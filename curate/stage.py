@@ -77,6 +77,8 @@ class TaskOutput:
 
     fates: pa.Table | None = None
     counts: dict[str, int] = field(default_factory=dict)
+    files: tuple[str, ...] = ()
+    """For an "in_place" phase: the files (relative to the output root) the marker vouches for."""
 
 
 TaskFn = Callable[[StageContext, str, Path], TaskOutput | pa.Table]

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from curate.stages.input import generated_uids
 from curate.ledger import read_ledger
+from curate.stages.input import generated_uids
 
 # What the input and download stages must decide for each planted kind: (status, reason).
 EXPECTED_DOWNLOAD_FATES: dict[str, tuple[str, str | None]] = {

@@ -142,7 +142,7 @@ def test_every_problem_is_reported_once(tmp_path: Path) -> None:
         ("executor: local", "executor: spark", "executor: Input should be 'local' or 'dask' (got 'spark')"),
         ("stages: [input, download]", "stages: [download]", "stages: must be the first stages of"),
         ("stages: [input, download]", "stages: [input, embed]", "stages: must be the first stages of"),
-        ("stages: [input, download]", "stages: [input, dedupe]", "stages.1: Input should be 'input', 'download'"),
+        ("stages: [input, download]", "stages: [input, dedupe]", "stages.1: unknown stage 'dedupe' (did you mean"),
         ("  path: [data/part-0.parquet, data/part-1.parquet]", "  path: []", "input.path: must name at least one"),
         ("  path: [data/part-0.parquet, data/part-1.parquet]", "  path: 5", "input.path: Input should be a valid"),
     ],

@@ -18,9 +18,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from curate.config import load_config
-from curate.stages.download import classify_error
 from curate.ledger import Status, read_ledger
 from curate.pipeline import run_pipeline
+from curate.stages.download import classify_error
 from examples.demo_checks import compare_download_fates, truth_by_uid
 from tests.world_fixtures import ServedWorld
 

@@ -21,12 +21,12 @@ from PIL import Image
 
 import curate.stages.embed as embed
 from curate.config import ConfigError, EmbedConfig, PipelineConfig, load_config, validate_config
-from curate.stages.embed import EmbedStage, embed_images, embed_texts, embedding_paths, load_clip, read_embeddings
 from curate.io.fs import write_parquet_atomic
 from curate.ledger import make_fates, read_fate_parts, read_ledger
 from curate.pipeline import run_pipeline
 from curate.runner import run_shard
 from curate.stage import RunLayout, StageContext
+from curate.stages.embed import EmbedStage, embed_images, embed_texts, embedding_paths, load_clip, read_embeddings
 from tests.world_fixtures import ServedWorld
 
 TINY = "curate-tiny"
@@ -107,8 +107,12 @@ def good_samples(start: int, n: int) -> list[dict[str, Any]]:
     return [{"uid": uid_of(i), "caption": f"a picture number {i}", "jpg": jpeg(i)} for i in range(start, start + n)]
 
 
+def embed_stage(**settings: Any) -> EmbedStage:
+    return EmbedStage(validate_config({"output": "unused", "input": {"path": "unused"}, "embed": settings}))
+
+
 def process(config: PipelineConfig, shard: str) -> tuple[Any, Path]:
-    stage = EmbedStage(config.embed)
+    stage = EmbedStage(config)
     layout = RunLayout(Path(config.output))
     workdir = layout.scratch_dir("embed") / shard
     workdir.mkdir(parents=True)
@@ -192,7 +196,7 @@ def test_batched_pixel_steps_equal_open_clip_preprocess_exactly():
 )
 def test_preflight_errors_name_the_key(settings: dict[str, Any], message: str):
     with pytest.raises(ConfigError, match=r"embed\.") as caught:
-        EmbedStage(EmbedConfig(**settings)).preflight()
+        embed_stage(**settings).preflight()
     assert message in str(caught.value)
 
 
@@ -200,7 +204,7 @@ def test_a_json_that_would_shadow_a_builtin_model_is_refused(tmp_path: Path):
     path = tmp_path / "ViT-B-32.json"
     path.write_text((embed.MODEL_CONFIG_DIR / f"{TINY}.json").read_text())
     with pytest.raises(ConfigError, match="would replace open_clip's registered model 'ViT-B-32'"):
-        EmbedStage(EmbedConfig(model=str(path))).preflight()
+        embed_stage(model=str(path)).preflight()
     assert open_clip.get_model_config("ViT-B-32")["embed_dim"] == 512
 
 
@@ -269,7 +273,7 @@ def test_model_loads_once_per_worker_and_is_never_pickled(counted_loads: list[Em
     write_download_shard(layout, "00000", good_samples(0, 5))
     write_download_shard(layout, "00001", good_samples(5, 6))
     write_parquet_atomic(make_fates([], "kept"), layout.fates_path("download", "00002"))  # empty, no tar
-    stage = EmbedStage(config.embed)
+    stage = EmbedStage(config)
     ctx = StageContext(config, layout, f"fingerprint-{tmp_path.name}")
 
     reports = [run_shard(stage, ctx, shard) for shard in ("00000", "00001", "00002")]

@@ -39,6 +39,8 @@ import pytest
 from PIL import Image
 
 from curate.config import DownloadConfig, validate_config
+from curate.ledger import read_ledger
+from curate.pipeline import run_pipeline
 from curate.stages.fetch import (
     AddressGuard,
     Fetched,
@@ -53,8 +55,6 @@ from curate.stages.fetch import (
     parse_robots,
     robots_agent,
 )
-from curate.ledger import read_ledger
-from curate.pipeline import run_pipeline
 
 GOOD_IMAGES = 200
 HUGE_BYTES = 2 * 2**30

@@ -11,11 +11,11 @@ import pyarrow as pa
 import pytest
 
 from curate.config import FilterConfig, validate_config
-from curate.stages.filters import FilterStage, apply_filters, build_filters, score_summary, top_fraction_cutoff
 from curate.io.fs import write_parquet_atomic
 from curate.ledger import make_fates, read_fate_parts
-from curate.runner import run_shard
+from curate.runner import run_shard, run_task
 from curate.stage import RunLayout, StageContext
+from curate.stages.filters import FilterStage, apply_filters, build_filters, score_summary, top_fraction_cutoff
 
 
 def samples(captions, widths, heights, scores) -> pa.Table:  # type: ignore[no-untyped-def]
@@ -129,9 +129,9 @@ def test_top_fraction_is_ranked_over_the_whole_run_not_per_shard(tmp_path: Path)
     layout = write_fake_embed_run(tmp_path, {"00000": [0.9 - i / 100 for i in range(10)],
                                              "00001": [0.1 + i / 100 for i in range(10)]})  # fmt: skip
     config = validate_config({"output": str(tmp_path), "input": {"path": "x"}, "filter": {"clip_top_fraction": 0.5}})
-    stage = FilterStage(config.filter)
-    ctx = StageContext(config, layout, "fp")
-    stage.prepare(ctx, ["00000", "00001"])
+    stage = FilterStage(config)
+    ctx = StageContext(config, layout, "fp", ("00000", "00001"))
+    run_task(stage, ctx, "cutoff", "all")
     for shard in ("00000", "00001"):
         run_shard(stage, ctx, shard)
     fates = read_fate_parts([layout.fates_path("filter", s) for s in ("00000", "00001")])
@@ -151,7 +151,7 @@ def test_clip_combine_chooses_the_cutoff(tmp_path: Path, combine: str, cutoff: f
     layout = write_fake_embed_run(tmp_path, {"00000": [i / 10 for i in range(10)]})  # top 50%: >= 0.5
     filter_cfg = {"clip_threshold": 0.6, "clip_top_fraction": 0.5, "clip_combine": combine}
     config = validate_config({"output": str(tmp_path), "input": {"path": "x"}, "filter": filter_cfg})
-    FilterStage(config.filter).prepare(StageContext(config, layout, "fp"), ["00000"])
+    run_task(FilterStage(config), StageContext(config, layout, "fp", ("00000",)), "cutoff", "all")
     summary = json.loads((tmp_path / "filter" / "summary.json").read_text())
     assert summary["clip_cutoff"] == pytest.approx(cutoff)  # top 50% of 0.0 .. 0.9: 0.5
     assert (summary["clip_threshold"], summary["clip_top_fraction"]) == rule

@@ -11,8 +11,8 @@ import webdataset as wds
 
 from curate.config import load_config
 from curate.ledger import read_ledger
-from curate.stages.materialize import uid_halves
 from curate.pipeline import run_pipeline
+from curate.stages.materialize import uid_halves
 from examples.demo_world import input_table
 from tests.world_fixtures import ServedWorld, full_pipeline_overrides
 

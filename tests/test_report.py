@@ -9,7 +9,6 @@ import re
 import shutil
 from pathlib import Path
 
-import pyarrow.parquet as pq
 import pytest
 
 from curate.cli import main
@@ -19,6 +18,7 @@ from curate.pipeline import run_pipeline
 from curate.report import stats as report_stats
 from curate.report import write_report
 from curate.report.stats import build_stats, load_run, validation
+from curate.stages.dedup.stage import DedupOutputs
 from tests.browser import BROKEN_IMAGES_JS, Browser
 from tests.run_fixtures import CuratedRun
 from tests.world_fixtures import ServedWorld
@@ -100,7 +100,7 @@ def test_sample_grids_show_the_right_rows(curated_run: CuratedRun, stats: dict):
 
 
 def test_duplicate_groups_put_the_survivor_first(curated_run: CuratedRun, stats: dict):
-    decisions = pq.read_table(curated_run.root / "dedup" / "decisions.parquet").to_pandas().set_index("uid")
+    decisions = DedupOutputs(curated_run.root).decisions().to_pandas().set_index("uid")
     groups = stats["duplicate_groups"]
     assert groups and {g["reason"] for g in groups} <= {"dup_exact", "dup_near", "dup_semantic"}
     for group in groups:

@@ -22,10 +22,10 @@ from PIL import Image
 
 from curate.cli import main
 from curate.ledger import read_ledger
-from curate.stages.materialize import uid_array
 from curate.search import RunSearch, SearchError, make_index, search_dir
 from curate.serve import SearchServer, make_server
 from curate.stage import RunLayout
+from curate.stages.materialize import uid_array
 from examples.demo_world import classes, colors
 from tests.browser import BROKEN_IMAGES_JS, Browser
 from tests.run_fixtures import CuratedRun

@@ -16,8 +16,8 @@ import webdataset as wds
 
 from curate.cli import main as curate_main
 from curate.config import PipelineConfig, load_config, validate_config
-from curate.stages.dedup.decontaminate import load_eval_images
 from curate.stage import RunLayout, kept_uids
+from curate.stages.dedup.decontaminate import load_eval_images
 from curate.stages.validate import stage as validate_stage
 from curate.stages.validate.evalsets import load_eval_set, make_demo_eval_set
 from curate.stages.validate.evaluate import linear_probe, recall_at_k, retrieval_recalls, zero_shot_accuracy

@@ -98,7 +98,10 @@ class Sample:
 
 def image_extension_of(extensions: Collection[str]) -> str | None:
     """The first of IMAGE_EXTENSIONS among a sample's member extensions."""
-    return next((extension for extension in IMAGE_EXTENSIONS if extension in extensions), None)
+    for extension in IMAGE_EXTENSIONS:
+        if extension in extensions:
+            return extension
+    return None
 
 
 class MemberReader:

@@ -21,6 +21,7 @@ from curate.stage import RunLayout
 
 log = logging.getLogger(__name__)
 
+
 @dataclass(frozen=True)
 class ImageRef:
     tar: Path

@@ -10,6 +10,7 @@ from typing import Any
 
 import numpy as np
 
+from curate.extras import require
 from curate.report.html import PLOT_DPI
 
 KEPT_COLOR = "#2f9e44"
@@ -33,7 +34,7 @@ STYLE = {
 @contextmanager
 def _figure(width: float, height: float) -> Iterator[tuple[Any, Any]]:
     """A Figure outside pyplot (no global figure registry, no backend switch in the caller's process)."""
-    import matplotlib
+    matplotlib = require("matplotlib", "report", "the report")
     from matplotlib.figure import Figure
 
     with matplotlib.rc_context(STYLE):

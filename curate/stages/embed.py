@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import functools
 import io
-import json
 import logging
 import os
 import struct
@@ -50,9 +49,10 @@ from curate.stage import Stage, StageContext, StageOutputs, content_identity
 from curate.stages.download import DownloadOutputs
 
 if TYPE_CHECKING:
-    from curate.config import PipelineConfig
     import torch
     from PIL import Image
+
+    from curate.config import PipelineConfig
 
 log = logging.getLogger(__name__)
 

@@ -856,7 +856,9 @@ class InputStage(Stage):
 
     def phases(self) -> list[Phase]:
         return [
-            Phase("build", single_task, self._build, commit="replace", output_root=lambda ctx: ctx.layout.stage_dir(STAGE))
+            Phase(
+                "build", single_task, self._build, commit="replace", output_root=lambda ctx: ctx.layout.stage_dir(STAGE)
+            )
         ]
 
     def _build(self, ctx: StageContext, _task: str, workdir: Path) -> TaskOutput:

@@ -13,7 +13,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import re
-import tarfile
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +20,7 @@ import numpy as np
 
 from curate.config import MaterializeConfig
 from curate.io.fs import read_json, write_json_atomic
+from curate.io.wds import Sample, count_samples, iter_samples
 from curate.ledger import FATE_SCHEMA, FateError
 from curate.stage import Phase, RunLayout, Stage, StageContext, StageOutputs, TaskOutput, single_task
 from curate.stages.download import DownloadOutputs
@@ -89,28 +89,6 @@ def kept_rows(layout: RunLayout, last_stage: str, shard: str) -> dict[str, dict[
     return {row["uid"]: row for row in fates if row["status"] == "kept"}
 
 
-def download_samples(layout: RunLayout, shard: str):  # type: ignore[no-untyped-def]
-    """(uid, {extension: bytes}) for every sample in a download tar, grouping members by key."""
-    import json
-
-    tar_path = DownloadOutputs(layout).tar_path(shard)
-    if not tar_path.exists():
-        return
-    current_key, members = None, {}
-    with tarfile.open(tar_path) as tar:
-        for member in tar:
-            if not member.isfile():
-                continue
-            key, _, extension = member.name.partition(".")
-            if key != current_key and members:
-                yield json.loads(members["json"])["uid"], members
-                members = {}
-            current_key = key
-            members[extension] = tar.extractfile(member).read()  # type: ignore[union-attr]
-    if members:
-        yield json.loads(members["json"])["uid"], members
-
-
 class MaterializeStage(Stage):
     name = "materialize"
     decides_fates = False
@@ -158,15 +136,15 @@ class MaterializeStage(Stage):
                     continue
                 kept = kept_rows(ctx.layout, last, shard)
                 chosen = sorted(kept)[lo - offsets[i] : hi - offsets[i]]
-                wanted = set(chosen)
-                found = {uid: members for uid, members in download_samples(ctx.layout, shard) if uid in wanted}
+                tar_path = DownloadOutputs(ctx.layout).tar_path(shard)
+                found = {sample.uid: sample for sample in iter_samples(tar_path, set(chosen))}
                 missing = [uid for uid in chosen if uid not in found]
                 if missing:
                     raise FateError(f"shard {shard}: kept samples missing from its download tar: {missing[:3]}")
                 for uid in chosen:
                     writer.write(curated_sample(uid, kept[uid], found[uid]))
                     written += 1
-        on_disk = count_tar_samples(path)
+        on_disk = count_samples(path)
         if on_disk != written:
             raise FateError(f"curated/{task}.tar holds {on_disk} samples after writing {written}")
         return TaskOutput(counts={"samples": written})
@@ -184,28 +162,20 @@ class MaterializeStage(Stage):
         return TaskOutput(counts={"samples": len(uids)})
 
 
-def curated_sample(uid: str, fate: dict[str, object], members: dict[str, bytes]) -> dict[str, object]:
-    import json
-
-    meta = json.loads(members["json"])
+def curated_sample(uid: str, fate: dict[str, object], sample: Sample) -> dict[str, object]:
     record = {
         "uid": uid,
-        "url": meta.get("url"),
-        "caption": members.get("txt", b"").decode("utf-8"),
+        "url": sample.url,
+        "caption": sample.caption,
         "clip_score": fate.get("clip_score"),
-        "sha256": fate.get("sha256") or meta.get("sha256"),
-        "width": meta.get("original_width"),
-        "height": meta.get("original_height"),
+        "sha256": fate.get("sha256") or sample.meta.get("sha256"),
+        "width": sample.meta.get("original_width"),
+        "height": sample.meta.get("original_height"),
     }
-    image_ext = next(ext for ext in ("jpg", "png", "webp") if ext in members)
-    return {"__key__": uid, image_ext: members[image_ext], "txt": record["caption"], "json": record}
-
-
-def count_tar_samples(path: Path) -> int:
-    with tarfile.open(path) as tar:
-        return sum(1 for m in tar if m.isfile() and m.name.endswith(".json"))
+    assert sample.image_extension is not None and sample.image is not None, "download samples carry an image"
+    return {"__key__": uid, sample.image_extension: sample.image, "txt": record["caption"], "json": record}
 
 
 def count_curated_samples(layout: RunLayout) -> int:
     """Samples actually present in curated/*.tar (read back, not taken from the marker)."""
-    return sum(count_tar_samples(path) for path in CuratedOutputs(layout).shards())
+    return sum(count_samples(path) for path in CuratedOutputs(layout).shards())

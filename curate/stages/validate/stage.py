@@ -15,13 +15,15 @@ import os
 import shutil
 import uuid
 from collections.abc import Callable, Sequence
-from contextlib import AbstractContextManager
+from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from curate.io.fs import read_json, write_json_atomic
+from curate.io.wds import count_samples as count_tar_samples
+from curate.io.wds import iter_samples
 from curate.stage import Phase, RunLayout, Stage, StageContext, StageOutputs, TaskOutput, digest, single_task
 from curate.stages.download import DownloadOutputs
 from curate.stages.embed import EmbedOutputs
@@ -109,7 +111,13 @@ def contaminated_uids(config: PipelineConfig, layout: RunLayout, shards: Sequenc
     from curate.stages.dedup.decontaminate import contaminated
     from curate.stages.dedup.stage import DedupOutputs
 
-    eval_emb, _ = DedupOutputs(layout).eval_embeddings()
+    dedup = DedupOutputs(layout)
+    if dedup.eval_paths()[0].exists():
+        eval_emb, _ = dedup.eval_embeddings()
+    else:  # dedup ran without these eval sets
+        from curate.stages.dedup.decontaminate import embed_eval_sets
+
+        eval_emb, _ = embed_eval_sets(config.dedup.eval_sets, config.embed)
     found: set[str] = set()
     embed = EmbedOutputs(layout)
     for shard in shards:
@@ -141,8 +149,6 @@ def ensure_baseline_shards(
     its shards, the size of the pool it was drawn from and its fingerprint."""
     import webdataset as wds
 
-    from curate.stages.materialize import download_samples
-
     cfg = config.validate  # type: ignore[attr-defined]
     folder = layout.stage_dir(STAGE) / BASELINE_DATA
     fingerprint = digest(
@@ -162,9 +168,10 @@ def ensure_baseline_shards(
             for shard in shards:
                 # by uid, as curated/ is: img2dataset writes a shard's samples in the order their fetches
                 # finished, and the training stream (hence the baseline's result) follows the tar order
-                chosen = {uid: members for uid, members in download_samples(layout, shard) if uid in subset}
+                tar_path = DownloadOutputs(layout).tar_path(shard)
+                chosen = {s.uid: s for s in iter_samples(tar_path, subset)} if tar_path.exists() else {}
                 for uid in sorted(chosen):
-                    writer.write({"__key__": uid, **chosen[uid]})
+                    writer.write({"__key__": uid, **chosen[uid].members})
         write_json_atomic(
             scratch / "_done.json", {"fingerprint": fingerprint, "samples": len(subset), "pool": len(pool)}
         )
@@ -177,13 +184,7 @@ def ensure_baseline_shards(
 
 
 def count_samples(shards: Sequence[Path]) -> int:
-    import tarfile
-
-    total = 0
-    for path in shards:
-        with tarfile.open(path) as tar:
-            total += sum(1 for m in tar if m.isfile() and m.name.endswith(".txt"))
-    return total
+    return sum(count_tar_samples(path) for path in shards)
 
 
 # ---------------------------------------------------------------- one (arm, seed)
@@ -330,7 +331,8 @@ class ValidateStage(Stage):
 
     def _baseline(self, ctx: StageContext, _task: str, _workdir: Path) -> TaskOutput:
         data, _, n_curated, n_pool = self._data(ctx.layout)
-        return TaskOutput(counts={"curated": n_curated, "baseline": count_samples(data["baseline"]), "pool": n_pool})
+        counts = {"curated": n_curated, "baseline": count_samples(data["baseline"]), "pool": n_pool}
+        return TaskOutput(counts=counts, files=(f"{BASELINE_DATA}/_done.json",))
 
     def _run(self, ctx: StageContext, task: str, _workdir: Path) -> TaskOutput:
         arm, _, seed_text = task.rpartition("-seed")
@@ -339,7 +341,7 @@ class ValidateStage(Stage):
         train_print = digest({"data": data_prints[arm], "seed": seed, "settings": settings(self.cfg, EVAL_FIELDS)})
         out_dir = ValidateOutputs(ctx.layout).run_dir(arm, seed)
         result = run_arm(self.cfg, data[arm], out_dir, seed, train_print, self._eval_print(), None)
-        return TaskOutput(counts={"steps": int(result["steps"])})
+        return TaskOutput(counts={"steps": int(result["steps"])}, files=(f"{out_dir.name}/result.json",))
 
     def _metrics(self, ctx: StageContext, _task: str, workdir: Path) -> TaskOutput:
         outputs = ValidateOutputs(ctx.layout)
@@ -348,7 +350,11 @@ class ValidateStage(Stage):
         for seed in range(self.cfg.seeds):
             for arm in ARMS:
                 runs[arm].append(read_json(outputs.run_dir(arm, seed) / "result.json"))
-        counts = {"curated_samples": n_curated, "baseline_samples": count_samples(data["baseline"]), "baseline_pool": n_pool}
+        counts = {
+            "curated_samples": n_curated,
+            "baseline_samples": count_samples(data["baseline"]),
+            "baseline_pool": n_pool,
+        }
         metrics = metrics_document(self.cfg, runs, data_prints["curated"], self._eval_print(), counts)
         write_json_atomic(workdir / outputs.metrics_path.name, metrics)
         return TaskOutput(counts=counts)
@@ -357,11 +363,27 @@ class ValidateStage(Stage):
 def run_validation(
     config: PipelineConfig, layout: RunLayout, progress: ProgressFactory | None = None
 ) -> dict[str, Any]:
-    """Train and evaluate every (arm, seed) in this process, resuming what was interrupted; return metrics.json."""
-    from curate.pipeline import run_pipeline
+    """Train and evaluate every (arm, seed) on the run's curated set as it is, in this process, resuming what was
+    interrupted; returns metrics.json."""
+    from curate.executors.local import LocalExecutor
+    from curate.io.lock import run_lock
+    from curate.pipeline import run_stage, stage_fingerprints
+    from curate.stages import plan
 
-    run_pipeline(config, only_stage=STAGE, progress=progress)
+    if STAGE not in config.stages:
+        config = config.model_copy(update={"stages": [*config.stages, STAGE]})
+    stages = plan(config)
+    stage = stages[-1]
+    stage.preflight()
+    ctx = StageContext(config, layout, stage_fingerprints(stages)[STAGE], tuple(InputOutputs(layout).shards()))
+    with run_lock(layout.root):
+        run_stage(stage, ctx, LocalExecutor(), progress or (lambda *_a, **_k: nullcontext(_Quiet())))
     return ValidateOutputs(layout).metrics()
+
+
+class _Quiet:
+    def update(self, n: int = 1) -> None:
+        pass
 
 
 def _bar_updater(bar: Any) -> Progress:
