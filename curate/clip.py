@@ -370,7 +370,8 @@ def _create(name: str, pretrained: str | None, device: torch.device, section: st
     key = config_key(section, "pretrained")
     try:
         with hub_offline():  # a tag's weights were found in the cache: nothing to ask the hub
-            return open_clip.create_model_and_transforms(name, pretrained=pretrained, device=device)
+            # on the CPU first: an error here is about the weights, one in moving them about the device
+            model, train_preprocess, preprocess = open_clip.create_model_and_transforms(name, pretrained=pretrained)
     except (RuntimeError, AssertionError, KeyError) as err:  # how open_clip reports weights that do not fit
         if pretrained is not None and Path(pretrained).is_file():
             raise ConfigError(f"{key}: checkpoint {pretrained!r} does not fit model {name!r}: {err}") from err
@@ -380,6 +381,7 @@ def _create(name: str, pretrained: str | None, device: torch.device, section: st
                 "without network access, give the path of a local checkpoint file instead"
             ) from err
         raise
+    return model.to(device), train_preprocess, preprocess
 
 
 # --------------------------------------------------------------------------------------------------

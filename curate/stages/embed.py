@@ -338,8 +338,9 @@ class EmbedStage(Stage):
     def preflight(self) -> None:
         """Name, file and tag checks in the driver, before anything runs; loads no weights."""
         resolve_model(self.cfg)
-        if self.cfg.precision == "fp16" and self.cfg.device in ("cpu", "auto"):
-            resolve_device(self.cfg)  # fp16 on a cpu; an explicit 'cuda' is checked on the workers
+        on_this_machine = self.config.executor == "local" and self.cfg.device.startswith("cuda")
+        if on_this_machine or (self.cfg.precision == "fp16" and self.cfg.device in ("cpu", "auto")):
+            resolve_device(self.cfg)  # Dask workers check their own device when they load the model
 
     def setup(self) -> None:
         import torch

@@ -164,7 +164,8 @@ class DedupStage(Stage):
         upstream = self.upstream_name()
         inputs = gather_inputs(ctx.layout, list(ctx.shards), upstream, self.cfg.near_features == "thumbnail")
         decisions = self.decide(inputs, DedupOutputs(ctx.layout) if self.cfg.eval_sets else None)
-        by_shard = pa.table({"uid": pa.array(inputs.uids.tolist(), pa.string()), "shard": inputs.shards.tolist()})
+        shards = pa.array(inputs.shards.tolist(), pa.string())
+        by_shard = pa.table({"uid": pa.array(inputs.uids.tolist(), pa.string()), "shard": shards})
         located = decisions.join(by_shard, "uid", join_type="left outer")
         outputs = DedupOutputs(workdir)
         for shard in ctx.shards:

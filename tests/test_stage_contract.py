@@ -1,0 +1,279 @@
+"""The stage contract on real runs: markers make a finished run a no-op (also moved, with a re-copied input),
+run-wide phases resume task by task after a SIGKILL, empty shards pass every stage, embed asks Dask for a GPU,
+and a new stage is one class plus one registry entry."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pytest
+
+import curate.stages
+from curate.config import ConfigError, DaskConfig, load_config
+from curate.executors.dask import DaskExecutor
+from curate.ledger import Status, make_fates, read_ledger
+from curate.pipeline import RunResult, run_pipeline
+from curate.runner import ShardFailed
+from curate.stage import RunLayout, Stage, StageContext
+from curate.stages.filters import FilterOutputs
+from curate.stages.materialize import CuratedOutputs
+from tests.world_fixtures import ServedWorld, full_pipeline_overrides
+
+REPO = Path(__file__).resolve().parent.parent
+LEDGER_COLUMNS = ["uid", "status", "stage", "reason", "detail"]
+
+
+def overrides(checkpoint: Path, *extra: str) -> list[str]:
+    return [*full_pipeline_overrides(checkpoint), "materialize.samples_per_shard=10", *extra]
+
+
+def markers(run_dir: Path) -> dict[str, int]:
+    """Every done-marker of the run with its modification time."""
+    return {str(p.relative_to(run_dir)): p.stat().st_mtime_ns for p in run_dir.rglob("_done/**/*.json")}
+
+
+def ledger_of(run_dir: Path) -> pd.DataFrame:
+    return read_ledger(run_dir)[LEDGER_COLUMNS].sort_values("uid").reset_index(drop=True)
+
+
+def curated_uids(run_dir: Path) -> list[tuple[int, int]]:
+    return np.load(CuratedOutputs(run_dir).uids_path).tolist()
+
+
+@pytest.fixture(scope="module")
+def finished(served_world: ServedWorld, tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory):
+    """(pipeline, overrides, run) of one finished run, which the tests copy before changing anything."""
+    folder = tmp_path_factory.mktemp("contract")
+    pipeline = served_world.pipeline(folder, output=folder / "run")
+    settings = overrides(tiny_checkpoint)
+    result = run_pipeline(load_config(pipeline, settings))
+    assert result.complete and result.tasks_run > 0
+    assert len(CuratedOutputs(result.layout).shards()) >= 3  # materialize's tasks are several output shards
+    return pipeline, settings, result
+
+
+def copy_run(result: RunResult, dest: Path) -> Path:
+    shutil.copytree(result.layout.root, dest)
+    return dest
+
+
+def test_a_finished_run_does_no_work_again_also_moved_and_with_its_input_copied(
+    finished: tuple[Path, list[str], RunResult], served_world: ServedWorld, tmp_path: Path
+) -> None:
+    pipeline, settings, result = finished
+    before = markers(result.layout.root)
+    started = time.perf_counter()
+    again = run_pipeline(load_config(pipeline, settings))
+    assert again.complete and again.tasks_run == 0
+    assert time.perf_counter() - started < 10
+    assert markers(result.layout.root) == before
+
+    moved = copy_run(result, tmp_path / "elsewhere" / "moved-run")
+    table = tmp_path / "recopied" / served_world.table.name  # same name and bytes, a new path and mtime
+    table.parent.mkdir()
+    table.write_bytes(served_world.table.read_bytes())
+    config = load_config(pipeline, [*settings, f"output={moved}", f"input.path={table}"])
+    moved_again = run_pipeline(config)
+    assert moved_again.complete and moved_again.tasks_run == 0
+    assert ledger_of(moved).equals(ledger_of(result.layout.root))
+
+
+@pytest.mark.parametrize(
+    ("kill_at", "redone"),
+    [("dedup:shards:00002", ["dedup", "ledger", "materialize"]), ("materialize:shards:00001", ["materialize"])],
+)
+def test_a_run_killed_in_a_run_wide_phase_resumes_without_redoing_finished_tasks(
+    finished: tuple[Path, list[str], RunResult], tmp_path: Path, kill_at: str, redone: list[str]
+) -> None:
+    pipeline, settings, result = finished
+    run_dir = copy_run(result, tmp_path / "run")
+    for name in [*redone, "curated"]:
+        shutil.rmtree(run_dir / name)
+    if "ledger" in redone:
+        (run_dir / "ledger.parquet").unlink()
+    command = [sys.executable, "-m", "tests.kill_during", kill_at, str(pipeline), *settings, f"output={run_dir}"]
+    killed = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert killed.returncode == -9, killed.stderr[-2000:]
+
+    stage, phase, task = kill_at.split(":")
+    done_before = markers(run_dir)
+    assert any(m.startswith(f"{stage}/_done/") for m in done_before), "nothing of the killed stage was committed"
+    assert not RunLayout(run_dir).marker_path(stage, task, phase).exists()
+    assert list((run_dir / stage / "_tmp").iterdir()), "the killed task left its scratch files"
+
+    resumed = run_pipeline(load_config(pipeline, [*settings, f"output={run_dir}"]))
+    assert resumed.complete
+    after = markers(run_dir)
+    assert {m: after[m] for m in done_before} == done_before  # no finished task ran again
+    assert ledger_of(run_dir).equals(ledger_of(result.layout.root))
+    assert curated_uids(run_dir) == curated_uids(result.layout.root)
+    assert not (run_dir / stage / "_tmp").exists()
+
+
+def test_a_shard_with_no_samples_left_goes_through_every_stage(
+    served_world: ServedWorld, tiny_checkpoint: Path, tmp_path: Path
+) -> None:
+    crawl = pd.read_parquet(served_world.table)
+    missing = pd.DataFrame(
+        {"url": [f"{served_world.server.base_url}/no/such/image-{i}.jpg" for i in range(8)], "caption": "lost"}
+    )
+    table = tmp_path / "crawl.parquet"
+    pd.concat([missing, crawl], ignore_index=True).to_parquet(table, index=False)  # shard 00000: all 404
+    pipeline = served_world.pipeline(tmp_path, output=tmp_path / "run")
+    result = run_pipeline(load_config(pipeline, overrides(tiny_checkpoint, f"input.path={table}")))
+    assert result.complete
+    ledger = read_ledger(tmp_path / "run")
+    lost = ledger[ledger.caption == "lost"]
+    assert len(lost) == 8 and (lost.reason == "http_404").all() and (lost.stage == "download").all()
+    assert len(ledger) == len(crawl) + 8 and ledger.uid.is_unique
+
+
+def test_a_threshold_nothing_passes_completes_with_an_empty_curated_set(
+    finished: tuple[Path, list[str], RunResult], tmp_path: Path
+) -> None:
+    pipeline, settings, result = finished
+    run_dir = copy_run(result, tmp_path / "run")
+    strict = run_pipeline(load_config(pipeline, [*settings, f"output={run_dir}", "filter.clip_threshold=0.999"]))
+    assert strict.complete
+    ledger = read_ledger(run_dir)
+    assert (ledger.status != Status.KEPT.value).all() and len(ledger) == len(read_ledger(result.layout.root))
+    assert CuratedOutputs(run_dir).shards() == [] and len(np.load(CuratedOutputs(run_dir).uids_path)) == 0
+    assert FilterOutputs(run_dir).summary()["clip_cutoff"] == pytest.approx(0.999)
+
+
+# ---------------------------------------------------------------- GPU resources
+
+
+def downloaded_run(finished: tuple[Path, list[str], RunResult], tmp_path: Path, *extra: str):
+    """A copy of the finished run without its embeddings, and the config that embeds on cuda through Dask."""
+    pipeline, settings, result = finished
+    run_dir = copy_run(result, tmp_path / "run")
+    shutil.rmtree(run_dir / "embed")  # the device only changes speed: embed's markers would still count as done
+    config = load_config(pipeline, [*settings, f"output={run_dir}", "embed.device=cuda", "executor=dask", *extra])
+    return config, run_dir
+
+
+def fake_a_cuda_device() -> None:
+    import torch
+
+    torch.cuda.is_available = lambda: True
+
+
+def test_the_real_embed_stage_on_cuda_runs_only_on_the_gpu_worker(
+    finished: tuple[Path, list[str], RunResult], tmp_path: Path
+) -> None:
+    from distributed import Client, Nanny, Scheduler, SpecCluster, get_task_stream
+
+    config, _ = downloaded_run(finished, tmp_path, "dask.shard_retries=0")
+    cluster = SpecCluster(
+        scheduler={"cls": Scheduler, "options": {"dashboard_address": ":0", "host": "127.0.0.1"}},
+        workers={
+            "cpu-worker": {"cls": Nanny, "options": {"nthreads": 1, "host": "127.0.0.1"}},
+            "gpu-worker": {"cls": Nanny, "options": {"nthreads": 1, "host": "127.0.0.1", "resources": {"GPU": 1}}},
+        },
+    )
+    executor = DaskExecutor(config.dask, scheduler=cluster.scheduler_address)
+    try:
+        names = {addr: info["name"] for addr, info in executor.client.scheduler_info()["workers"].items()}
+        gpu_address = next(addr for addr, name in names.items() if name == "gpu-worker")
+        executor.client.run(fake_a_cuda_device, workers=[gpu_address])  # torch there says a GPU is present
+        with get_task_stream(executor.client) as stream, pytest.raises(ShardFailed) as failed:
+            run_pipeline(config, executor=executor, only_stage="embed")
+        ran_on = {names[task["worker"]] for task in stream.data if task["key"].startswith("embed-")}
+    finally:
+        executor.close()
+        Client(cluster).close()
+        cluster.close()
+    assert ran_on == {"gpu-worker"}
+    # the model reached the (absent) device on the GPU worker; a CPU worker would have refused at once
+    assert "torch sees no CUDA device" not in str(failed.value)
+
+
+def test_a_cluster_without_a_gpu_worker_fails_at_once_naming_the_resource(
+    finished: tuple[Path, list[str], RunResult], tmp_path: Path
+) -> None:
+    config, run_dir = downloaded_run(finished, tmp_path)
+    executor = DaskExecutor(DaskConfig(n_workers=1, dashboard_address=":0"))
+    try:
+        started = time.perf_counter()
+        with pytest.raises(ConfigError, match=r"stage 'embed' needs worker resource GPU=1 but none of the"):
+            run_pipeline(config, executor=executor, only_stage="embed")
+        assert time.perf_counter() - started < 10
+    finally:
+        executor.close()
+    assert not (run_dir / "embed" / "_done").exists()
+
+
+def test_cuda_on_a_machine_without_one_is_a_config_error_before_anything_is_written(tmp_path: Path) -> None:
+    table = tmp_path / "crawl.csv"
+    table.write_text("url,caption\nhttp://127.0.0.1:9/a.jpg,a red circle\n")
+    pipeline = tmp_path / "pipeline.yaml"
+    pipeline.write_text(f"output: {tmp_path / 'run'}\ninput:\n  path: {table}\nembed:\n  model: curate-tiny\n")
+    command = [sys.executable, "-m", "curate", "run", str(pipeline), "--set", "embed.device=cuda"]
+    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines()[-1].startswith("curate: error: embed.device is 'cuda' but")
+    assert not (tmp_path / "run").exists()
+
+
+# ---------------------------------------------------------------- a new stage
+
+
+class CaptionAuditStage(Stage):
+    """A stage only this test knows: drops the samples whose caption names a colour it was told to avoid."""
+
+    name = "audit"
+    section = None
+    avoid = "red"
+
+    @property
+    def cfg(self) -> None:
+        return None
+
+    def expected_uids(self, ctx: StageContext, shard: str) -> pa.Array:
+        from curate.stages.dedup.stage import DedupOutputs
+
+        return DedupOutputs(ctx.layout).kept_uids(shard)
+
+    def process_shard(self, ctx: StageContext, shard: str, workdir: Path) -> pa.Table:
+
+        from curate.stages.input import InputOutputs
+
+        uids = self.expected_uids(ctx, shard).to_pylist()
+        captions = InputOutputs(ctx.layout).fates(shard, ["uid", "caption"])
+        by_uid = dict(zip(captions["uid"].to_pylist(), captions["caption"].to_pylist(), strict=True))
+        avoided = [self.avoid in by_uid[uid] for uid in uids]
+        return make_fates(
+            uids, ["dropped" if a else "kept" for a in avoided], ["audit_colour" if a else None for a in avoided]
+        )
+
+
+def test_a_new_stage_is_one_class_and_one_registry_line(
+    finished: tuple[Path, list[str], RunResult], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    registry = curate.stages.STAGES
+    position = registry.index(curate.stages.DedupStage) + 1
+    monkeypatch.setattr(curate.stages, "STAGES", (*registry[:position], CaptionAuditStage, *registry[position:]))
+    pipeline, settings, result = finished
+    run_dir = copy_run(result, tmp_path / "run")
+    stages = "stages=[input,download,embed,filter,dedup,audit,materialize]"
+    audited = run_pipeline(load_config(pipeline, [*settings, f"output={run_dir}", stages]))
+
+    assert audited.complete and "audit" in audited.stats
+    ledger = read_ledger(run_dir)
+    before = read_ledger(result.layout.root).set_index("uid")
+    dropped = ledger[ledger.reason == "audit_colour"]
+    assert len(dropped) > 0 and dropped.caption.str.contains("red").all()
+    assert (before.loc[dropped.uid, "status"] == "kept").all()  # they were kept before the new stage
+    kept = ledger[ledger.status == "kept"]
+    assert not kept.caption.str.contains("red").any()
+    assert len(np.load(CuratedOutputs(run_dir).uids_path)) == len(kept)
+    assert os.listdir(run_dir / "audit" / "fates")
