@@ -332,3 +332,23 @@ def test_train_scorer_exports_weights_that_the_embed_stage_loads(
 def test_train_scorer_refuses_a_folder_that_is_not_a_run(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert curate_main(["train-scorer", str(tmp_path), "--no-progress"]) == 1
     assert "not a curate run" in capsys.readouterr().err
+
+
+def test_a_png_encoded_run_goes_through_validate(
+    served_world: ServedWorld, tiny_checkpoint: Path, micro_model: Path, eval_set: Path, tmp_path: Path
+) -> None:
+    from curate.pipeline import run_pipeline
+    from tests.world_fixtures import full_pipeline_overrides
+
+    pipeline = served_world.pipeline(tmp_path, output=tmp_path / "run", download={"encode_format": "png"})
+    stages = "stages=[input,download,embed,filter,dedup,materialize,validate]"
+    validate = [f"validate.{key}={value}" for key, value in quick_settings(micro_model, eval_set, seeds=1).items()]
+    result = run_pipeline(load_config(pipeline, [*full_pipeline_overrides(tiny_checkpoint), stages, *validate]))
+
+    assert result.complete
+    curated = sorted((tmp_path / "run" / "curated").glob("*.tar"))
+    sample = next(iter(wds.WebDataset(str(curated[0]), shardshuffle=False)))
+    assert sample["png"][:8] == b"\x89PNG\r\n\x1a\n"
+    metrics = json.loads((tmp_path / "run" / "validate" / "metrics.json").read_text())
+    assert metrics["data"]["curated_samples"] > 0 and metrics["data"]["baseline_samples"] > 0
+    assert metrics["runs"]["curated"][0]["steps"] == 3
