@@ -117,7 +117,7 @@ class Stage:
 
     name: ClassVar[str]
     section: ClassVar[str | None] = None
-    """The config section of this stage's settings (default: `name`; None for a stage with none)."""
+    """The config section of this stage's settings (None: the section named like the stage, if there is one)."""
     speed_only: ClassVar[frozenset[str]] = frozenset()
     """Settings that change how fast the stage runs, never what it produces: left out of its fingerprint."""
     decides_fates: ClassVar[bool] = True
@@ -131,12 +131,7 @@ class Stage:
 
     @property
     def cfg(self) -> Any:
-        section = self.section_name()
-        return getattr(self.config, section) if section else None
-
-    @classmethod
-    def section_name(cls) -> str | None:
-        return cls.section if cls.section is not None or not hasattr(cls, "name") else cls.name
+        return getattr(self.config, self.section or self.name, None)
 
     def fingerprint(self, upstream: str) -> str:
         """This stage's settings (less `speed_only`) and extras, chained to the upstream fingerprint."""

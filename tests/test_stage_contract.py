@@ -231,12 +231,7 @@ class CaptionAuditStage(Stage):
     """A stage only this test knows: drops the samples whose caption names a colour it was told to avoid."""
 
     name = "audit"
-    section = None
     avoid = "red"
-
-    @property
-    def cfg(self) -> None:
-        return None
 
     def expected_uids(self, ctx: StageContext, shard: str) -> pa.Array:
         from curate.stages.dedup.stage import DedupOutputs

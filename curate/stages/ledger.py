@@ -23,14 +23,9 @@ class LedgerOutputs(StageOutputs):
 
 class LedgerStage(Stage):
     name = LEDGER
-    section = None
     decides_fates = False
     default = False
     outputs = LedgerOutputs
-
-    @property
-    def cfg(self) -> None:
-        return None
 
     def phases(self) -> list[Phase]:
         return [Phase("merge", single_task, self._merge, output_root=lambda ctx: ctx.layout.root)]
