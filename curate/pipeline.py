@@ -22,7 +22,7 @@ from curate.executors.local import LocalExecutor
 from curate.io.fs import read_json, write_bytes_atomic, write_json_atomic
 from curate.io.lock import run_lock
 from curate.ledger import FateError, StageStats, Status
-from curate.runner import clear_scratch, marker_stats, remove_orphans, task_state
+from curate.runner import clear_scratch, marker_stats, remove_orphans, sweep_leftovers, task_state
 from curate.stage import FATE_PHASE, RunLayout, ShardState, Stage, StageContext
 from curate.stages import fate_stage_names, plan
 from curate.stages.input import InputError, InputOutputs, InputStage
@@ -71,7 +71,7 @@ def run_pipeline(
 ) -> RunResult:
     """Run all planned stages (or `only_stage`, whose upstream must be done). Raises ConfigError (InputError
     among them) before writing anything when the config or an input file is unusable."""
-    progress = progress or (lambda *_args, **_kwargs: nullcontext(_NoProgress()))
+    progress = progress or no_progress
     executor = executor or LocalExecutor()
     layout = RunLayout(Path(config.output))
     stages = plan(config)
@@ -82,6 +82,7 @@ def run_pipeline(
     tasks_run = 0
     try:
         with run_lock(layout.root):
+            sweep_leftovers(layout)
             shards: tuple[str, ...] = ()
             for stage in stages:
                 ctx = StageContext(config, layout, prints[stage.name], shards)
@@ -105,8 +106,9 @@ def run_pipeline(
     return result
 
 
-def run_stage(stage: Stage, ctx: StageContext, executor: Executor, progress: ProgressFactory) -> int:
+def run_stage(stage: Stage, ctx: StageContext, executor: Executor, progress: ProgressFactory | None = None) -> int:
     """Every phase of `stage`, in order; returns how many tasks did work."""
+    progress = progress or no_progress
     ran = 0
     for phase in stage.phases():
         tasks = phase.tasks(ctx)
@@ -169,6 +171,10 @@ class _NoProgress:
 
     def set_postfix(self, *args: Any, **kwargs: Any) -> None:
         pass
+
+
+def no_progress(*_args: Any, **_kwargs: Any) -> AbstractContextManager[Any]:
+    return nullcontext(_NoProgress())
 
 
 def collect_stats(

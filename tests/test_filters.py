@@ -13,7 +13,7 @@ import pytest
 from curate.config import FilterConfig, validate_config
 from curate.io.fs import write_parquet_atomic
 from curate.ledger import make_fates, read_fate_parts
-from curate.runner import run_shard, run_task
+from curate.runner import run_shard
 from curate.stage import RunLayout, StageContext
 from curate.stages.filters import FilterStage, apply_filters, build_filters, score_summary, top_fraction_cutoff
 
@@ -110,6 +110,14 @@ def test_score_summary_kept_fraction_matches_a_direct_count():
     assert summary["quantiles"]["0.5"] == pytest.approx(np.median(scores))
 
 
+def run_stage(stage: FilterStage, ctx: StageContext) -> None:
+    """Every phase of the filter stage, as the pipeline runs them."""
+    from curate.executors.local import LocalExecutor
+    from curate.pipeline import run_stage as run_phases
+
+    run_phases(stage, ctx, LocalExecutor())
+
+
 def write_fake_embed_run(root: Path, shard_scores: dict[str, list[float]]) -> RunLayout:
     """Download and embed outputs for shards of samples with the given CLIP scores."""
     layout = RunLayout(root)
@@ -131,7 +139,7 @@ def test_top_fraction_is_ranked_over_the_whole_run_not_per_shard(tmp_path: Path)
     config = validate_config({"output": str(tmp_path), "input": {"path": "x"}, "filter": {"clip_top_fraction": 0.5}})
     stage = FilterStage(config)
     ctx = StageContext(config, layout, "fp", ("00000", "00001"))
-    run_task(stage, ctx, "cutoff", "all")
+    run_stage(stage, ctx)
     for shard in ("00000", "00001"):
         run_shard(stage, ctx, shard)
     fates = read_fate_parts([layout.fates_path("filter", s) for s in ("00000", "00001")])
@@ -151,7 +159,7 @@ def test_clip_combine_chooses_the_cutoff(tmp_path: Path, combine: str, cutoff: f
     layout = write_fake_embed_run(tmp_path, {"00000": [i / 10 for i in range(10)]})  # top 50%: >= 0.5
     filter_cfg = {"clip_threshold": 0.6, "clip_top_fraction": 0.5, "clip_combine": combine}
     config = validate_config({"output": str(tmp_path), "input": {"path": "x"}, "filter": filter_cfg})
-    run_task(FilterStage(config), StageContext(config, layout, "fp", ("00000",)), "cutoff", "all")
+    run_stage(FilterStage(config), StageContext(config, layout, "fp", ("00000",)))
     summary = json.loads((tmp_path / "filter" / "summary.json").read_text())
     assert summary["clip_cutoff"] == pytest.approx(cutoff)  # top 50% of 0.0 .. 0.9: 0.5
     assert (summary["clip_threshold"], summary["clip_top_fraction"]) == rule

@@ -202,7 +202,7 @@ def funnel_from_counts(counts: Counter[tuple[str, str, str]], configured: list[s
 
 def score_stats(data: RunData) -> dict[str, Any] | None:
     """Histogram, kept fraction vs threshold and quantiles of the CLIP scores, plus the cutoff used."""
-    from curate.stages.filters import histogram, score_summary
+    from curate.stages.score_sketch import summarize_parts
 
     summary = data.filter_summary
     if summary is not None and summary.get("clip_score", {}).get("count"):
@@ -214,26 +214,26 @@ def score_stats(data: RunData) -> dict[str, Any] | None:
             "threshold": summary.get("clip_threshold"),
             "top_fraction": summary.get("clip_top_fraction"),
         }
-    scores = _embedded_scores(data.layout)
-    if scores is None or not len(scores):
+    parts = _embedded_scores(data.layout)
+    if not parts or not sum(map(len, parts)):
         return None
+    sketch = summarize_parts(parts)
     return {
         "source": "embed/metadata",
-        "histogram": histogram(scores),
-        "summary": score_summary(scores),
+        "histogram": sketch["histogram"],
+        "summary": sketch["summary"],
         "cutoff": None,
         "threshold": None,
         "top_fraction": None,
     }
 
 
-def _embedded_scores(layout: RunLayout) -> np.ndarray | None:
+def _embedded_scores(layout: RunLayout) -> list[np.ndarray]:
+    """Each embedded shard's CLIP scores."""
     embed = EmbedOutputs(layout)
-    shards = embed.shards()
-    if not shards:
-        return None
-    parts = [embed.metadata(s, columns=["clip_score"])["clip_score"].to_numpy(zero_copy_only=False) for s in shards]
-    return np.concatenate(parts).astype(np.float64)
+    return [
+        embed.metadata(s, columns=["clip_score"])["clip_score"].to_numpy(zero_copy_only=False) for s in embed.shards()
+    ]
 
 
 # --------------------------------------------------------------------------------------------------

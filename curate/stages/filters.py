@@ -8,6 +8,7 @@ a threshold re-runs this stage and later ones only.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -21,11 +22,10 @@ import pyarrow.compute as pc
 from curate.config import FilterConfig
 from curate.io.fs import read_json, write_json_atomic
 from curate.ledger import Status, make_fates
-from curate.stage import Phase, Stage, StageContext, StageOutputs, TaskOutput, single_task
+from curate.stage import Phase, Stage, StageContext, StageOutputs, TaskOutput, run_shards, single_task
 from curate.stages.download import DownloadOutputs
 from curate.stages.embed import EmbedOutputs
-
-SCORE_QUANTILES = (0.01, 0.05, 0.1, 0.25, 0.5, 0.75, 0.9, 0.95, 0.99)
+from curate.stages.score_sketch import FirstPass, Plan, SecondPass, plan_for, summarize, summarize_parts
 
 
 @dataclass(frozen=True)
@@ -109,34 +109,12 @@ def _format(value: float) -> str:
 
 def top_fraction_cutoff(scores: np.ndarray, fraction: float) -> float:
     """The score of the last sample inside the top `fraction` (ties at the cutoff are kept too)."""
-    if not len(scores):
-        return math.inf
-    keep = max(1, math.ceil(fraction * len(scores)))
-    return float(np.sort(scores)[::-1][keep - 1])
+    return summarize_parts([scores], fraction)["top_fraction_cutoff"]  # type: ignore[return-value]
 
 
-def score_summary(scores: np.ndarray, grid_points: int = 41) -> dict[str, object]:
+def score_summary(scores: np.ndarray) -> dict[str, object]:
     """Quantiles and the kept fraction over a grid of thresholds: what a user needs to pick one."""
-    if not len(scores):
-        return {"count": 0}
-    low, high = float(scores.min()), float(scores.max())
-    grid = np.unique(np.round(np.concatenate([np.linspace(low, high, grid_points), np.arange(0.0, 0.5, 0.02)]), 4))
-    sorted_scores = np.sort(scores)
-    kept_fraction = 1.0 - np.searchsorted(sorted_scores, grid, side="left") / len(scores)
-    return {
-        "count": len(scores),
-        "mean": float(scores.mean()),
-        "quantiles": {f"{q:g}": float(np.quantile(scores, q)) for q in SCORE_QUANTILES},
-        "kept_fraction_at_threshold": [
-            {"threshold": float(t), "kept_fraction": round(float(f), 6)}
-            for t, f in zip(grid, kept_fraction, strict=True)
-        ],
-    }
-
-
-def histogram(scores: np.ndarray, bins: int = 50) -> dict[str, list[float]]:
-    counts, edges = np.histogram(scores, bins=bins) if len(scores) else (np.zeros(0), np.zeros(0))
-    return {"counts": counts.astype(int).tolist(), "edges": [float(e) for e in edges]}
+    return summarize_parts([scores])["summary"]  # type: ignore[return-value]
 
 
 class FilterOutputs(StageOutputs):
@@ -145,6 +123,13 @@ class FilterOutputs(StageOutputs):
     @property
     def summary_path(self) -> Path:
         return self.folder / "summary.json"
+
+    def sketch_path(self, kind: str, shard: str = "run") -> Path:
+        """The score sketch's per-shard passes ("counts", "refine") and the plan between them."""
+        return self.folder / "sketch" / kind / f"{shard}.npz"
+
+    def plan_path(self) -> Path:
+        return self.folder / "sketch" / "plan.json"
 
     def summary(self) -> dict[str, Any]:
         return read_json(self.summary_path)
@@ -159,31 +144,66 @@ class FilterStage(Stage):
         return self.config.filter
 
     def phases(self) -> list[Phase]:
-        return [Phase("cutoff", single_task, self._cutoff), self.fate_phase()]
+        """The run-wide cutoff in two exact passes over per-shard score sketches, then the per-shard decisions."""
+        return [
+            Phase("counts", run_shards, self._count_scores),
+            Phase("plan", single_task, self._plan),
+            Phase("refine", run_shards, self._refine_scores),
+            Phase("cutoff", single_task, self._cutoff),
+            self.fate_phase(),
+        ]
+
+    def _count_scores(self, ctx: StageContext, shard: str, workdir: Path) -> TaskOutput:
+        first = FirstPass.of(self._shard_scores(ctx, shard))
+        save_arrays(workdir, FilterOutputs(ctx.layout).sketch_path("counts", shard), first.to_arrays(), ctx)
+        return TaskOutput(counts={"scores": first.n})
+
+    def _plan(self, ctx: StageContext, _task: str, workdir: Path) -> TaskOutput:
+        first = self._first_pass(ctx)
+        plan = plan_for(first, self.cfg.clip_rules()[1])
+        target = workdir / FilterOutputs(ctx.layout).plan_path().relative_to(ctx.layout.stage_dir(self.name))
+        write_json_atomic(target, dataclasses.asdict(plan))
+        return TaskOutput(counts={"refined_bins": len(plan.refine)})
+
+    def _refine_scores(self, ctx: StageContext, shard: str, workdir: Path) -> TaskOutput:
+        second = SecondPass.of(self._shard_scores(ctx, shard), self._read_plan(ctx))
+        save_arrays(workdir, FilterOutputs(ctx.layout).sketch_path("refine", shard), second.to_arrays(), ctx)
+        return TaskOutput()
+
+    def _first_pass(self, ctx: StageContext) -> FirstPass:
+        outputs = FilterOutputs(ctx.layout)
+        return FirstPass.merge(FirstPass.from_arrays(load_arrays(outputs.sketch_path("counts", s))) for s in ctx.shards)
+
+    def _read_plan(self, ctx: StageContext) -> Plan:
+        raw = read_json(FilterOutputs(ctx.layout).plan_path())
+        hist_range = tuple(raw["hist_range"]) if raw["hist_range"] is not None else None
+        return Plan(tuple(raw["refine"]), tuple(raw["thresholds"]), raw["hist_bins"], hist_range)  # type: ignore[arg-type]
 
     def _cutoff(self, ctx: StageContext, _task: str, workdir: Path) -> TaskOutput:
-        """Run-wide step: the score distribution, and the cutoff a top fraction implies."""
-        shards = list(ctx.shards)
-        scores = np.concatenate([self._shard_scores(ctx, s) for s in shards]) if shards else np.zeros(0)
+        """Run-wide step: the score distribution, and the cutoff a top fraction implies (merged sketches)."""
+        outputs, plan = FilterOutputs(ctx.layout), self._read_plan(ctx)
+        first = self._first_pass(ctx)
+        parts = (SecondPass.from_arrays(load_arrays(outputs.sketch_path("refine", s)), plan) for s in ctx.shards)
         threshold, fraction = self.cfg.clip_rules()  # clip_combine: both (the higher cutoff) or one of them
+        sketch = summarize(first, SecondPass.merge(parts, plan), plan, fraction)
         cutoffs = []
         if threshold is not None:
             cutoffs.append(threshold)
         top_cutoff = None
         if fraction is not None:
-            top_cutoff = top_fraction_cutoff(scores, fraction)
+            top_cutoff = sketch["top_fraction_cutoff"]
             cutoffs.append(top_cutoff)
         summary = {
-            "clip_score": score_summary(scores),
-            "clip_score_histogram": histogram(scores),
+            "clip_score": sketch["summary"],
+            "clip_score_histogram": sketch["histogram"],
             "clip_threshold": threshold,
             "clip_top_fraction": fraction,
             "top_fraction_cutoff": top_cutoff,
             "clip_cutoff": max(cutoffs) if cutoffs else None,
             "filters": [f.name for f in build_filters(self.cfg, max(cutoffs) if cutoffs else None)],
         }
-        write_json_atomic(workdir / FilterOutputs(ctx.layout).summary_path.name, summary)
-        return TaskOutput(counts={"scores": len(scores)})
+        write_json_atomic(workdir / outputs.summary_path.name, summary)
+        return TaskOutput(counts={"scores": first.n})
 
     def _shard_scores(self, ctx: StageContext, shard: str) -> np.ndarray:
         metadata = EmbedOutputs(ctx.layout).metadata(shard, columns=["clip_score"])
@@ -204,3 +224,16 @@ class FilterStage(Stage):
         metadata = metadata.filter(pc.is_in(metadata["uid"], self.expected_uids(ctx, shard)))
         sizes = DownloadOutputs(layout).fates(shard, ["uid", "width", "height"])
         return metadata.join(sizes, "uid", join_type="left outer").sort_by("uid")
+
+
+def save_arrays(workdir: Path, path: Path, arrays: dict[str, np.ndarray], ctx: StageContext) -> None:
+    """Write `arrays` to where `path` lies under the stage folder, inside the task's scratch `workdir`."""
+    target = workdir / path.relative_to(ctx.layout.stage_dir(FilterOutputs.stage))
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with open(target, "wb") as handle:
+        np.savez(handle, **arrays)
+
+
+def load_arrays(path: Path) -> dict[str, np.ndarray]:
+    with np.load(path) as data:
+        return dict(data)

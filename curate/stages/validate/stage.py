@@ -15,7 +15,7 @@ import os
 import shutil
 import uuid
 from collections.abc import Callable, Sequence
-from contextlib import AbstractContextManager, nullcontext
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -377,13 +377,8 @@ def run_validation(
     stage.preflight()
     ctx = StageContext(config, layout, stage_fingerprints(stages)[STAGE], tuple(InputOutputs(layout).shards()))
     with run_lock(layout.root):
-        run_stage(stage, ctx, LocalExecutor(), progress or (lambda *_a, **_k: nullcontext(_Quiet())))
+        run_stage(stage, ctx, LocalExecutor(), progress)
     return ValidateOutputs(layout).metrics()
-
-
-class _Quiet:
-    def update(self, n: int = 1) -> None:
-        pass
 
 
 def _bar_updater(bar: Any) -> Progress:
