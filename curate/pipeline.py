@@ -22,11 +22,12 @@ from curate.executors.local import LocalExecutor
 from curate.io.fs import read_json, write_bytes_atomic, write_json_atomic
 from curate.io.lock import run_lock
 from curate.ledger import FateError, StageStats, Status
-from curate.runner import clear_scratch, marker_stats, remove_orphans, sweep_leftovers, task_state
-from curate.stage import FATE_PHASE, RunLayout, ShardState, Stage, StageContext
+from curate.runner import TaskReport, clear_scratch, marker_stats, remove_orphans, sweep_leftovers, task_state
+from curate.stage import FATE_PHASE, Phase, RunLayout, ShardState, Stage, StageContext, digest
 from curate.stages import fate_stage_names, plan
+from curate.stages.download import DownloadOutputs
 from curate.stages.input import InputError, InputOutputs, InputStage
-from curate.stages.ledger import LedgerStage
+from curate.stages.ledger import LedgerOutputs, LedgerStage
 
 log = logging.getLogger(__name__)
 
@@ -53,13 +54,26 @@ def fate_stages(config: PipelineConfig) -> list[str]:
     return fate_stage_names(config.stages)
 
 
-def stage_fingerprints(stages: list[Stage]) -> dict[str, str]:
-    """Each stage's fingerprint covers its own settings and, chained, everything upstream."""
+def stage_fingerprints(stages: list[Stage], input_print: str | None = None) -> dict[str, str]:
+    """Each stage's fingerprint covers its own settings and, chained, everything upstream. The first stage
+    after the shard-local ones (download, embed) also covers the run's `curate retry` attempts, which change
+    download shards without changing a setting. `input_print`: the input stage's recorded fingerprint, for
+    when its files cannot be read again."""
     prints: dict[str, str] = {}
     upstream = ""
-    for stage in stages:
-        prints[stage.name] = upstream = stage.fingerprint(upstream)
+    for previous, stage in zip([None, *stages], stages, strict=False):
+        if previous is not None and previous.shard_local and not stage.shard_local:
+            upstream = with_retries(upstream, RunLayout(Path(stage.config.output)))
+        if input_print is not None and isinstance(stage, InputStage):
+            prints[stage.name] = upstream = input_print
+        else:
+            prints[stage.name] = upstream = stage.fingerprint(upstream)
     return prints
+
+
+def with_retries(upstream: str, layout: RunLayout) -> str:
+    attempts = DownloadOutputs(layout).retry_attempts()
+    return digest({"upstream": upstream, "retries": attempts}) if attempts else upstream
 
 
 def run_pipeline(
@@ -121,13 +135,25 @@ def run_stage(stage: Stage, ctx: StageContext, executor: Executor, progress: Pro
         label = stage.name if phase.name == FATE_PHASE else f"{stage.name}:{phase.name}"
         resources = phase.resources if phase.resources is not None else stage.resources()
         workers = phase.workers or stage.workers()
+        samples = 0
         with progress(label, len(tasks)) as bar:
             bar.update(len(tasks) - len(pending))
             for report in executor.map_tasks(stage, ctx, phase.name, pending, workers, resources):
                 ran += not report.skipped
+                samples += task_samples(report)
+                bar.set_postfix(samples=samples, refresh=False)
                 bar.update(1)
         clear_scratch(ctx, stage.name)
     return ran
+
+
+def task_samples(report: TaskReport) -> int:
+    """The samples a task went through: its "samples" count, or the rows it gave fates (0 for other tasks)."""
+    counts = report.stats.counts
+    if "samples" in counts:
+        return int(counts["samples"])
+    fates = all(key == Status.KEPT.value or "/" in key for key in counts)
+    return report.stats.rows if fates else 0
 
 
 def stage_done(stage: Stage, ctx: StageContext) -> bool:
@@ -183,16 +209,25 @@ def collect_stats(
     """Sum of per-shard marker stats per fate stage, and per stage the shard states."""
     stats: dict[str, StageStats] = {}
     states: dict[str, dict[str, int]] = {}
+    phases = {stage.name: fate_phase_of(stage) for stage in plan(config)}  # with it, markers' files are checked
     for name in fate_stages(config):
         ctx = StageContext(config, layout, prints[name], tuple(shards))
         total, state_counts = StageStats(), {state.value: 0 for state in ShardState if state is not ShardState.DAMAGED}
         for shard in shards:
-            state = task_state(ctx, name, shard)
+            state = task_state(ctx, name, shard, phases[name])
             state_counts[state.value] = state_counts.get(state.value, 0) + 1  # "damaged" only when there are
             if state is ShardState.DONE:
                 total = total + marker_stats(ctx, name, shard)
         stats[name], states[name] = total, state_counts
     return stats, states
+
+
+def fate_phase_of(stage: Stage) -> Phase | str:
+    """The stage's per-shard fate phase, or its name for a stage that writes its shards' markers otherwise."""
+    try:
+        return stage.phase(FATE_PHASE)
+    except KeyError:
+        return FATE_PHASE
 
 
 def finalize_run(
@@ -253,9 +288,7 @@ def run_status(run_dir: Path) -> dict[str, Any]:
     except InputError as err:
         log.warning("cannot re-check the input files (%s); using the recorded input fingerprint", err)
         recorded = read_json(layout.marker_path(InputStage.name, "all", "build"))["fingerprint"]
-        prints = {InputStage.name: recorded}
-        for stage in stages[1:]:
-            prints[stage.name] = stage.fingerprint(prints[stages[stages.index(stage) - 1].name])
+        prints = stage_fingerprints(stages, input_print=recorded)
     shards = list(manifest["shards"])  # type: ignore[call-overload]
     stats, states = collect_stats(config, layout, prints, shards)
     ledger_rows = pq.read_metadata(layout.ledger_path).num_rows if layout.ledger_path.exists() else None
@@ -270,8 +303,8 @@ def run_status(run_dir: Path) -> dict[str, Any]:
 
 
 def top_failures(layout: RunLayout, stats: dict[str, StageStats], limit: int = 8) -> list[dict[str, Any]]:
-    """The most frequent failed/dropped reasons across stages, with their most common detail when a
-    ledger exists (it tells, say, a robots.txt timeout from a plain timeout)."""
+    """The most frequent failed/dropped reasons across stages, with their most common detail once the
+    ledger is written (it tells, say, a robots.txt timeout from a plain timeout)."""
     totals = [
         {"stage": stage, "outcome": key, "rows": rows}
         for stage, stage_stats in stats.items()
@@ -280,11 +313,9 @@ def top_failures(layout: RunLayout, stats: dict[str, StageStats], limit: int = 8
     ]
     totals.sort(key=lambda item: (-item["rows"], item["stage"], item["outcome"]))
     totals = totals[:limit]
-    if totals and layout.ledger_path.exists():
-        ledger = pq.read_table(layout.ledger_path, columns=["stage", "status", "reason", "detail"]).to_pandas()
+    details = LedgerOutputs(layout).details()
+    if totals and details is not None:
         for item in totals:
-            status, _, reason = item["outcome"].partition("/")
-            same = ledger[(ledger.stage == item["stage"]) & (ledger.status == status) & (ledger.reason == reason)]
-            details = same["detail"].dropna()
-            item["common_detail"] = str(details.mode().iloc[0])[:160] if len(details) else None
+            common = details.get(f"{item['stage']}/{item['outcome']}", {}).get("details", {})
+            item["common_detail"] = next(iter(common), None)
     return totals

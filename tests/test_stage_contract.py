@@ -272,3 +272,28 @@ def test_a_new_stage_is_one_class_and_one_registry_line(
     assert not kept.caption.str.contains("red").any()
     assert len(np.load(CuratedOutputs(run_dir).uids_path)) == len(kept)
     assert os.listdir(run_dir / "audit" / "fates")
+
+
+def test_status_names_the_commonest_detail_from_the_ledger_summary_not_the_ledger(
+    finished: tuple[Path, list[str], RunResult], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import pyarrow.parquet as pq
+
+    from curate.pipeline import run_status
+
+    _, _, result = finished
+    ledger = read_ledger(result.layout.root)
+    reads: list[str] = []
+    read_table = pq.read_table
+    monkeypatch.setattr(pq, "read_table", lambda path, *a, **k: reads.append(str(path)) or read_table(path, *a, **k))
+    status = run_status(result.layout.root)
+    assert not [path for path in reads if path.endswith("ledger.parquet")]
+    top = {(item["stage"], item["outcome"]): item for item in status["top_failures"]}
+    lost = ledger[ledger.status != "kept"]
+    for (stage, outcome), item in top.items():
+        status_, reason = outcome.split("/")
+        rows = lost[(lost.stage == stage) & (lost.status == status_) & (lost.reason == reason)]
+        assert item["rows"] == len(rows)
+        if rows.detail.notna().any():
+            counts = rows.detail.dropna().str[:160].value_counts()
+            assert counts[item["common_detail"]] == counts.max()  # one of the commonest (ties: any of them)
