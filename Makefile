@@ -4,7 +4,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 CONSTRAINTS := requirements/constraints.txt
 
-.PHONY: install demo dask-demo test bench lint clean
+.PHONY: install demo dask-demo test bench bench-gpu lint clean
 
 install: $(STAMP)
 
@@ -25,6 +25,9 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python -m benchmarks.run_all --out benchmarks/results.md
+
+bench-gpu:
+	bash benchmarks/gpu_check.sh
 
 lint: $(STAMP)
 	$(BIN)/ruff check curate examples tests benchmarks
