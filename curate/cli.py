@@ -15,6 +15,7 @@ from tqdm import tqdm
 from curate.config import ConfigError, load_config
 from curate.extras import MissingExtra, distribution_version, require
 from curate.io.lock import RunLocked
+from curate.io.wds import TarReadError
 from curate.ledger import FateError, StageStats
 from curate.pipeline import IncompleteRun, RunResult, run_pipeline, run_status
 from curate.runner import ShardFailed
@@ -51,8 +52,26 @@ def build_parser() -> argparse.ArgumentParser:
     status = commands.add_parser("status", help="per-stage progress and counts of a run")
     status.add_argument("output", type=Path)
     status.add_argument("--json", action="store_true", help="machine-readable output")
+    add_retry_command(commands)
     add_view_commands(commands)
     return parser
+
+
+def add_retry_command(commands: Any) -> None:
+    from curate.retry import DEFAULT_REASONS
+
+    retry = commands.add_parser(
+        "retry",
+        help="fetch again the rows of a finished download that failed for these reasons, then redo what changed",
+    )
+    retry.add_argument("output", type=Path, help="the run directory")
+    retry.add_argument(
+        "--reasons",
+        default=",".join(DEFAULT_REASONS),
+        help="comma-separated reason codes of failed rows to fetch again; http_5xx stands for every 5xx "
+        "(default: %(default)s)",
+    )
+    retry.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -66,13 +85,26 @@ def main(argv: Sequence[str] | None = None) -> int:
             return print_status(args.output, as_json=args.json)
         if args.command in VIEW_COMMANDS:
             return VIEW_COMMANDS[args.command](args)
+        if args.command == "retry":
+            return retry_command(args)
         return run_command(args)
     except (ConfigError, InputError) as err:
         print(f"curate: error: {err}", file=sys.stderr)
         return 2
-    except (ShardFailed, FateError, IncompleteRun, RunLocked, FileNotFoundError) as err:
+    except (ShardFailed, FateError, IncompleteRun, RunLocked, TarReadError, OSError) as err:
         print(f"curate: error: {err}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:  # every commit is atomic and marked last: the same command resumes
+        forget_unhandled_keyboard_interrupt()
+        print("curate: interrupted; run the same command again to resume", file=sys.stderr)
+        return 130
+
+
+def forget_unhandled_keyboard_interrupt() -> None:
+    """CPython flags a KeyboardInterrupt that ended a string exec (dataclasses make their methods so) as
+    unhandled even once caught, and `python -m curate` then dies by SIGINT instead of exiting 130. Every
+    string exec clears the flag when it starts."""
+    exec("pass", {})
 
 
 def run_command(args: argparse.Namespace) -> int:
@@ -89,10 +121,15 @@ def run_command(args: argparse.Namespace) -> int:
         result = run_pipeline(config, executor=executor, only_stage=only, progress=progress)
     finally:
         executor.close()
+    return finish_run(result, config, whole_run=args.command == "run")
+
+
+def finish_run(result: RunResult, config: Any, whole_run: bool = True) -> int:
+    """The funnel, then (for a complete run) the ledger, the report and the validation table."""
     print_funnel(result)
     if not result.complete:
         print(f"curate: run in {result.layout.root} is not complete; see `curate status {result.layout.root}`")
-        return 0 if args.command != "run" else 1
+        return 1 if whole_run else 0
     print(f"ledger: {result.layout.ledger_path}")
     if "embed" in config.stages:
         from curate.report import write_report
@@ -101,7 +138,35 @@ def run_command(args: argparse.Namespace) -> int:
             print(f"report: {write_report(result.layout.root)}")
         except MissingExtra as err:  # the run is complete; `curate report` builds it once installed
             print(f"report: skipped: {err}")
+    if "validate" in config.stages:
+        from curate.stages.validate.stage import ValidateOutputs, format_validation_table
+
+        print("validation: a small CLIP trained on curated/ vs on a random subset of the download, same budget")
+        print(format_validation_table(ValidateOutputs(result.layout).metrics()))
     return 0
+
+
+def retry_command(args: argparse.Namespace) -> int:
+    from curate.retry import retry
+
+    config_path = args.output / "config.yaml"
+    if not config_path.exists():
+        raise FileNotFoundError(f"{args.output}: not a curate run (no config.yaml)")
+    config = load_config(config_path)
+    executor = make_executor(config)
+    progress = None if args.no_progress else tqdm_progress
+    try:
+        outcome = retry(args.output, args.reasons, executor=executor, progress=progress)
+    finally:
+        executor.close()
+    if outcome.run is None:
+        seen = ", ".join(f"{reason} {n}" for reason, n in sorted(outcome.failed_reasons.items(), key=lambda kv: -kv[1]))
+        print(f"retry: no failed download matches --reasons {args.reasons}; nothing fetched")
+        print(f"  failures in {args.output}: {seen or 'none'}")
+        return 0
+    retried = sum(outcome.rows.values())
+    print(f"retry {outcome.attempt}: {outcome.fetched} of {retried} rows fetched ({len(outcome.rows)} shards)")
+    return finish_run(outcome.run, config)
 
 
 def make_executor(config: Any) -> Any:
@@ -143,7 +208,11 @@ def print_status(run_dir: Path, as_json: bool) -> int:
     print(f"run: {status['run']}  ({status['input_rows']} input rows, {status['shards']} shards)")
     for name, stage in status["stages"].items():
         states = stage["shards"]
-        print(f"  {name:<10} done {states['done']:>4}  stale {states['stale']:>4}  pending {states['pending']:>4}")
+        damaged = f"  damaged {states['damaged']:>4}" if states.get("damaged") else ""
+        print(
+            f"  {name:<10} done {states['done']:>4}  stale {states['stale']:>4}  pending {states['pending']:>4}"
+            + damaged
+        )
         print("  " + format_stage_line("", stage).strip())
     ledger = status["ledger_rows"]
     print(f"  ledger: {'not written yet' if ledger is None else f'{ledger} rows'}")

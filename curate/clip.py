@@ -3,7 +3,8 @@ training, SimCLR, search) comes from `load_clip`.
 
 A `ClipSpec` names the model (an open_clip registry name, or a path to a model-config JSON, registered under
 its file stem), its weights (an open_clip pretrained tag, a local checkpoint file, or None for a random init),
-the device (auto, cpu, cuda or cuda:N) and the precision (fp32, or bf16 / fp16 autocast). `resolve_model`
+the device (auto, cpu, cuda or cuda:N) and the precision (auto: bf16 autocast on cuda and fp32 on cpu; fp32; or
+bf16 / fp16 autocast; on cuda, every precision but an explicit fp32 also runs float32 matmuls as TF32). `resolve_model`
 checks names, files and tags without loading weights (what a stage's preflight calls); `load_clip` returns the
 model on its device with open_clip's train and val transforms and its tokenizer, in eval mode or, for the
 trainers, in train mode.
@@ -40,7 +41,7 @@ log = logging.getLogger(__name__)
 
 MODEL_CONFIG_DIR = Path(__file__).parent / "model_configs"
 CHECKPOINT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors", ".ckpt", ".npz")
-PRECISIONS = ("fp32", "bf16", "fp16")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 DEVICE_PATTERN = re.compile(r"(auto|cpu|cuda)(?::(\d+))?")
 URL_CACHE_DIR = "~/.cache/clip"  # where open_clip's download_pretrained_from_url keeps URL-only tags
 
@@ -55,6 +56,7 @@ class ClipSpec:
     pretrained: str | None = None
     device: str = "auto"
     precision: str = "fp32"
+    """auto, fp32, bf16 or fp16 (`resolve_precision`); fp32 here, as the callers that do not say want it."""
     section: str | None = None
 
 
@@ -247,7 +249,7 @@ def resolve_device(device: str = "auto", precision: str = "fp32", section: str |
     if not valid_device(device):
         raise ConfigError(f"{key}: unknown device {device!r}; give auto, cpu, cuda or cuda:N")
     if precision not in PRECISIONS:
-        raise ConfigError(f"{precision_key}: unknown precision {precision!r}; give fp32, bf16 or fp16")
+        raise ConfigError(f"{precision_key}: unknown precision {precision!r}; give auto, fp32, bf16 or fp16")
     kind, _, index = device.partition(":")
     if kind == "auto":
         kind = "cuda" if torch.cuda.is_available() else "cpu"
@@ -261,13 +263,54 @@ def resolve_device(device: str = "auto", precision: str = "fp32", section: str |
     return torch.device(kind, int(index)) if index else torch.device(kind)
 
 
-def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager[Any]:
-    """The autocast context for `precision` on `device` (none for fp32)."""
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """`auto` is bf16 autocast on cuda (what an H100-class GPU runs at full rate) and fp32 on cpu, where
+    results then stay bit-identical to an explicit fp32; the other precisions are taken as given."""
+    if precision == "auto":
+        return "bf16" if device.type == "cuda" else "fp32"
+    return precision
+
+
+def configure_matmul(device: torch.device, precision: str) -> None:
+    """On cuda, float32 matmuls (those autocast leaves in float32) run as TF32 unless fp32 was asked for
+    explicitly, which stays IEEE float32. Process-wide in torch; cpu is never touched, since there the same
+    switch may let oneDNN compute float32 products at lower precision."""
     import torch
 
+    if device.type == "cuda":
+        torch.set_float32_matmul_precision("highest" if precision == "fp32" else "high")
+
+
+def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager[Any]:
+    """The autocast context for `precision` on `device` (none for fp32, and for auto on cpu)."""
+    import torch
+
+    precision = resolve_precision(precision, device)
     if precision == "fp32":
         return contextlib.nullcontext()
     return torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
+
+
+def wants_gpu(device: str) -> bool:
+    """Whether a model on `device` asks the executor for a GPU worker: cuda and cuda:N, and auto where this
+    process's torch sees a GPU (the LocalCluster of a GPU machine; a remote cluster's head node with one)."""
+    if device == "auto":
+        import torch
+
+        return torch.cuda.is_available()
+    return device.startswith("cuda")
+
+
+def worker_device(device: str, rank: int | None) -> str:
+    """The device of the `rank`-th of several local worker processes: with cuda (or auto on a machine with
+    GPUs), worker i takes cuda:(i mod the GPUs torch sees), one model per GPU. An explicit cuda:N, cpu, and a
+    process that is no pool worker (rank None) keep `device` as given."""
+    if rank is None or device not in ("auto", "cuda"):
+        return device
+    import torch
+
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    return f"cuda:{rank % count}" if count else device
 
 
 # --------------------------------------------------------------------------------------------------
@@ -329,6 +372,8 @@ class LoadedClip:
     model_name: str
     embed_dim: int
     autocast: Callable[[], contextlib.AbstractContextManager[Any]] = contextlib.nullcontext
+    precision: str = "fp32"
+    """What `autocast` runs: fp32, bf16 or fp16 (`auto` resolved for the device)."""
     pixel_steps: PixelSteps | None = None
     """`preprocess` split for batch work (None when its shape is not the usual one: then it runs per image)."""
 
@@ -351,6 +396,8 @@ def load_clip(spec: ClipSpec, *, train: bool = False) -> LoadedClip:
         )
     model, train_preprocess, preprocess = _create(name, pretrained, device, spec.section)
     model.train(train)
+    configure_matmul(device, spec.precision)
+    precision = resolve_precision(spec.precision, device)
     return LoadedClip(
         model=model,
         preprocess=preprocess,
@@ -359,7 +406,8 @@ def load_clip(spec: ClipSpec, *, train: bool = False) -> LoadedClip:
         device=device,
         model_name=name,
         embed_dim=int(open_clip.get_model_config(name)["embed_dim"]),
-        autocast=functools.partial(autocast, device, spec.precision),
+        autocast=functools.partial(autocast, device, precision),
+        precision=precision,
         pixel_steps=PixelSteps.from_preprocess(preprocess),
     )
 

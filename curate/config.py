@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import re
 import warnings
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -20,6 +21,17 @@ from pydantic import (
 )
 
 PNG_COMPRESSION = 9  # png's encode_quality when not given: the smallest lossless shards
+
+
+# Names the sample json (img2dataset's and curate's) and the ledger use: an input column kept beside them
+# under the same name would overwrite one of them.
+RESERVED_SAMPLE_FIELDS = frozenset(
+    {
+        *("uid", "source_uid", "url", "caption", "key", "status", "error_message", "exif"),
+        *("width", "height", "original_width", "original_height", "md5", "sha256", "sha512"),
+        *("stage", "reason", "detail", "clip_score"),
+    }
+)
 
 
 class ConfigError(ValueError):
@@ -51,6 +63,10 @@ class InputConfig(Section):
     max_url_chars: int = Field(2048, gt=0)
     max_caption_chars: int = Field(4096, gt=0, description="longer captions are dropped (caption_too_long)")
     batch_rows: int = Field(65_536, gt=0, description="rows read at a time; bounds input memory")
+    keep_columns: list[str] = Field(
+        default_factory=list,
+        description="more input columns carried into each sample's json (download and curated) and the ledger",
+    )
 
     @field_validator("path")
     @classmethod
@@ -63,6 +79,22 @@ class InputConfig(Section):
     @classmethod
     def _header_words(cls, value: Any) -> Any:
         return yes_no(value)
+
+    @model_validator(mode="after")
+    def _keepable_columns(self) -> InputConfig:
+        mapped = {self.url_col: "url_col", self.caption_col: "caption_col", self.uid_col: "uid_col"}
+        seen: set[str] = set()
+        for column in self.keep_columns:
+            if column in seen:
+                raise ValueError(f"keep_columns: {column!r} is listed twice")
+            if column in mapped:
+                raise ValueError(f"keep_columns: {column!r} is already carried as input.{mapped[column]}")
+            if column in RESERVED_SAMPLE_FIELDS:
+                raise ValueError(
+                    f"keep_columns: {column!r} is a field curate or img2dataset writes itself; it cannot be kept"
+                )
+            seen.add(column)
+        return self
 
     def paths(self) -> list[str]:
         return [self.path] if isinstance(self.path, str) else list(self.path)
@@ -136,14 +168,56 @@ class DownloadConfig(Section):
         return value
 
 
+def _device_name(value: str) -> str:
+    from curate.clip import valid_device
+
+    if not valid_device(value):
+        raise ValueError(f"unknown device {value!r}; give auto, cpu, cuda or cuda:N")
+    return value
+
+
+Device = Annotated[str, AfterValidator(_device_name)]
+Precision = Literal["auto", "fp32", "bf16", "fp16"]
+PLUGIN_PATH = re.compile(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*")
+
+
+class PluginConfig(BaseModel):
+    """A user plugin (`curate.plugins`): `path` is `module:function` or `module:Class`; every other key is a
+    setting, checked against the plugin's `Settings` when the stage's preflight imports the module."""
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+
+    path: str = Field(description="module:function or module:Class, importable where the tasks run")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _bare_path(cls, raw: Any) -> Any:
+        if isinstance(raw, dict) and "path" not in raw:
+            raise ValueError("needs a 'path': module:function or module:Class")
+        return {"path": raw} if isinstance(raw, str) else raw
+
+    @field_validator("path")
+    @classmethod
+    def _module_and_name(cls, value: str) -> str:
+        if not PLUGIN_PATH.fullmatch(value):
+            raise ValueError("must be module:function or module:Class, e.g. 'examples.plugins.aesthetic:MinAesthetic'")
+        return value
+
+    def settings(self) -> dict[str, Any]:
+        return dict(self.model_extra or {})
+
+
 class EmbedConfig(Section):
     model: str = Field("ViT-B-32", description="open_clip model name, or a path to a model-config JSON")
     pretrained: str | None = Field(None, description="open_clip pretrained tag, or a local checkpoint file")
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    device: Device = Field("auto", description="auto, cpu, cuda or cuda:N; local workers spread over the GPUs")
+    precision: Precision = Field("auto", description="auto: bf16 autocast on cuda, fp32 on cpu")
     batch_size: int = Field(256, gt=0)
     decode_threads: int = Field(2, gt=0, description="threads decoding and preprocessing images ahead of the model")
     workers: int = Field(1, gt=0, description="shards embedded at once by the local executor (one model each)")
+    heads: list[PluginConfig] = Field(
+        default_factory=list, description="plugins scoring each sample from its embeddings: extra metadata columns"
+    )
 
 
 FILTER_PRESETS: dict[str, dict[str, Any]] = {
@@ -169,6 +243,15 @@ class FilterConfig(Section):
         validate_default=True,
         description="when clip_threshold and clip_top_fraction are both set: 'max' keeps pairs that pass both "
         "(the higher cutoff), or use only one of them; required then",
+    )
+    min_scores: dict[str, float] = Field(
+        default_factory=dict, description="per embed.heads score column: keep samples scoring >= this"
+    )
+    max_scores: dict[str, float] = Field(
+        default_factory=dict, description="per embed.heads score column: keep samples scoring <= this"
+    )
+    custom: list[PluginConfig] = Field(
+        default_factory=list, description="plugin filters (module:function or module:Class), applied last"
     )
 
     @model_validator(mode="before")
@@ -241,8 +324,8 @@ class ValidateConfig(Section):
     warmup_steps: int = Field(10, ge=0, validate_default=True, description="fewer than the run's steps")
     weight_decay: float = Field(0.1, ge=0)
     seeds: int = Field(3, gt=0, description="both arms are trained with seeds 0..seeds-1")
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    device: Device = Field("auto", description="auto, cpu, cuda or cuda:N")
+    precision: Precision = Field("auto", description="auto: bf16 autocast on cuda, fp32 on cpu")
     augment: bool = True
     checkpoint_every: int = Field(100, gt=0, description="steps")
     decode_workers: int = Field(

@@ -150,7 +150,9 @@ def read_fate_parts(paths: Iterable[Path]) -> pa.Table:
 
 
 def merge_ledger(stage_fates: list[tuple[str, pa.Table]]) -> pd.DataFrame:
-    """One row per input row: the last stage that decided a uid sets its status, attributes accumulate.
+    """One row per input row: the last stage that decided a uid sets its status, attributes accumulate, and
+    a stage that keeps a row without a word keeps the earlier `detail` ("fetched on retry 1", "control
+    characters removed from caption").
 
     `stage_fates` is in pipeline order; the first entry (the input stage) must cover every input row,
     and every later stage must decide exactly the uids the previous stage kept.
@@ -165,6 +167,8 @@ def merge_ledger(stage_fates: list[tuple[str, pa.Table]]) -> pd.DataFrame:
             raise FateError(
                 f"stage {stage!r} decided {len(decided)} uids, but the previous stage kept {len(previous_kept)}"
             )
+        silent = (decided["status"] == Status.KEPT.value) & decided["detail"].isna()
+        decided.loc[silent, "detail"] = ledger.loc[decided.index[silent], "detail"]
         ledger.loc[decided.index, ["status", "reason", "detail"]] = decided[["status", "reason", "detail"]]
         ledger.loc[decided.index, "stage"] = stage
         for attribute in (f.name for f in ATTRIBUTE_FIELDS):
@@ -197,6 +201,24 @@ LEDGER_SCHEMA = pa.schema(
 
 def ledger_table(ledger: pd.DataFrame) -> pa.Table:
     return pa.Table.from_pandas(ledger, schema=LEDGER_SCHEMA, preserve_index=False)
+
+
+def ledger_schema(kept: pa.Schema | None) -> pa.Schema:
+    """The ledger's columns, then the input's kept columns (`input.keep_columns`, typed as the input stored them)."""
+    if kept is None:
+        return LEDGER_SCHEMA
+    return pa.schema([*LEDGER_SCHEMA, *(kept_field for kept_field in kept if kept_field.name != "uid")])
+
+
+def add_kept_columns(ledger: pa.Table, kept: pa.Table | None) -> pa.Table:
+    """Ledger rows with the kept columns of the same uids appended (joined by uid, not by position)."""
+    if kept is None:
+        return ledger
+    where = pc.index_in(ledger["uid"], value_set=kept["uid"].combine_chunks())
+    for kept_field in kept.schema:
+        if kept_field.name != "uid":
+            ledger = ledger.append_column(kept_field, kept[kept_field.name].combine_chunks().take(where))
+    return ledger
 
 
 def read_ledger(run_dir: str | Path) -> pd.DataFrame:

@@ -135,25 +135,27 @@ def run_stage(stage: Stage, ctx: StageContext, executor: Executor, progress: Pro
         label = stage.name if phase.name == FATE_PHASE else f"{stage.name}:{phase.name}"
         resources = phase.resources if phase.resources is not None else stage.resources()
         workers = phase.workers or stage.workers()
-        samples = 0
+        samples: int | None = None
         with progress(label, len(tasks)) as bar:
             bar.update(len(tasks) - len(pending))
             for report in executor.map_tasks(stage, ctx, phase.name, pending, workers, resources):
                 ran += not report.skipped
-                samples += task_samples(report)
-                bar.set_postfix(samples=samples, refresh=False)
+                if (done := task_samples(report)) is not None:
+                    samples = (samples or 0) + done
+                    bar.set_postfix(samples=samples, refresh=False)
                 bar.update(1)
         clear_scratch(ctx, stage.name)
     return ran
 
 
-def task_samples(report: TaskReport) -> int:
-    """The samples a task went through: its "samples" count, or the rows it gave fates (0 for other tasks)."""
+def task_samples(report: TaskReport) -> int | None:
+    """The samples a task went through: its "samples" count, or the rows it gave fates (None for a task that
+    counts other things, such as training steps)."""
     counts = report.stats.counts
     if "samples" in counts:
         return int(counts["samples"])
     fates = all(key == Status.KEPT.value or "/" in key for key in counts)
-    return report.stats.rows if fates else 0
+    return report.stats.rows if fates else None
 
 
 def stage_done(stage: Stage, ctx: StageContext) -> bool:

@@ -13,9 +13,17 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
-from curate.io.fs import SCRATCH_SUFFIX, move_tree_into, read_json, replace_dir, write_json_atomic, write_parquet_atomic
+from curate.io.fs import (
+    SCRATCH_SUFFIX,
+    is_scratch_name,
+    move_tree_into,
+    read_json,
+    replace_dir,
+    write_json_atomic,
+    write_parquet_atomic,
+)
 from curate.ledger import StageStats, check_fates, count_fates
-from curate.stage import FATE_PHASE, Phase, ShardState, Stage, StageContext, TaskOutput
+from curate.stage import FATE_PHASE, Phase, RunLayout, ShardState, Stage, StageContext, TaskOutput
 
 log = logging.getLogger(__name__)
 
@@ -162,6 +170,27 @@ def commit(phase: Phase, workdir: Path, root: Path, in_place: tuple[str, ...] = 
 def clear_scratch(ctx: StageContext, stage: str) -> None:
     """Remove leftovers of tasks that died before committing (the run lock makes sure none is running)."""
     shutil.rmtree(ctx.layout.scratch_dir(stage), ignore_errors=True)
+
+
+def sweep_leftovers(layout: RunLayout) -> int:
+    """Remove what killed runs left anywhere in the run: every stage's scratch folder and every scratch-named
+    file or folder (`is_scratch_name`). Only under the run lock: a running task's scratch looks the same."""
+    removed = 0
+    for folder, subfolders, files in os.walk(layout.root):
+        here = Path(folder)
+        for name in list(subfolders):
+            path = here / name
+            if is_scratch_name(name) or (here.parent == layout.root and path == layout.scratch_dir(here.name)):
+                shutil.rmtree(path, ignore_errors=True)
+                subfolders.remove(name)
+                removed += 1
+        for name in files:
+            if is_scratch_name(name):
+                (here / name).unlink(missing_ok=True)
+                removed += 1
+    if removed:
+        log.info("%s: removed %d leftovers of an interrupted run", layout.root, removed)
+    return removed
 
 
 def remove_orphans(ctx: StageContext, stage: Stage, phase: Phase, tasks: list[str]) -> None:

@@ -124,6 +124,9 @@ class Stage:
     """False for stages that decide no row's fate (materialize copies the kept rows, validate trains)."""
     default: ClassVar[bool] = True
     """Part of the pipeline when the config does not list `stages`."""
+    shard_local: ClassVar[bool] = False
+    """Each shard's outputs depend on that shard's upstream outputs only (no run-wide phase, no other shard):
+    when `curate retry` changes some download shards, only those shards of this stage are redone."""
     outputs: ClassVar[type[StageOutputs] | None] = None
 
     def __init__(self, config: PipelineConfig) -> None:

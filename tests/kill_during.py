@@ -1,5 +1,11 @@
-"""Run a pipeline and SIGKILL this process when one task is about to commit: `python -m tests.kill_during
-STAGE:PHASE:TASK PIPELINE [KEY=VALUE ...]`. The task has written its scratch files; nothing of it is in place."""
+"""Run a pipeline and stop this process at one point of it: `python -m tests.kill_during WHERE PIPELINE
+[KEY=VALUE ...]`, WHERE being
+
+- `STAGE:PHASE:TASK`: SIGKILL when that task is about to commit (its scratch files are written, nothing of it
+  is in place);
+- `STAGE:PHASE:TASK:stop`: SIGSTOP there instead (holding the run lock); after SIGCONT the run goes on;
+- `write:PATH`: SIGKILL when an atomic write of OUTPUT/PATH has written its temporary file, before the rename.
+"""
 
 from __future__ import annotations
 
@@ -14,17 +20,38 @@ from curate.pipeline import run_pipeline
 
 
 def main(argv: list[str]) -> None:
-    stage, phase_name, task = argv[1].split(":")
+    config = load_config(argv[2], argv[3:])
+    if argv[1].startswith("write:"):
+        kill_at_write(Path(config.output).absolute() / argv[1].removeprefix("write:"))
+    else:
+        stop_at_commit(*argv[1].split(":"))
+    complete = run_pipeline(config).complete
+    if not argv[1].endswith(":stop"):  # a stopped run goes on when continued
+        raise SystemExit(f"the run finished without reaching {argv[1]}")
+    raise SystemExit(0 if complete else "the run is not complete")
+
+
+def stop_at_commit(stage: str, phase_name: str, task: str, how: str = "kill") -> None:
+    sig = {"kill": signal.SIGKILL, "stop": signal.SIGSTOP}[how]
     commit = runner.commit
 
-    def commit_or_die(phase, workdir: Path, root: Path, in_place=()):  # type: ignore[no-untyped-def]
+    def commit_or_stop(phase, workdir: Path, root: Path, in_place=()):  # type: ignore[no-untyped-def]
         if phase.name == phase_name and workdir.name.startswith(f"{task}.") and workdir.parent.parent.name == stage:
-            os.kill(os.getpid(), signal.SIGKILL)
+            os.kill(os.getpid(), sig)
         return commit(phase, workdir, root, in_place)
 
-    runner.commit = commit_or_die
-    run_pipeline(load_config(argv[2], argv[3:]))
-    raise SystemExit(f"the run finished without reaching {argv[1]}")
+    runner.commit = commit_or_stop
+
+
+def kill_at_write(target: Path) -> None:
+    replace = os.replace
+
+    def replace_or_die(src, dst, **kwargs):  # type: ignore[no-untyped-def]
+        if Path(dst).absolute() == target:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return replace(src, dst, **kwargs)
+
+    os.replace = replace_or_die
 
 
 if __name__ == "__main__":

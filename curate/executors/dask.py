@@ -6,6 +6,11 @@ again: shard commits are idempotent. A stage whose model must run on a GPU asks 
 resource; workers offer it when started with `dask worker ... --resources GPU=1`, and a phase asking for a
 resource no worker offers fails at once. The output directory must be on a filesystem that every worker sees.
 
+On a machine where torch sees GPUs, the LocalCluster is the usual CPU workers plus one worker per GPU
+(`plan_local_cluster`): each sees only its own card (`CUDA_VISIBLE_DEVICES`) and offers `GPU=1`, so the stages on
+cuda run one model per GPU while the CPU stages use every worker. The CPU workers see no GPU, so no task there
+puts a model on a card. Without GPUs it is the plain LocalCluster.
+
 LocalCluster workers keep glibc's default malloc tuning, not the `MALLOC_TRIM_THRESHOLD_=65536` Dask's nanny
 sets by default (see `WORKER_ENV_UNSET`), and run without Dask's statistical profiler unless
 `dask.worker_profiler` is set: it samples every thread's stack every 10 ms, which on a machine whose cores
@@ -23,6 +28,8 @@ import os
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
 
 from curate.config import ConfigError, DaskConfig
 from curate.executors import execute_task, reported
@@ -51,25 +58,65 @@ RUNTIME_INTERVALS = {
 }
 
 
+@dataclass(frozen=True)
+class ClusterPlan:
+    """The LocalCluster's workers: `cpu_workers` ordinary ones (None: one per core, LocalCluster's default) and
+    one per entry of `gpus`, the CUDA_VISIBLE_DEVICES value that worker sees."""
+
+    cpu_workers: int | None
+    gpus: tuple[str, ...] = ()
+
+    def cpu_worker_options(self) -> dict[str, Any]:
+        """Extra LocalCluster worker options of the CPU workers: with GPU workers beside them, no GPU to see."""
+        return {"env": {"CUDA_VISIBLE_DEVICES": ""}} if self.gpus else {}
+
+    def gpu_workers(self, template: dict[str, Any]) -> dict[str, dict[str, Any]]:
+        """Worker specs for the GPU workers, from the LocalCluster's own worker template (same host, memory
+        limit, security, ...): one thread (one task, one model at a time), its card only, and `GPU=1`."""
+        specs = {}
+        for index, device in enumerate(self.gpus):
+            options = {
+                **template["options"],
+                "nthreads": 1,
+                "resources": {"GPU": 1},
+                "env": {"CUDA_VISIBLE_DEVICES": device},
+            }
+            specs[f"gpu-{index}"] = {"cls": template["cls"], "options": options}
+        return specs
+
+
+def visible_gpus() -> tuple[str, ...]:
+    """The CUDA_VISIBLE_DEVICES value of each GPU torch sees here (the driver's own selection, if it has one)."""
+    import torch
+
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    selected = [part.strip() for part in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if part.strip()]
+    if len(selected) >= count:
+        return tuple(selected[:count])
+    return tuple(str(index) for index in range(count))
+
+
+def plan_local_cluster(cfg: DaskConfig, gpus: tuple[str, ...] | None = None) -> ClusterPlan:
+    """With GPUs, `dask.n_workers` CPU workers (default: one per core left after one per GPU) plus the GPU
+    workers; without, LocalCluster's workers exactly as configured."""
+    gpus = visible_gpus() if gpus is None else gpus
+    if not gpus:
+        return ClusterPlan(cfg.n_workers)
+    cores = os.cpu_count() or 1
+    cpu_workers = cfg.n_workers if cfg.n_workers is not None else max(1, cores // cfg.threads_per_worker - len(gpus))
+    return ClusterPlan(cpu_workers, gpus)
+
+
 class DaskExecutor:
     def __init__(self, cfg: DaskConfig, scheduler: str | None = None) -> None:
-        from distributed import Client, LocalCluster
+        from distributed import Client
 
         self.cfg = cfg
         self.cluster = None
         if scheduler:
             self.client = Client(scheduler)
         else:
-            with worker_environment(profiler=cfg.worker_profiler):
-                self.cluster = LocalCluster(
-                    n_workers=cfg.n_workers,
-                    threads_per_worker=cfg.threads_per_worker,
-                    processes=True,
-                    host="127.0.0.1",
-                    memory_limit=cfg.memory_limit,
-                    dashboard_address=cfg.dashboard_address,
-                )
-                self.client = Client(self.cluster)
+            self.cluster, self.client = start_local_cluster(cfg, plan_local_cluster(cfg))
         log.info("dask dashboard: %s", self.dashboard_link)
 
     @property
@@ -133,6 +180,29 @@ class DaskExecutor:
         self.client.close()
         if self.cluster is not None:
             self.cluster.close()
+
+
+def start_local_cluster(cfg: DaskConfig, plan: ClusterPlan) -> tuple[Any, Any]:
+    """(cluster, client) of a LocalCluster with `plan`'s workers, started inside `worker_environment`."""
+    from distributed import Client, LocalCluster
+
+    with worker_environment(profiler=cfg.worker_profiler):
+        cluster = LocalCluster(
+            n_workers=plan.cpu_workers,
+            threads_per_worker=cfg.threads_per_worker,
+            processes=True,
+            host="127.0.0.1",
+            memory_limit=cfg.memory_limit,
+            dashboard_address=cfg.dashboard_address,
+            **plan.cpu_worker_options(),
+        )
+        client = Client(cluster)
+        if plan.gpus:
+            cluster.worker_spec.update(plan.gpu_workers(cluster.new_spec))
+            cluster.scale(len(cluster.worker_spec))  # starts the workers the spec now names
+            client.wait_for_workers(len(cluster.worker_spec))
+            log.info("dask: %d GPU workers (CUDA_VISIBLE_DEVICES %s)", len(plan.gpus), ", ".join(plan.gpus))
+    return cluster, client
 
 
 @contextmanager

@@ -1,4 +1,8 @@
-"""Run tasks in this process, or in a pool of spawned worker processes."""
+"""Run tasks in this process, or in a pool of spawned worker processes.
+
+Each pool process takes a rank (0, 1, ... in the order they start) before its first task; a stage's setup reads
+it with `worker_rank()` to pick its share of the machine (the embed stage: one GPU per worker).
+"""
 
 from __future__ import annotations
 
@@ -6,12 +10,28 @@ import logging
 import multiprocessing
 from collections.abc import Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from typing import Any
 
 from curate.executors import ConfigFailure, execute_task, reported
 from curate.runner import ShardFailed, TaskReport
 from curate.stage import FATE_PHASE, Stage, StageContext
 
 log = logging.getLogger(__name__)
+
+_rank: int | None = None
+
+
+def worker_rank() -> int | None:
+    """This process's rank in the local executor's pool; None outside a pool (in the driver, on Dask)."""
+    return _rank
+
+
+def _take_rank(counter: Any) -> None:
+    """Pool initializer: the next free rank of this pool."""
+    global _rank
+    with counter.get_lock():
+        _rank = counter.value
+        counter.value += 1
 
 
 class LocalExecutor:
@@ -36,7 +56,11 @@ class LocalExecutor:
             return
         # spawn, not fork: img2dataset and torch are not fork-safe once threads exist
         context = multiprocessing.get_context("spawn")
-        with ProcessPoolExecutor(max_workers=min(workers, len(tasks)), mp_context=context) as pool:
+        ranks = context.Value("i", 0)
+        pool = ProcessPoolExecutor(
+            max_workers=min(workers, len(tasks)), mp_context=context, initializer=_take_rank, initargs=(ranks,)
+        )
+        with pool:
             attempts = dict.fromkeys(tasks, 0)
             running: dict[Future[TaskReport | ConfigFailure], str] = {
                 pool.submit(execute_task, stage, ctx, phase, t): t for t in tasks

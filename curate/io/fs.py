@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import uuid
 from pathlib import Path
@@ -53,6 +54,13 @@ def read_json(path: Path) -> Any:
 
 SCRATCH_SUFFIX = ".tmp"
 """Every scratch name the project writes ends so (and starts with a dot): leftovers are recognisable."""
+
+_SCRATCH_NAME = re.compile(r"\..+\.[0-9a-f]{8}(\.old)?" + re.escape(SCRATCH_SUFFIX))
+
+
+def is_scratch_name(name: str) -> bool:
+    """`.NAME.HEX.tmp` (temp_sibling, a replaced task's workdir) or `.NAME.HEX.old.tmp` (replace_dir)."""
+    return _SCRATCH_NAME.fullmatch(name) is not None
 
 
 def replace_dir(new: Path, dest: Path) -> None:

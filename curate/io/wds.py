@@ -216,9 +216,10 @@ def _read_meta(path: Path, entry: IndexedSample, reader: MemberReader) -> dict[s
 
 
 def _uid(path: Path, key: str, meta: dict[str, Any]) -> str:
+    """The run's uid: curated samples whose json "uid" is the 32-hex form keep the run's own as "source_uid"."""
     if meta.get("uid") is None:
         raise ValueError(f"{path}: sample {key!r} has no uid in its .json")
-    return str(meta["uid"])
+    return str(meta.get("source_uid") or meta["uid"])
 
 
 def iter_members(path: Path | str) -> Iterator[tuple[str, dict[str, bytes]]]:

@@ -10,13 +10,16 @@ Every row's outcome is mapped to a fate with a normalised reason code.
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import math
 import os
 import re
 import shutil
+import threading
 from collections import Counter
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
@@ -25,6 +28,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from curate.config import DownloadConfig
+from curate.io.wds import iter_samples
 from curate.ledger import Status, empty_fates, make_fates
 from curate.stage import Stage, StageContext, StageOutputs
 from curate.stages.fetch import Fetched, FetchFailure, FetchOutcome, GuardedFetcher
@@ -98,11 +102,22 @@ class DownloadOutputs(StageOutputs):
         """img2dataset's per-shard parquet of statuses and hashes."""
         return self.folder / f"{shard}.parquet"
 
+    @property
+    def retries_path(self) -> Path:
+        return self.folder / "retries.json"
+
+    def retry_attempts(self) -> list[dict[str, Any]]:
+        """The `curate retry` attempts made on this run's download, oldest first (see curate.retry)."""
+        if not self.retries_path.exists():
+            return []
+        return list(json.loads(self.retries_path.read_text())["attempts"])
+
 
 class DownloadStage(Stage):
     name = "download"
     speed_only = frozenset({"threads", "processes", "per_host_connections"})
     outputs = DownloadOutputs
+    shard_local = True
 
     def __init__(self, config: PipelineConfig) -> None:
         super().__init__(config)
@@ -125,15 +140,21 @@ class DownloadStage(Stage):
 
     def process_shard(self, ctx: StageContext, shard: str, workdir: Path) -> pa.Table:
         inputs = InputOutputs(ctx.layout)
-        rows = inputs.rows(shard)
+        rows = with_kept_columns(inputs.rows(shard), inputs.kept_columns(shard))
         if rows.num_rows == 0:
             return empty_fates()
         shard_size = int(inputs.manifest()["shard_size"])  # type: ignore[index]
-        samples_per_shard = max(shard_size, rows.num_rows)
+        return self.download_rows(rows, shard, workdir, max(shard_size, rows.num_rows))
+
+    def download_rows(self, rows: pa.Table, shard: str, workdir: Path, samples_per_shard: int) -> pa.Table:
+        """Fetch, resize and write `rows` into workdir/<shard>.tar and .parquet; one fate per row."""
         if not self.cfg.guarded_fetch:
             results = self._run_img2dataset(rows, shard, workdir, samples_per_shard, WebDatasetWriter())
-            return self.fates_from_results(rows, results)
-        return self._download_guarded(rows, shard, workdir, samples_per_shard)
+            fates = self.fates_from_results(rows, results)
+        else:
+            fates = self._download_guarded(rows, shard, workdir, samples_per_shard)
+        check_tar_matches_fates(workdir / f"{shard}.tar", fates)
+        return fates
 
     def _download_guarded(self, rows: pa.Table, shard: str, workdir: Path, samples_per_shard: int) -> pa.Table:
         """Guarded fetch into scratch files, then img2dataset over those files (resize, hash, write)."""
@@ -158,8 +179,11 @@ class DownloadStage(Stage):
         fetch_dir.mkdir(parents=True, exist_ok=True)
         uids, urls = rows["uid"].to_pylist(), rows["url"].to_pylist()
         paths = [fetch_dir / f"{i:06d}" for i in range(len(urls))]
-        with ThreadPoolExecutor(max_workers=self.cfg.threads, thread_name_prefix="fetch") as pool:
+        pool = ThreadPoolExecutor(max_workers=self.cfg.threads, thread_name_prefix="fetch")
+        try:
             outcomes = list(pool.map(fetcher.fetch_to_file, urls, paths))
+        finally:  # on Ctrl-C or an error, wait for the fetches under way, not for the rest of the shard
+            pool.shutdown(cancel_futures=True)
         failed = sum(isinstance(outcome, FetchFailure) for outcome in outcomes)
         log.debug("guarded fetch: %d of %d rows fetched", len(outcomes) - failed, len(outcomes))
         return dict(zip(uids, outcomes, strict=True))
@@ -171,11 +195,16 @@ class DownloadStage(Stage):
         arrow_path = workdir / "_input.arrow"
         with pa.OSFile(str(arrow_path), "wb") as sink, pa.ipc.new_file(sink, rows.schema) as arrow_writer:
             arrow_writer.write_table(rows)
-        downloader = self._downloader(str(workdir), samples_per_shard, writer)
-        succeeded, _ = downloader((int(shard), str(arrow_path)))
-        arrow_path.unlink(missing_ok=True)
-        if not succeeded:
-            raise DownloadError(f"img2dataset could not process shard {shard} (see its log above)")
+        guard = WriteGuard(writer)
+        downloader = self._downloader(str(workdir), samples_per_shard, guard)
+        try:  # not `downloader(...)`, which prints the shard's exception and returns only a flag
+            run_abandoning_on_interrupt(lambda: downloader.download_shard((int(shard), str(arrow_path))), guard)
+        except WriteFailed as err:
+            raise DownloadError(f"writing its tar and parquet in {workdir} failed: {err.__cause__}") from err.__cause__
+        except Exception as err:
+            raise DownloadError(f"img2dataset could not process the shard: {err}") from err
+        finally:
+            arrow_path.unlink(missing_ok=True)
         return pq.read_table(workdir / f"{shard}.parquet")
 
     def _downloader(self, output_folder: str, samples_per_shard: int, writer: WriterFactory):  # type: ignore[no-untyped-def]
@@ -201,7 +230,7 @@ class DownloadStage(Stage):
             save_caption=True,
             extract_exif=cfg.extract_exif,
             output_folder=output_folder,
-            column_list=["url", "caption", "uid"],
+            column_list=["url", "caption", "uid", *self.config.input.keep_columns],  # its save_additional_columns
             timeout=cfg.timeout,
             number_sample_per_shard=samples_per_shard,
             oom_shard_count=5,
@@ -225,18 +254,16 @@ class DownloadStage(Stage):
             result = None if isinstance(outcome, FetchFailure) else by_uid.get(uid)
             if isinstance(outcome, FetchFailure):
                 status, reason, detail = outcome.status, outcome.reason, outcome.detail
-            elif result is None:
-                status, reason, detail = (
-                    Status.FAILED,
-                    "download_error",
-                    "img2dataset wrote no record for this row",
-                )
+            elif result is None:  # img2dataset swallowed an exception while handling this row
+                raise DownloadError(f"img2dataset wrote no record for row {uid} (see the error it printed above)")
             elif result["status"] == "success":
                 status, reason, detail = Status.KEPT, None, None
                 if isinstance(outcome, Fetched) and outcome.attempts > 1:
                     detail = f"fetched after {outcome.attempts} attempts"
             else:
                 detail = result.get("error_message") or result["status"]
+                if is_local_io_error(detail):
+                    raise DownloadError(f"row {uid}: a local read or write failed: {detail}")
                 status, reason = classify_error(detail)
             statuses.append(status.value)
             reasons.append(reason)
@@ -253,6 +280,42 @@ class DownloadStage(Stage):
             width=widths,
             height=heights,
         )
+
+
+def with_kept_columns(rows: pa.Table, kept: pa.Table | None) -> pa.Table:
+    """`rows` with the input's kept columns (joined by uid) in a form img2dataset can write into a json."""
+    if kept is None:
+        return rows
+    import pyarrow.compute as pc
+
+    where = pc.index_in(rows["uid"], value_set=kept["uid"].combine_chunks())
+    for field in kept.schema:
+        if field.name != "uid":
+            rows = rows.append_column(field.name, json_ready(kept[field.name].combine_chunks().take(where)))
+    return rows
+
+
+def json_ready(array: pa.Array) -> pa.Array:
+    """Values json.dumps can write (img2dataset's writer would drop the sample otherwise): timestamps,
+    decimals, bytes and other non-JSON types become text."""
+    if _is_json_native(array.type):
+        return array
+    if pa.types.is_float16(array.type):
+        return array.cast(pa.float32())
+    try:
+        return array.cast(pa.string())
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+        texts = [v.decode("utf-8", "replace") if isinstance(v, bytes) else v for v in array.to_pylist()]
+        return pa.array([None if v is None else str(v) for v in texts], pa.string())
+
+
+def _is_json_native(kind: pa.DataType) -> bool:
+    if pa.types.is_list(kind) or pa.types.is_large_list(kind) or pa.types.is_fixed_size_list(kind):
+        return _is_json_native(kind.value_type)
+    if pa.types.is_struct(kind):
+        return all(_is_json_native(kind.field(i).type) for i in range(kind.num_fields))
+    simple = (pa.types.is_string, pa.types.is_large_string, pa.types.is_integer, pa.types.is_boolean, pa.types.is_null)
+    return any(check(kind) for check in simple) or (pa.types.is_floating(kind) and not pa.types.is_float16(kind))
 
 
 def local_urls(uids: list[str], outcomes: dict[str, FetchOutcome]) -> list[str]:
@@ -318,3 +381,107 @@ def _int_or_none(result: dict | None, key: str) -> int | None:
         return None
     value = result[key]
     return None if isinstance(value, float) and math.isnan(value) else int(value)
+
+
+# Errors of this machine's disks and file table, not of the row's URL: they fail the shard, never a row.
+_LOCAL_IO_ERRNOS = (errno.ENOSPC, errno.EIO, errno.EDQUOT, errno.EROFS, errno.EFBIG, errno.EMFILE, errno.ENFILE)
+_LOCAL_IO_ERROR = re.compile("|".join(re.escape(os.strerror(code)) for code in _LOCAL_IO_ERRNOS), re.I)
+
+
+def is_local_io_error(message: str | None) -> bool:
+    """Whether img2dataset's per-row message is a local read or write error (a full disk, an I/O error)."""
+    text = message or ""
+    return not _HTTP_STATUS.search(text) and _LOCAL_IO_ERROR.search(text) is not None
+
+
+class WriteFailed(Exception):
+    """Raised from the sample writer's close() with the first write error as its cause."""
+
+
+class WriteGuard:
+    """Wraps a writer factory so that a failed write fails the shard: img2dataset catches every exception of
+    a sample (ENOSPC included), prints it and goes on, leaving a tar with holes and a shard marked a success.
+    The first error is kept, later writes are skipped, and close() raises it, outside img2dataset's catch.
+    Once `abandoned`, nothing more is written."""
+
+    def __init__(self, writer: WriterFactory) -> None:
+        self.writer = writer
+        self.abandoned = False
+
+    def __call__(self, *args: Any) -> _GuardedSampleWriter:
+        return _GuardedSampleWriter(self.writer(*args), self)
+
+
+class _GuardedSampleWriter:
+    def __init__(self, inner: Any, guard: WriteGuard) -> None:
+        self.inner, self.guard = inner, guard
+        self.error: Exception | None = None
+
+    def write(self, img_str: bytes | None, key: str, caption: str | None, meta: dict[str, Any]) -> None:
+        if self.error is not None or self.guard.abandoned:
+            return
+        try:
+            self.inner.write(img_str, key, caption, meta)
+        except Exception as err:
+            log.debug("writing sample %s failed: %s", key, err)
+            self.error = err
+
+    def close(self) -> None:
+        try:
+            self.inner.close()
+        except Exception as err:
+            self.error = self.error or err
+        if self.error is not None:
+            raise WriteFailed(str(self.error)) from self.error
+
+
+def run_abandoning_on_interrupt(work: Callable[[], None], guard: WriteGuard) -> None:
+    """Run img2dataset's shard loop in a daemon thread and wait for it here. A Ctrl-C must not land inside
+    that loop: its thread pool would then wait forever for a row generator blocked on a semaphore that only
+    the loop releases. On Ctrl-C the loop is told to write nothing more and left to the exiting process."""
+    failure: list[BaseException] = []
+
+    def target() -> None:
+        try:
+            work()
+        except BaseException as err:  # handed to the waiting thread
+            failure.append(err)
+
+    thread = threading.Thread(target=target, name="img2dataset-shard", daemon=True)
+    thread.start()
+    try:
+        while thread.is_alive():
+            thread.join(0.1)
+    except KeyboardInterrupt:
+        guard.abandoned = True
+        raise
+    if failure:
+        raise failure[0]
+
+
+def check_tar_matches_fates(tar: Path, fates: pa.Table) -> None:
+    """Before commit: the tar holds exactly the samples the fates keep, each with an image, a .txt and a .json."""
+    statuses = fates["status"].to_pylist()
+    kept = {uid for uid, status in zip(fates["uid"].to_pylist(), statuses, strict=True) if status == Status.KEPT}
+    if not tar.exists():
+        if kept:
+            raise DownloadError(f"img2dataset wrote no tar ({tar.name}) for {len(kept)} downloaded rows")
+        return
+    try:
+        samples = list(iter_samples(tar, read=()))
+    except ValueError as err:  # TarReadError among them: a member cut short, a sample without its .json
+        raise DownloadError(f"the written tar is unreadable: {err}") from err
+    for sample in samples:
+        missing = [extension for extension in ("txt", "json") if extension not in sample.spans]
+        if sample.image_extension is None:
+            missing.insert(0, "image")
+        if missing:
+            raise DownloadError(f"{tar.name}: sample {sample.key!r} (uid {sample.uid}) has no {', '.join(missing)}")
+    found = {sample.uid for sample in samples}
+    if found != kept:
+        extra, lost = sorted(found - kept), sorted(kept - found)
+        raise DownloadError(
+            f"{tar.name} holds {len(found)} samples but the fates keep {len(kept)}"
+            + (f"; not kept but in the tar: {extra[:3]}" if extra else "")
+            + (f"; kept but not in the tar: {lost[:3]}" if lost else "")
+        )

@@ -5,7 +5,8 @@ row-aligned across the three files:
 
     embed/img_emb/img_emb_{shard}.npy      float16 (n, dim), L2-normalised
     embed/text_emb/text_emb_{shard}.npy    float16 (n, dim), L2-normalised
-    embed/metadata/metadata_{shard}.parquet  uid, url, caption, clip_score (float32)
+    embed/metadata/metadata_{shard}.parquet  uid, url, caption, clip_score (float32), then one float32 column
+                                             per `embed.heads` plugin (`curate.plugins`), named after it
 
 Decode and preprocessing overlap with the model: `decode_threads` threads prepare whole batches a few
 batches ahead while the calling thread runs the model. Threads rather than DataLoader worker processes,
@@ -45,6 +46,7 @@ from curate.clip import register_model_configs as register_model_configs
 from curate.config import ConfigError, EmbedConfig
 from curate.io.wds import IMAGE_EXTENSIONS, Sample, iter_samples
 from curate.ledger import Status, make_fates
+from curate.plugins import Plugin, head_scores, resolve_plugins
 from curate.stage import Stage, StageContext, StageOutputs, content_identity
 from curate.stages.download import DownloadOutputs
 
@@ -64,6 +66,8 @@ METADATA_SCHEMA = pa.schema(
         pa.field("clip_score", pa.float32()),
     ]
 )
+# Names a head's score column may not take: the metadata's own, and the sizes the filter stage joins to them.
+RESERVED_COLUMNS = (*METADATA_SCHEMA.names, "width", "height")
 # What Pillow raises on bytes it cannot decode (DecompressionBombError is handled apart: not an OSError).
 DECODE_ERRORS: tuple[type[BaseException], ...] = (OSError, SyntaxError, ValueError, EOFError, struct.error)
 
@@ -249,6 +253,17 @@ class ShardEmbeddings:
         )
         return cls(metadata, image, text)
 
+    def with_scores(self, scores: dict[str, np.ndarray]) -> ShardEmbeddings:
+        """The same rows with one float32 column per head (in `scores`' order) after the metadata's own."""
+        metadata = self.metadata
+        for name, values in scores.items():
+            metadata = metadata.append_column(pa.field(name, pa.float32()), pa.array(values, pa.float32()))
+        return ShardEmbeddings(metadata, self.image, self.text)
+
+    def embeddings(self, need: str) -> np.ndarray:
+        """What a plugin asked for: float32 copies of the stored (float16) embeddings."""
+        return (self.image if need == "image_embeddings" else self.text).astype(np.float32)
+
     def write(self, root: Path, shard: str) -> None:
         img_path, text_path, meta_path = embedding_paths(root, shard)
         for path in (img_path, text_path, meta_path):
@@ -295,7 +310,12 @@ class EmbedOutputs(StageOutputs):
         return embedding_paths(self.folder, shard)
 
     def metadata(self, shard: str, columns: list[str] | None = None) -> pa.Table:
+        """METADATA_SCHEMA's columns (or those named); `metadata_with_scores` adds the heads' scores."""
         return pq.read_table(self.paths(shard)[2], columns=columns, schema=None if columns else METADATA_SCHEMA)
+
+    def metadata_with_scores(self, shard: str) -> pa.Table:
+        """Every column: METADATA_SCHEMA's, then one float32 score per `embed.heads` plugin."""
+        return pq.read_table(self.paths(shard)[2])
 
     def image_embeddings(self, shard: str) -> np.ndarray:
         return np.load(self.paths(shard)[0])
@@ -316,10 +336,12 @@ class EmbedStage(Stage):
     name = "embed"
     speed_only = frozenset({"batch_size", "decode_threads", "workers", "device"})
     outputs = EmbedOutputs
+    shard_local = True
 
     def __init__(self, config: PipelineConfig) -> None:
         super().__init__(config)
         self._loaded: LoadedClip | None = None
+        self._heads: list[tuple[Plugin, Callable[..., Any]]] | None = None
 
     @property
     def cfg(self) -> EmbedConfig:
@@ -327,10 +349,16 @@ class EmbedStage(Stage):
 
     def fingerprint_extras(self) -> dict[str, Any]:
         files = [value for value in (self.cfg.model, self.cfg.pretrained) if value and Path(value).is_file()]
-        return {"files": [content_identity(path) for path in files]}
+        extras: dict[str, Any] = {"files": [content_identity(path) for path in files]}
+        if self.cfg.heads:
+            extras["heads"] = [plugin.identity() for plugin in self.heads()]
+        return extras
+
+    def heads(self) -> list[Plugin]:
+        return resolve_plugins(self.cfg.heads, "embed.heads", reserved=RESERVED_COLUMNS)
 
     def resources(self) -> dict[str, float]:
-        return {"GPU": 1} if self.cfg.device.startswith("cuda") else {}
+        return {"GPU": 1} if clip.wants_gpu(self.cfg.device) else {}
 
     def workers(self) -> int:
         return self.cfg.workers
@@ -338,6 +366,7 @@ class EmbedStage(Stage):
     def preflight(self) -> None:
         """Name, file and tag checks in the driver, before anything runs; loads no weights."""
         resolve_model(self.cfg)
+        self.heads()  # imports each head's module and checks its settings
         on_this_machine = self.config.executor == "local" and self.cfg.device.startswith("cuda")
         if on_this_machine or (self.cfg.precision == "fp16" and self.cfg.device in ("cpu", "auto")):
             resolve_device(self.cfg)  # Dask workers check their own device when they load the model
@@ -345,11 +374,20 @@ class EmbedStage(Stage):
     def setup(self) -> None:
         import torch
 
-        if self.cfg.workers > 1 and not self.cfg.device.startswith("cuda"):
+        device = self.worker_device()
+        self._loaded = load_clip(self.cfg, device=device)
+        if self.cfg.workers > 1 and self._loaded.device.type == "cpu":
             # several spawned workers share the cores: without this, each would start one torch thread per core
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // self.cfg.workers))
-        self._loaded = load_clip(self.cfg)
+        self._heads = [(plugin, plugin.build()) for plugin in self.heads()]
         log.info("embed: loaded %s on %s", self._loaded.model_name, self._loaded.device)
+
+    def worker_device(self) -> str:
+        """`embed.device`, or for the i-th of the local executor's worker processes on a machine with GPUs,
+        cuda:(i mod GPUs): one model per GPU."""
+        from curate.executors.local import worker_rank
+
+        return clip.worker_device(self.cfg.device, worker_rank())
 
     @property
     def loaded(self) -> LoadedClip:
@@ -371,9 +409,19 @@ class EmbedStage(Stage):
                 failures.extend(batch.failures)
                 if batch.uids:
                     results.append(EmbeddedBatch.from_prepared(batch, *self._encode(loaded, batch)))
-        embeddings = ShardEmbeddings.from_batches(results, loaded.embed_dim)
+        embeddings = self._scored(ShardEmbeddings.from_batches(results, loaded.embed_dim))
         embeddings.write(workdir, shard)
         return self._fates(expected, embeddings.metadata, failures)
+
+    def _scored(self, embeddings: ShardEmbeddings) -> ShardEmbeddings:
+        """The heads' scores as extra metadata columns, computed from the embeddings as stored."""
+        if not self.cfg.heads:
+            return embeddings
+        if self._heads is None:
+            self._heads = [(plugin, plugin.build()) for plugin in self.heads()]
+        table = embeddings.metadata
+        scores = {plugin.name: head_scores(plugin, head, table, embeddings.embeddings) for plugin, head in self._heads}
+        return embeddings.with_scores(scores)
 
     @staticmethod
     def _encode(loaded: LoadedClip, batch: PreparedBatch) -> tuple[np.ndarray, ...]:

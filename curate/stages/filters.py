@@ -3,29 +3,36 @@
 Each filter computes one value per sample and keeps it or not; a sample is dropped by the first
 filter (in registry order, cheapest first) that rejects it, with the filter's name as the ledger
 reason and the value in `detail`. The CLIP scores were computed once by the embed stage, so changing
-a threshold re-runs this stage and later ones only.
+a threshold re-runs this stage and later ones only. After the built-in filters come the thresholds on the
+scores of `embed.heads` (`min_scores`, `max_scores`: reason = the head's name), then the user's plugin filters
+(`filter.custom`, `curate.plugins`: reason = the plugin's name) in the order the config lists them.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from curate.config import FilterConfig
+from curate.config import ConfigError, FilterConfig
 from curate.io.fs import read_json, write_json_atomic
 from curate.ledger import Status, make_fates
+from curate.plugins import Plugin, PluginFilter, plugin_inputs, resolve_plugins
 from curate.stage import Phase, Stage, StageContext, StageOutputs, TaskOutput, run_shards, single_task
 from curate.stages.download import DownloadOutputs
-from curate.stages.embed import EmbedOutputs
+from curate.stages.embed import EmbedOutputs, EmbedStage
 from curate.stages.score_sketch import FirstPass, Plan, SecondPass, plan_for, summarize, summarize_parts
+
+if TYPE_CHECKING:
+    from curate.config import PipelineConfig
 
 
 @dataclass(frozen=True)
@@ -36,6 +43,27 @@ class Filter:
     value: Callable[[pa.Table], np.ndarray]
     keep: Callable[[np.ndarray], np.ndarray]
     rule: str  # how the detail explains a drop, e.g. ">= 3 words"
+
+    def decide(self, table: pa.Table) -> tuple[np.ndarray, np.ndarray]:
+        values = self.value(table)
+        return values, np.asarray(self.keep(values), dtype=bool)
+
+
+class Rule(Protocol):
+    """What `apply_filters` takes: a built-in `Filter` or a plugin's `PluginFilter`."""
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def rule(self) -> str: ...
+
+    def decide(self, table: pa.Table) -> tuple[np.ndarray, np.ndarray]: ...
+
+
+BUILTIN_FILTERS = ("caption_words", "caption_chars", "min_side", "max_aspect_ratio", "clip_score")
+EMBED_ROW = "__embed_row"
+"""A column of `filter_inputs`: each row's position in the shard's embedding arrays."""
 
 
 def _column(table: pa.Table, name: str) -> np.ndarray:
@@ -80,10 +108,21 @@ def build_filters(cfg: FilterConfig, clip_cutoff: float | None) -> list[Filter]:
         filters.append(
             Filter("clip_score", lambda t: _column(t, "clip_score"), lambda v: v >= cutoff, f">= {cutoff:.4f}")
         )
+    filters += [_score_filter(name, bound, at_least=True) for name, bound in cfg.min_scores.items()]
+    filters += [_score_filter(name, bound, at_least=False) for name, bound in cfg.max_scores.items()]
     return filters
 
 
-def apply_filters(table: pa.Table, filters: list[Filter]) -> pa.Table:
+def _score_filter(column: str, bound: float, at_least: bool) -> Filter:
+    """A threshold on a score column an `embed.heads` plugin wrote; its reason is the column's name."""
+
+    def keep(values: np.ndarray) -> np.ndarray:
+        return values >= bound if at_least else values <= bound
+
+    return Filter(column, lambda t: _column(t, column), keep, f"{'>=' if at_least else '<='} {bound:g}")
+
+
+def apply_filters(table: pa.Table, filters: Sequence[Rule]) -> pa.Table:
     """Fates for `table` (uid, caption, width, height, clip_score): first rejecting filter wins."""
     n = table.num_rows
     status = np.full(n, Status.KEPT.value, dtype=object)
@@ -91,9 +130,9 @@ def apply_filters(table: pa.Table, filters: list[Filter]) -> pa.Table:
     detail = np.full(n, None, dtype=object)
     undecided = np.ones(n, dtype=bool)
     for rule in filters:
-        values = rule.value(table)
         # NaN compares False: a missing value (no size, no score) does not pass a filter that needs it
-        rejected = undecided & ~np.asarray(rule.keep(values), dtype=bool)
+        values, keep = rule.decide(table)
+        rejected = undecided & ~keep
         status[rejected] = Status.DROPPED.value
         reason[rejected] = rule.name
         detail[rejected] = [f"{rule.name}={_format(v)} (needs {rule.rule})" for v in values[rejected]]
@@ -139,9 +178,37 @@ class FilterStage(Stage):
     name = "filter"
     outputs = FilterOutputs
 
+    def __init__(self, config: PipelineConfig) -> None:
+        super().__init__(config)
+        self._custom: list[tuple[Plugin, Callable[..., Any]]] | None = None
+
     @property
     def cfg(self) -> FilterConfig:
         return self.config.filter
+
+    def custom_plugins(self) -> list[Plugin]:
+        reserved = (*BUILTIN_FILTERS, *self.cfg.min_scores, *self.cfg.max_scores)
+        return resolve_plugins(self.cfg.custom, "filter.custom", reserved=reserved)
+
+    def fingerprint_extras(self) -> dict[str, Any]:
+        return {"custom": [plugin.identity() for plugin in self.custom_plugins()]} if self.cfg.custom else {}
+
+    def preflight(self) -> None:
+        """The plugin filters import and take their settings; every thresholded score is a head's column."""
+        self.custom_plugins()
+        if not (self.cfg.min_scores or self.cfg.max_scores):
+            return
+        heads = [plugin.name for plugin in EmbedStage(self.config).heads()]
+        for key, columns in (("min_scores", self.cfg.min_scores), ("max_scores", self.cfg.max_scores)):
+            for column in columns:
+                if column not in heads:
+                    close = difflib.get_close_matches(column, heads, n=1, cutoff=0.6)
+                    hint = f" (did you mean {close[0]!r}?)" if close else ""
+                    scored = f"the heads score {', '.join(map(repr, heads))}" if heads else "embed.heads is empty"
+                    raise ConfigError(f"filter.{key}.{column}: no embed.heads plugin writes {column!r}{hint}; {scored}")
+
+    def setup(self) -> None:
+        self._custom = [(plugin, plugin.build()) for plugin in self.custom_plugins()]
 
     def phases(self) -> list[Phase]:
         """The run-wide cutoff in two exact passes over per-shard score sketches, then the per-shard decisions."""
@@ -200,7 +267,10 @@ class FilterStage(Stage):
             "clip_top_fraction": fraction,
             "top_fraction_cutoff": top_cutoff,
             "clip_cutoff": max(cutoffs) if cutoffs else None,
-            "filters": [f.name for f in build_filters(self.cfg, max(cutoffs) if cutoffs else None)],
+            "filters": [
+                *(f.name for f in build_filters(self.cfg, max(cutoffs) if cutoffs else None)),
+                *(plugin.name for plugin in self.custom_plugins()),
+            ],
         }
         write_json_atomic(workdir / outputs.summary_path.name, summary)
         return TaskOutput(counts={"scores": first.n})
@@ -215,15 +285,36 @@ class FilterStage(Stage):
     def process_shard(self, ctx: StageContext, shard: str, workdir: Path) -> pa.Table:
         cutoff = FilterOutputs(ctx.layout).summary()["clip_cutoff"]
         table = self.filter_inputs(ctx, shard)
-        return apply_filters(table, build_filters(self.cfg, cutoff))
+        rows = table[EMBED_ROW].to_numpy()
+        table = table.drop_columns([EMBED_ROW])
+        return apply_filters(table, [*build_filters(self.cfg, cutoff), *self.custom_filters(ctx, shard, rows)])
 
     def filter_inputs(self, ctx: StageContext, shard: str) -> pa.Table:
-        """uid, caption, clip_score of the embedded samples, with the original size from download."""
+        """The embedded samples' metadata (uid, url, caption, clip_score, the heads' scores) with the original size
+        from download, in uid order, and `EMBED_ROW`."""
         layout = ctx.layout
-        metadata = EmbedOutputs(layout).metadata(shard, columns=["uid", "caption", "clip_score"])
+        metadata = EmbedOutputs(layout).metadata_with_scores(shard)
+        metadata = metadata.append_column(EMBED_ROW, pa.array(np.arange(metadata.num_rows, dtype=np.int64)))
         metadata = metadata.filter(pc.is_in(metadata["uid"], self.expected_uids(ctx, shard)))
         sizes = DownloadOutputs(layout).fates(shard, ["uid", "width", "height"])
         return metadata.join(sizes, "uid", join_type="left outer").sort_by("uid")
+
+    def custom_filters(self, ctx: StageContext, shard: str, rows: np.ndarray) -> list[PluginFilter]:
+        """The plugin filters bound to this shard's embeddings (those they ask for), row-aligned with the table."""
+        if not self.cfg.custom:
+            return []
+        if self._custom is None:
+            self.setup()
+        embed, loaded = EmbedOutputs(ctx.layout), {}
+
+        def load(need: str) -> np.ndarray:
+            if need not in loaded:
+                stored = embed.image_embeddings(shard) if need == "image_embeddings" else embed.text_embeddings(shard)
+                loaded[need] = stored[rows].astype(np.float32)
+            return loaded[need]
+
+        custom = self._custom or []
+        return [PluginFilter(plugin, function, plugin_inputs(plugin, load)) for plugin, function in custom]
 
 
 def save_arrays(workdir: Path, path: Path, arrays: dict[str, np.ndarray], ctx: StageContext) -> None:

@@ -206,6 +206,11 @@ def check_columns(source: SourceFile, schema: pa.Schema, cfg: InputConfig) -> No
         integer_uid = key == "uid_col" and pa.types.is_integer(column_type)  # e.g. LAION's SAMPLE_ID
         if not (integer_uid or any(check(column_type) for check in _STRING_TYPES)):
             raise InputError(f"{source.path}: column {column!r} has type {column_type}, expected a string")
+    for column in cfg.keep_columns:
+        if column not in schema.names:
+            raise InputError(
+                f"{source.path}: missing column {column!r} (input.keep_columns); columns are {schema.names}"
+            )
 
 
 # ---------------------------------------------------------------- streaming readers
@@ -287,7 +292,7 @@ class _TableReader:
         else:
             with self._stream() as stream:
                 names = pcsv.open_csv(stream, read_options=read, parse_options=parse).schema.names
-        wanted = [c for c in (cfg.url_col, cfg.caption_col, cfg.uid_col) if c and c in names]
+        wanted = [c for c in (cfg.url_col, cfg.caption_col, cfg.uid_col, *cfg.keep_columns) if c and c in names]
         convert = pcsv.ConvertOptions(
             column_types={c: pa.binary() for c in wanted}, strings_can_be_null=False, include_columns=wanted
         )
@@ -321,14 +326,16 @@ class _TableReader:
         return record
 
     def batches(self) -> Iterator[pa.Table]:
-        """Tables with columns url, caption, uid (binary; uid only with input.uid_col)."""
+        """Tables with columns url, caption, uid (binary; uid only with input.uid_col), then the
+        `keep_columns` under their own names, as the file types them (csv/tsv: strings)."""
         cfg = self.cfg
         wanted = [c for c in (cfg.url_col, cfg.caption_col, cfg.uid_col) if c]
         names = ["url", "caption", "uid"][: len(wanted)]
         try:
-            for batch in self._raw_batches(wanted):
+            for batch in self._raw_batches([*wanted, *cfg.keep_columns]):
                 columns = [_as_binary(batch.column(c)) for c in wanted]
-                yield pa.Table.from_arrays(columns, names=names)
+                kept = [_kept_array(batch.column(c), self.source.format) for c in cfg.keep_columns]
+                yield pa.Table.from_arrays([*columns, *kept], names=[*names, *cfg.keep_columns])
         except InputError:
             raise
         except _READ_ERRORS as err:
@@ -355,13 +362,16 @@ class _TableReader:
                 self._line_number += 1
                 yield self._line_number, line
 
-        cfg_uid = self.cfg.uid_col
+        cfg_uid, keep = self.cfg.uid_col, set(self.cfg.keep_columns)
         buffer: dict[str, list[object]] = {c: [] for c in wanted}
         for number, line in lines():
             if not line.strip():
                 continue
             record = self._parse_json(line, number)
             for column in wanted:
+                if column in keep:
+                    buffer[column].append(record.get(column))
+                    continue
                 value = record.get(column)
                 if column == cfg_uid and isinstance(value, int) and not isinstance(value, bool):
                     value = str(value)
@@ -372,10 +382,19 @@ class _TableReader:
                     )
                 buffer[column].append(None if value is None else _json_string_bytes(value))
             if len(buffer[wanted[0]]) >= self.cfg.batch_rows:
-                yield pa.table({c: pa.array(v, pa.binary()) for c, v in buffer.items()})
+                yield self._json_table(buffer, keep)
                 buffer = {c: [] for c in wanted}
         if buffer[wanted[0]]:
-            yield pa.table({c: pa.array(v, pa.binary()) for c, v in buffer.items()})
+            yield self._json_table(buffer, keep)
+
+    @staticmethod
+    def _json_table(buffer: dict[str, list[object]], keep: set[str]) -> pa.Table:
+        arrays = {c: json_values(v) if c in keep else pa.array(v, pa.binary()) for c, v in buffer.items()}
+        fields = [
+            pa.field(c, pa.string(), metadata=JSON_TEXT) if a.type == JSON_TEXT_MARK else pa.field(c, a.type)
+            for c, a in arrays.items()
+        ]
+        return pa.Table.from_arrays([_unmarked(a) for a in arrays.values()], schema=pa.schema(fields))
 
 
 def open_table_reader(source: SourceFile, cfg: InputConfig) -> _TableReader:
@@ -388,6 +407,83 @@ def _json_string_bytes(value: str) -> bytes:
         return value.encode("utf-8", "surrogateescape")
     except UnicodeEncodeError:
         return value.encode("utf-8", "surrogatepass")
+
+
+# ---------------------------------------------------------------- kept columns (input.keep_columns)
+#
+# A kept column is carried with the type the input gives it (parquet: its schema; csv/tsv: text; jsonl: what
+# pyarrow infers). Where files, batches or shards disagree, the type they all widen to is used (int64 and
+# float64 -> float64); where there is none (text here, numbers there), the column holds JSON text, marked
+# by JSON_TEXT in its field's metadata.
+
+JSON_TEXT = {b"curate": b"json"}
+JSON_TEXT_MARK = pa.large_string()  # json_values' way to say "JSON text" to _json_table; never stored
+
+
+def is_json_text(field: pa.Field) -> bool:
+    return (field.metadata or {}).get(b"curate") == b"json"
+
+
+def json_values(values: list[object]) -> pa.Array:
+    """A kept jsonl column as pyarrow types it; values of mixed kinds (1 and "a") as JSON text."""
+    try:
+        return pa.array(values)
+    except (pa.ArrowInvalid, pa.ArrowTypeError):
+        return pa.array([None if v is None else json.dumps(v) for v in values], JSON_TEXT_MARK)
+
+
+def _unmarked(array: pa.Array) -> pa.Array:
+    return array.cast(pa.string()) if array.type == JSON_TEXT_MARK else array
+
+
+def json_text(array: pa.Array | pa.ChunkedArray) -> pa.Array:
+    return pa.array([None if v is None else json.dumps(v, default=str) for v in array.to_pylist()], pa.string())
+
+
+def kept_field(fields: list[pa.Field]) -> pa.Field:
+    """The one field a kept column's parts (batches, shards) are stored as."""
+    name = fields[0].name
+    if not any(map(is_json_text, fields)):
+        real = [f.type for f in fields if not pa.types.is_null(f.type)] or [pa.string()]
+        try:
+            schemas = [pa.schema([(name, t)]) for t in real]
+            target = pa.unify_schemas(schemas, promote_options="permissive").field(name).type
+            for source in real:  # the cast must exist (struct<a> to struct<a, b> does not)
+                pa.array([], source).cast(target)
+            return pa.field(name, target)
+        except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError):
+            pass
+    return pa.field(name, pa.string(), metadata=JSON_TEXT)
+
+
+def as_kept_field(array: pa.Array | pa.ChunkedArray, source: pa.Field, target: pa.Field) -> pa.Array:
+    if isinstance(array, pa.ChunkedArray):
+        array = array.combine_chunks()
+    if is_json_text(target):
+        return array if is_json_text(source) else json_text(array)
+    return array.cast(target.type, safe=False)  # only widening casts get here (int64 -> float64 may round)
+
+
+def conform_kept(tables: list[pa.Table], keep: list[str]) -> list[pa.Table]:
+    """`tables` with each kept column stored as one field (kept_field) in all of them."""
+    for name in keep:
+        sources = [t.schema.field(name) for t in tables]
+        target = kept_field(sources)
+        tables = [
+            t.set_column(t.schema.get_field_index(name), target, as_kept_field(t[name], f, target))
+            for t, f in zip(tables, sources, strict=True)
+        ]
+    return tables
+
+
+def _kept_array(column: pa.Array | pa.ChunkedArray, fmt: str) -> pa.Array:
+    if isinstance(column, pa.ChunkedArray):
+        column = column.combine_chunks()
+    if pa.types.is_dictionary(column.type):
+        column = column.dictionary_decode()
+    if fmt in ("csv", "tsv"):  # read as bytes: text that is not UTF-8 becomes null rather than failing the file
+        column = decode_utf8(column)[0]
+    return column
 
 
 def _json_type(value: object) -> pa.DataType:
@@ -570,11 +666,13 @@ def shard_name(index: int) -> str:
 class _StagingWriter:
     """Cuts the stream of validated rows into shards of `shard_size` input rows (Arrow IPC files)."""
 
-    def __init__(self, folder: Path, shard_size: int) -> None:
-        self.folder, self.shard_size = folder, shard_size
+    def __init__(self, folder: Path, shard_size: int, keep: list[str] | None = None) -> None:
+        self.folder, self.shard_size, self.keep = folder, shard_size, keep or []
         self.pending: list[pa.Table] = []
         self.pending_rows = 0
         self.shards: list[str] = []
+        self.kept_fields: dict[str, list[pa.Field]] = {name: [] for name in self.keep}
+        """Per kept column, the field each staging shard stores it as."""
 
     def add(self, table: pa.Table) -> None:
         while table.num_rows:
@@ -589,8 +687,11 @@ class _StagingWriter:
         if not self.pending_rows:
             return
         name = shard_name(len(self.shards))
-        with pa.ipc.new_file(self.path(name), _STAGING_SCHEMA) as writer:
-            writer.write_table(pa.concat_tables(self.pending))
+        table = pa.concat_tables(conform_kept(self.pending, self.keep))
+        for column in self.keep:
+            self.kept_fields[column].append(table.schema.field(column))
+        with pa.ipc.new_file(self.path(name), table.schema) as writer:
+            writer.write_table(table)
         self.shards.append(name)
         self.pending, self.pending_rows = [], 0
 
@@ -653,7 +754,7 @@ class _Seen:
 def _stream_and_shard(
     cfg: InputConfig, sources: list[SourceFile], scratch: Path, staging: Path, fingerprint: str
 ) -> InputSummary:
-    writer = _StagingWriter(staging, cfg.shard_size)
+    writer = _StagingWriter(staging, cfg.shard_size, cfg.keep_columns)
     seen = _Seen([], [], [], [])
     global_row = 0
     for source in sources:
@@ -669,6 +770,8 @@ def _stream_and_shard(
                 else:
                     uids = generated_uids(source.name, file_row, n)
                 staged = validate_batch(batch, cfg, uids, rows)
+                for column in cfg.keep_columns:
+                    staged = staged.append_column(batch.schema.field(column), batch[column])
                 seen.uid_hashes.append(string_hashes(uids))
                 candidates = staged.filter(pc.equal(staged["status"], Status.KEPT.value))
                 seen.pair_hashes.append(url_caption_hashes(candidates))
@@ -682,7 +785,8 @@ def _stream_and_shard(
     repeats, firsts = _first_occurrences(seen.pair_hashes, seen.pair_rows)
     seen.pair_hashes.clear()
     seen.pair_rows.clear()
-    return _finalize_shards(writer, scratch, repeats, firsts, cfg.shard_size, fingerprint)
+    kept_fields = [kept_field(fields) for fields in writer.kept_fields.values()]
+    return _finalize_shards(writer, scratch, repeats, firsts, cfg.shard_size, fingerprint, kept_fields)
 
 
 def _given_uids(column: pa.Array, source: SourceFile, first_row: int) -> pa.Array:
@@ -767,12 +871,14 @@ def _finalize_shards(
     firsts: np.ndarray,
     shard_size: int,
     fingerprint: str,
+    kept_fields: list[pa.Field],
 ) -> InputSummary:
-    """Rewrite each staging shard as its final shard and fates, marking the repeats found."""
+    """Rewrite each staging shard as its final shard and fates, marking the repeats found; the kept columns
+    of every row go to columns/, each stored as `kept_fields` says."""
     needed = np.unique(firsts)  # rows whose uid some repeat names
     needed_uids: list[pa.Array] = []  # their uids, in the order of `needed`, filled shard by shard
     total = StageStats()
-    for path in ("shards", "fates", "_done"):
+    for path in ("shards", "fates", "_done", *(["columns"] if kept_fields else [])):
         (scratch / path).mkdir(parents=True, exist_ok=True)
     for shard in writer.shards:
         staged = writer.read(shard)
@@ -799,6 +905,10 @@ def _finalize_shards(
         shard_rows = staged.select(["uid", "url", "caption"]).filter(kept).cast(SHARD_SCHEMA)
         pq.write_table(shard_rows, scratch / "shards" / f"{shard}.parquet", use_dictionary=False)
         pq.write_table(fates, scratch / "fates" / f"{shard}.parquet", use_dictionary=["status", "reason"])
+        if kept_fields:
+            columns = [as_kept_field(staged[f.name], staged.schema.field(f.name), f) for f in kept_fields]
+            kept_table = pa.Table.from_arrays([staged["uid"], *columns], schema=pa.schema([_UID_FIELD, *kept_fields]))
+            pq.write_table(kept_table, scratch / "columns" / f"{shard}.parquet")
         stats = StageStats(count_fates(fates))
         write_json_atomic(
             scratch / "_done" / f"{shard}.json",
@@ -806,6 +916,8 @@ def _finalize_shards(
         )
         total = total + stats
     manifest = {"fingerprint": fingerprint, "shards": writer.shards, "rows": total.rows, "shard_size": shard_size}
+    if kept_fields:
+        manifest["keep_columns"] = {f.name: "json" if is_json_text(f) else str(f.type) for f in kept_fields}
     write_json_atomic(scratch / "manifest.json", manifest)
     return InputSummary(writer.shards, total.rows, total)
 
@@ -817,6 +929,9 @@ def read_manifest(stage_dir: Path) -> dict[str, object] | None:
 
 def read_shard_rows(stage_dir: Path, shard: str) -> pa.Table:
     return pq.read_table(stage_dir / "shards" / f"{shard}.parquet", schema=SHARD_SCHEMA)
+
+
+_UID_FIELD = pa.field("uid", pa.string())
 
 
 class InputOutputs(StageOutputs):
@@ -833,6 +948,21 @@ class InputOutputs(StageOutputs):
 
     def rows(self, shard: str) -> pa.Table:
         return read_shard_rows(self.folder, shard)
+
+    def kept_columns_path(self, shard: str) -> Path:
+        return self.folder / "columns" / f"{shard}.parquet"
+
+    def kept_columns(self, shard: str) -> pa.Table | None:
+        """uid and the `input.keep_columns` of every input row of the shard (None when none are kept). A
+        column whose field metadata says `is_json_text` holds JSON text: its files disagreed on its type."""
+        path = self.kept_columns_path(shard)
+        return pq.read_table(path) if path.exists() else None
+
+    def kept_columns_schema(self) -> pa.Schema | None:
+        """The schema of every shard's kept columns (the input stage stores each column as one type)."""
+        shards = self.shards()
+        path = self.kept_columns_path(shards[0]) if shards else None
+        return pq.read_schema(path) if path is not None and path.exists() else None
 
 
 class InputStage(Stage):

@@ -4,8 +4,12 @@ This is the one place images are rewritten. It decides nothing (every row's fate
 copies kept samples, in input-shard then uid order, into shards of `materialize.samples_per_shard`. Output
 shard j holds the kept samples numbered [j * size, (j + 1) * size) in that order: the numbering comes from a
 prefix sum over the per-shard kept counts in the last deciding stage's markers, so each output shard is its
-own task, written and resumed independently of the others. A last task writes `uids.npy` and
-`curated/_done.json` (the fingerprint of everything upstream and the sample count).
+own task, written and resumed independently of the others. A last task writes `uids.npy`, `sizes.json`
+(samples per shard, read by open_clip_train and DataComp's resharder), `shardindex.json` (a wids shard index)
+and `curated/_done.json` (the fingerprint of everything upstream and the sample count).
+
+Each sample's key and json "uid" are the 32-hex form of its uid that `uids.npy` encodes, which DataComp's
+resharder parses from the json; a uid of another form (a custom `input.uid_col`) is kept as "source_uid".
 """
 
 from __future__ import annotations
@@ -38,6 +42,12 @@ def uid_halves(uid: str) -> tuple[int, int]:
     return int(uid[:16], 16), int(uid[16:32], 16)
 
 
+def uid_hex(uid: str) -> str:
+    """The 32-hex form of a uid that uids.npy encodes (lower case)."""
+    high, low = uid_halves(uid)
+    return f"{high:016x}{low:016x}"
+
+
 def uid_array(uids: list[str]) -> np.ndarray:
     """Sorted structured array of dtype `u8,u8`: the subset format DataComp's tools read."""
     array = np.array([uid_halves(u) for u in uids], dtype=np.dtype("u8,u8"))
@@ -62,6 +72,15 @@ class CuratedOutputs(StageOutputs):
     @property
     def uids_path(self) -> Path:
         return self.curated_dir / "uids.npy"
+
+    @property
+    def sizes_path(self) -> Path:
+        """{"00000.tar": samples, ...}: what open_clip_train reads instead of --train-num-samples."""
+        return self.curated_dir / "sizes.json"
+
+    @property
+    def wids_index_path(self) -> Path:
+        return self.curated_dir / "shardindex.json"
 
     @property
     def marker_path(self) -> Path:
@@ -122,7 +141,7 @@ class MaterializeStage(Stage):
     def _write_shard(self, ctx: StageContext, task: str, workdir: Path) -> TaskOutput:
         import webdataset as wds
 
-        size, last = self.cfg.samples_per_shard, self.last_stage()
+        size, last, keep = self.cfg.samples_per_shard, self.last_stage(), self.config.input.keep_columns
         start = int(task) * size
         stop = start + size
         counts = self.kept_counts(ctx)
@@ -142,7 +161,7 @@ class MaterializeStage(Stage):
                 if missing:
                     raise FateError(f"shard {shard}: kept samples missing from its download tar: {missing[:3]}")
                 for uid in chosen:
-                    writer.write(curated_sample(uid, kept[uid], found[uid]))
+                    writer.write(curated_sample(uid, kept[uid], found[uid], keep))
                     written += 1
         on_disk = count_samples(path)
         if on_disk != written:
@@ -152,28 +171,45 @@ class MaterializeStage(Stage):
     def _write_index(self, ctx: StageContext, _task: str, workdir: Path) -> TaskOutput:
         last = self.last_stage()
         uids = [uid for shard in ctx.shards for uid in kept_rows(ctx.layout, last, shard)]
-        shards = self._output_shards(ctx)
-        written = sum(read_json(ctx.layout.marker_path(self.name, s, "shards"))["counts"]["samples"] for s in shards)
-        if written != len(uids):
-            raise FateError(f"curated/ holds {written} samples but {last} kept {len(uids)}")
+        curated = CuratedOutputs(ctx.layout)
+        markers = {s: read_json(ctx.layout.marker_path(self.name, s, "shards")) for s in self._output_shards(ctx)}
+        sizes = {curated.shard_path(int(s)).name: int(m["counts"]["samples"]) for s, m in markers.items()}
+        if sum(sizes.values()) != len(uids):
+            raise FateError(f"curated/ holds {sum(sizes.values())} samples but {last} kept {len(uids)}")
         np.save(workdir / "uids.npy", uid_array(uids))
+        write_json_atomic(workdir / curated.sizes_path.name, sizes)
+        write_json_atomic(workdir / curated.wids_index_path.name, wids_index(curated, sizes))
         write_json_atomic(workdir / "_done.json", {"fingerprint": ctx.fingerprint, "samples": len(uids)})
-        log.info("materialize: %d samples in %d shards", len(uids), len(shards))
+        log.info("materialize: %d samples in %d shards", len(uids), len(sizes))
         return TaskOutput(counts={"samples": len(uids)})
 
 
-def curated_sample(uid: str, fate: dict[str, object], sample: Sample) -> dict[str, object]:
-    record = {
-        "uid": uid,
+def wids_index(curated: CuratedOutputs, sizes: dict[str, int]) -> dict[str, object]:
+    """A wids shard index (`wids.ShardListDataset("curated/shardindex.json")`); urls are relative to it."""
+    shards = [
+        {"url": name, "nsamples": n, "filesize": (curated.curated_dir / name).stat().st_size}
+        for name, n in sizes.items()
+    ]
+    return {"__kind__": "wids-shard-index-v1", "wids_version": 1, "name": "curated", "shardlist": shards}
+
+
+def curated_sample(
+    uid: str, fate: dict[str, object], sample: Sample, keep: list[str] | tuple[str, ...] = ()
+) -> dict[str, object]:
+    key = uid_hex(uid)
+    record: dict[str, object] = {"uid": key, **({"source_uid": uid} if key != uid else {})}
+    record |= {
         "url": sample.url,
         "caption": sample.caption,
         "clip_score": fate.get("clip_score"),
         "sha256": fate.get("sha256") or sample.meta.get("sha256"),
         "width": sample.meta.get("original_width"),
         "height": sample.meta.get("original_height"),
+        **{column: sample.meta.get(column) for column in keep},
     }
     assert sample.image_extension is not None and sample.image is not None, "download samples carry an image"
-    return {"__key__": uid, sample.image_extension: sample.image, "txt": record["caption"], "json": record}
+    # the hex key never holds a dot, which webdataset would take for the start of the extension
+    return {"__key__": key, sample.image_extension: sample.image, "txt": record["caption"], "json": record}
 
 
 def count_curated_samples(layout: RunLayout) -> int:

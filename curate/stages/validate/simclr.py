@@ -3,7 +3,8 @@
 The encoder is the image tower of an open_clip model (so checkpoints load with open_clip like the CLIP
 arm's); a two-layer projection head is trained with it and saved beside it. The loss is NT-Xent (Chen
 et al. 2020) on two augmented views of each image. Data, optimiser, LR schedule and resume reuse the
-CLIP trainer's pieces, so both objectives see the same seeded stream of samples.
+CLIP trainer's pieces, so both objectives see the same seeded stream of samples; the forward passes run under
+the loaded model's autocast (`validate.precision`), the loss in float32.
 """
 
 from __future__ import annotations
@@ -13,7 +14,8 @@ import io
 import logging
 import os
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -132,18 +134,21 @@ def train_simclr(
     head = projection_head(model.visual.output_dim).to(device)
     trainable = torch.nn.ModuleDict({"visual": model.visual, "head": head})
     optimizer = make_optimizer(trainable, recipe.lr, recipe.weight_decay)
+    scaler = torch.amp.GradScaler(device.type, enabled=loaded.precision == "fp16")
     step, losses, seconds = 0, [], 0.0
     if checkpoint is not None:
         model.load_state_dict(checkpoint["state_dict"])
         head.load_state_dict(checkpoint["head"])
         optimizer.load_state_dict(checkpoint["optimizer"])
+        if "scaler" in checkpoint:
+            scaler.load_state_dict(checkpoint["scaler"])
         step, losses, seconds = int(checkpoint["step"]), list(checkpoint["losses"]), float(checkpoint["seconds"])
         log.info("resuming %s from step %d of %d", path, step, recipe.total_steps)
     start_step = step
     trainable.train()
     decoder = TwoViewDecoder(train_transform, recipe.seed)
     batches = make_batches(shards, decoder, recipe, step)
-    loop = _Loop(model, head, optimizer, recipe, temperature, path, model_name)
+    loop = _Loop(model, head, optimizer, recipe, temperature, path, model_name, loaded.autocast, scaler)
     with contextlib.closing(batches):
         step, seconds = loop.run(batches, step, losses, seconds, progress)
     return TrainResult(path, list(losses), step * recipe.batch_size, seconds, step, start_step)
@@ -158,6 +163,8 @@ class _Loop:
     temperature: float
     path: Path
     model_name: str
+    autocast: Callable[[], AbstractContextManager[Any]]
+    scaler: torch.amp.GradScaler
 
     def run(
         self,
@@ -177,11 +184,12 @@ class _Loop:
             a, b = (x.to(device) for x in next(batches))
             schedule(step)
             self.optimizer.zero_grad(set_to_none=True)
-            loss = nt_xent_loss(
-                self.head(self.model.encode_image(a)), self.head(self.model.encode_image(b)), self.temperature
-            )
-            loss.backward()
-            self.optimizer.step()
+            with self.autocast():
+                za, zb = self.head(self.model.encode_image(a)), self.head(self.model.encode_image(b))
+            loss = nt_xent_loss(za.float(), zb.float(), self.temperature)
+            self.scaler.scale(loss).backward()
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
             losses.append(float(loss.detach()))
             step += 1
             seconds += time.perf_counter() - started
@@ -199,6 +207,7 @@ class _Loop:
             "state_dict": {k: v.detach().cpu() for k, v in self.model.state_dict().items()},
             "head": {k: v.detach().cpu() for k, v in self.head.state_dict().items()},
             "optimizer": self.optimizer.state_dict(),
+            "scaler": self.scaler.state_dict(),
             "step": step,
             "samples_seen": step * self.recipe.batch_size,
             "recipe": self.recipe.to_dict(),

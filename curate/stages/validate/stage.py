@@ -28,7 +28,7 @@ from curate.stage import Phase, RunLayout, Stage, StageContext, StageOutputs, Ta
 from curate.stages.download import DownloadOutputs
 from curate.stages.embed import EmbedOutputs
 from curate.stages.input import InputOutputs
-from curate.stages.materialize import CuratedOutputs
+from curate.stages.materialize import CuratedOutputs, uid_hex
 
 if TYPE_CHECKING:
     from curate.config import PipelineConfig, ValidateConfig
@@ -171,7 +171,7 @@ def ensure_baseline_shards(
                 tar_path = DownloadOutputs(layout).tar_path(shard)
                 chosen = {s.uid: s for s in iter_samples(tar_path, subset)} if tar_path.exists() else {}
                 for uid in sorted(chosen):
-                    writer.write({"__key__": uid, **chosen[uid].members})
+                    writer.write({"__key__": uid_hex(uid), **chosen[uid].members})  # a key never holds a dot
         write_json_atomic(
             scratch / "_done.json", {"fingerprint": fingerprint, "samples": len(subset), "pool": len(pool)}
         )

@@ -40,7 +40,7 @@ LOG_EVERY_STEPS = 10
 MAX_LOGIT_SCALE = math.log(100)  # open_clip_train's clamp
 
 Device = str  # auto, cpu, cuda or cuda:N
-Precision = Literal["fp32", "bf16", "fp16"]
+Precision = Literal["auto", "fp32", "bf16", "fp16"]  # auto: bf16 autocast on cuda, fp32 on cpu
 Progress = Callable[[int, float], object]
 """Called after every step with the number of samples it consumed and its loss."""
 
@@ -55,7 +55,7 @@ class TrainRecipe:
     weight_decay: float = 0.1
     seed: int = 0
     device: Device = "auto"
-    precision: Precision = "fp32"
+    precision: Precision = "fp32"  # validate.precision (default auto) sets it for the validate stage
     augment: bool = True
     checkpoint_every: int = 100  # steps
     decode_workers: int = 2  # processes building batches ahead of the model; 0: in the training process
@@ -287,9 +287,35 @@ def save_checkpoint(path: Path, state: TrainState, recipe: TrainRecipe, model_na
         "losses": list(state.losses),
         "seconds": state.seconds,
         "torch_rng_state": torch.get_rng_state(),
-        "cuda_rng_states": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else [],
+        "cuda_rng_state": cuda_rng_state(next(state.model.parameters()).device),
     }
     save_atomic(payload, path)
+
+
+def cuda_rng_state(device: torch.device) -> torch.Tensor | None:
+    """The RNG state of the one GPU a run trains on (None on cpu). Only that one: the machine that resumes the run
+    may see another number of GPUs, and its training device need not have the same index."""
+    import torch
+
+    return torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+
+
+def restore_cuda_rng_state(checkpoint: dict[str, Any], device: torch.device) -> None:
+    """Put the saved GPU RNG state on `device`, the GPU this run now trains on; nothing on cpu. Checkpoints of
+    older versions hold every visible GPU's state (`cuda_rng_states`): the entry of `device`'s index is used when
+    there is one, so a checkpoint written with more GPUs than this machine has still resumes."""
+    import torch
+
+    if device.type != "cuda":
+        return
+    state = checkpoint.get("cuda_rng_state")
+    if state is None and checkpoint.get("cuda_rng_states"):
+        states, index = checkpoint["cuda_rng_states"], device.index or 0
+        state = states[index] if index < len(states) else None
+        if state is None:
+            log.warning("checkpoint has no GPU RNG state for %s (it saved %d); not restoring it", device, len(states))
+    if state is not None:
+        torch.cuda.set_rng_state(state, device)
 
 
 def save_atomic(payload: dict[str, Any], path: Path) -> None:
@@ -312,6 +338,7 @@ def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dic
 
 
 def restore_state(state: TrainState, checkpoint: dict[str, Any]) -> None:
+    """Weights, optimiser, scaler, progress and RNG states (the GPU's onto the model's device)."""
     import torch
 
     state.model.load_state_dict(checkpoint["state_dict"])
@@ -321,8 +348,7 @@ def restore_state(state: TrainState, checkpoint: dict[str, Any]) -> None:
     state.losses = list(checkpoint["losses"])
     state.seconds = float(checkpoint["seconds"])
     torch.set_rng_state(checkpoint["torch_rng_state"])
-    if checkpoint["cuda_rng_states"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(checkpoint["cuda_rng_states"])
+    restore_cuda_rng_state(checkpoint, next(state.model.parameters()).device)
 
 
 def export_model(checkpoint: Path, dest: Path) -> Path:
@@ -370,7 +396,7 @@ def train_clip(
     state = TrainState(
         model=model,
         optimizer=make_optimizer(model, recipe.lr, recipe.weight_decay),
-        scaler=torch.amp.GradScaler(loaded.device.type, enabled=recipe.precision == "fp16"),
+        scaler=torch.amp.GradScaler(loaded.device.type, enabled=loaded.precision == "fp16"),
     )
     if checkpoint is not None:
         restore_state(state, checkpoint)
@@ -385,7 +411,7 @@ def train_clip(
     )
     batches = make_batches(shards, decoder, recipe, state.step)
     with contextlib.closing(batches):
-        _run_steps(state, recipe, batches, path, model_name, progress)
+        _run_steps(state, recipe, batches, path, model_name, progress, loaded.precision)
     return _result(path, state.losses, recipe, state.seconds, state.step, start_step)
 
 
@@ -396,6 +422,7 @@ def _run_steps(
     path: Path,
     model_name: str,
     progress: Progress | None,
+    precision: str,
 ) -> None:
     from open_clip import ClipLoss
     from open_clip_train.scheduler import cosine_lr
@@ -409,7 +436,7 @@ def _run_steps(
         images, texts = next(batches)
         fetched = time.perf_counter()
         lr = schedule(state.step)
-        loss = train_step(state, loss_fn, images, texts, recipe.precision)
+        loss = train_step(state, loss_fn, images, texts, precision)
         state.losses.append(loss)
         state.step += 1
         state.seconds += time.perf_counter() - started

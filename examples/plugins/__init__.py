@@ -1,0 +1,1 @@
+"""Worked examples of curate plugins (`filter.custom`, `embed.heads`); see curate/plugins.py for the protocol."""
