@@ -197,6 +197,7 @@ class DownloadStage(Stage):
             arrow_writer.write_table(rows)
         guard = WriteGuard(writer)
         downloader = self._downloader(str(workdir), samples_per_shard, guard)
+        downloader.resizer = guard.resizer(downloader.resizer)
         try:  # not `downloader(...)`, which prints the shard's exception and returns only a flag
             run_abandoning_on_interrupt(lambda: downloader.download_shard((int(shard), str(arrow_path))), guard)
         except WriteFailed as err:
@@ -411,6 +412,16 @@ class WriteGuard:
     def __call__(self, *args: Any) -> _GuardedSampleWriter:
         return _GuardedSampleWriter(self.writer(*args), self)
 
+    def resizer(self, inner: Callable[..., tuple[Any, ...]]) -> Callable[..., tuple[Any, ...]]:
+        """img2dataset's resizer, which once abandoned refuses every image at once, so the loop drains fast."""
+
+        def resize(*args: Any) -> tuple[Any, ...]:
+            if self.abandoned:
+                return None, None, None, None, None, "interrupted"
+            return inner(*args)
+
+        return resize
+
 
 class _GuardedSampleWriter:
     def __init__(self, inner: Any, guard: WriteGuard) -> None:
@@ -436,9 +447,10 @@ class _GuardedSampleWriter:
 
 
 def run_abandoning_on_interrupt(work: Callable[[], None], guard: WriteGuard) -> None:
-    """Run img2dataset's shard loop in a daemon thread and wait for it here. A Ctrl-C must not land inside
-    that loop: its thread pool would then wait forever for a row generator blocked on a semaphore that only
-    the loop releases. On Ctrl-C the loop is told to write nothing more and left to the exiting process."""
+    """Run img2dataset's shard loop in a thread and wait for it here. A Ctrl-C must not land inside that loop:
+    its thread pool would then wait forever (now, or at exit) for a row generator blocked on a semaphore that
+    only the loop releases. On Ctrl-C the loop is told to resize and write nothing more, and is waited for
+    while it drains (its rows' reads or fetches under way); a second Ctrl-C leaves it behind."""
     failure: list[BaseException] = []
 
     def target() -> None:
@@ -454,6 +466,8 @@ def run_abandoning_on_interrupt(work: Callable[[], None], guard: WriteGuard) -> 
             thread.join(0.1)
     except KeyboardInterrupt:
         guard.abandoned = True
+        log.warning("interrupted: letting img2dataset's loop over this shard drain (Ctrl-C again to leave it)")
+        thread.join()
         raise
     if failure:
         raise failure[0]

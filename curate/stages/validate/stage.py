@@ -304,7 +304,9 @@ class ValidateStage(Stage):
             raise ConfigError(f"validate.eval_set: {self.cfg.eval_set!r} has no labels.json")
 
     def resources(self) -> dict[str, float]:
-        return {"GPU": 1} if self.cfg.device.startswith("cuda") else {}
+        from curate.clip import wants_gpu
+
+        return {"GPU": 1} if wants_gpu(self.cfg.device) else {}
 
     def phases(self) -> list[Phase]:
         return [
