@@ -90,9 +90,10 @@ def clean_download(served_world: ServedWorld, tmp_path_factory: pytest.TempPathF
 @pytest.fixture
 def disk(monkeypatch: pytest.MonkeyPatch) -> Iterator[dict[str, bool]]:
     """A disk that fills up after a few tar members have been written: every later write of a tar member
-    raises ENOSPC until the test sets `free`. The fault is at tarfile's write call, below img2dataset's and
-    webdataset's writers, in this process (img2dataset runs in-process with `download.processes: 1`)."""
-    state = {"full": False, "free": False}
+    raises ENOSPC until the test sets `free` (or, with `once`, right after the first ENOSPC). The fault is at
+    tarfile's write call, below img2dataset's and webdataset's writers, in this process (img2dataset runs
+    in-process with `download.processes: 1`)."""
+    state = {"full": False, "free": False, "once": False}
     addfile = tarfile.TarFile.addfile
     written = 0
 
@@ -100,7 +101,7 @@ def disk(monkeypatch: pytest.MonkeyPatch) -> Iterator[dict[str, bool]]:
         nonlocal written
         written += 1
         if written > 10 and not state["free"]:
-            state["full"] = True
+            state["full"], state["free"] = True, state["once"]
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         addfile(self, tarinfo, fileobj)
 
@@ -135,6 +136,18 @@ def test_a_full_disk_fails_the_shard_and_the_rerun_after_freeing_space_equals_a_
     assert cli.main(command) == 0
     assert ledger_of(run_dir).equals(ledger_of(clean.layout.root))
     assert tar_uids(run_dir) == tar_uids(clean.layout.root)
+
+
+def test_space_back_after_the_first_enospc_the_shard_is_written_again_whole(
+    clean_download: tuple[Path, RunResult], disk: dict[str, bool], tmp_path: Path
+) -> None:
+    """The issue's case: space returns mid-shard, so later samples would be written after a hole."""
+    disk["once"] = True
+    pipeline, clean = clean_download
+    result = run_pipeline(load_config(pipeline, [*DOWNLOAD, f"output={tmp_path / 'run'}"]))  # one retry
+    assert disk["full"] and result.complete
+    assert ledger_of(tmp_path / "run").equals(ledger_of(clean.layout.root))
+    assert tar_uids(tmp_path / "run") == tar_uids(clean.layout.root)
 
 
 def test_a_tar_that_lost_a_member_fails_the_shard_before_commit(
@@ -269,7 +282,12 @@ def test_a_second_run_on_the_same_output_refuses_naming_the_holder_and_status_st
         assert tree(run_dir) == before  # the refused run and the status wrote nothing, deleted nothing
     finally:
         os.kill(first.pid, signal.SIGCONT)
-        first.wait(timeout=300)
+        try:
+            first.wait(timeout=300)
+        finally:
+            if first.poll() is None:
+                first.kill()
+                first.wait()
     assert first.returncode == 0, (tmp_path / "first.log").read_text()[-3000:]
     assert not (run_dir / HOLDER_NAME).exists()
     assert ledger_of(run_dir).equals(ledger_of(clean.layout.root))
@@ -337,19 +355,37 @@ def test_leftovers_of_killed_runs_are_swept_at_the_start_of_the_next_run(
 # ---------------------------------------------------------------- Ctrl-C
 
 
+@pytest.mark.parametrize(
+    ("extra", "interrupt_when"),
+    [
+        ([], "marker"),  # between shards or while fetching
+        # inside img2dataset's own loop, over a shard larger than its window of 2 x threads rows
+        (["input.shard_size=1000", "download.guarded_fetch=false", "download.threads=4"], "img2dataset"),
+    ],
+    ids=["after-a-marker", "inside-img2dataset"],
+)
 def test_ctrl_c_exits_130_with_one_line_and_the_same_command_resumes(
-    clean_download: tuple[Path, RunResult], tmp_path: Path
+    clean_download: tuple[Path, RunResult], tmp_path: Path, extra: list[str], interrupt_when: str
 ) -> None:
     pipeline, clean = clean_download
     run_dir = tmp_path / "run"
-    settings = [*DOWNLOAD, f"output={run_dir}"]
+    settings = [*DOWNLOAD, *extra, f"output={run_dir}"]
     command = [sys.executable, "-m", "curate", "run", str(pipeline), "--no-progress", *set_options(*settings)]
     with open(tmp_path / "stdout.log", "wb") as out, open(tmp_path / "stderr.log", "wb") as err:
         run = subprocess.Popen(command, cwd=REPO, stdout=out, stderr=err)
-    markers = RunLayout(run_dir).marker_dir("download")
-    wait_for(lambda: markers.is_dir() and any(markers.glob("*.json")), "download marker", run)
-    run.send_signal(signal.SIGINT)
-    assert run.wait(timeout=120) == 130
+    try:
+        download = DownloadOutputs(run_dir).folder
+        if interrupt_when == "marker":
+            wait_for(lambda: any(download.glob("_done/*.json")), "download marker", run)
+        else:
+            wait_for(lambda: any(download.glob("_tmp/*/00000.tar")), "tar img2dataset writes", run)
+            time.sleep(0.5)  # its window of rows is full: the row generator waits for the loop
+        run.send_signal(signal.SIGINT)
+        assert run.wait(timeout=60) == 130
+    finally:
+        if run.poll() is None:
+            run.kill()
+            run.wait()
     assert error_line((tmp_path / "stderr.log").read_text()) == (
         "curate: interrupted; run the same command again to resume"
     )
@@ -357,7 +393,8 @@ def test_ctrl_c_exits_130_with_one_line_and_the_same_command_resumes(
 
     resumed = run_pipeline(load_config(pipeline, settings))
     assert resumed.complete and resumed.tasks_run > 0
-    assert ledger_of(run_dir).equals(ledger_of(clean.layout.root))
+    if not extra:
+        assert ledger_of(run_dir).equals(ledger_of(clean.layout.root))
 
 
 # ---------------------------------------------------------------- errors found late, now found first

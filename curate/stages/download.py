@@ -452,22 +452,24 @@ def run_abandoning_on_interrupt(work: Callable[[], None], guard: WriteGuard) -> 
     only the loop releases. On Ctrl-C the loop is told to resize and write nothing more, and is waited for
     while it drains (its rows' reads or fetches under way); a second Ctrl-C leaves it behind."""
     failure: list[BaseException] = []
+    finished = threading.Event()  # not Thread.join: a join interrupted by Ctrl-C marks the thread stopped
 
     def target() -> None:
         try:
             work()
         except BaseException as err:  # handed to the waiting thread
             failure.append(err)
+        finally:
+            finished.set()
 
-    thread = threading.Thread(target=target, name="img2dataset-shard", daemon=True)
-    thread.start()
+    threading.Thread(target=target, name="img2dataset-shard", daemon=True).start()
     try:
-        while thread.is_alive():
-            thread.join(0.1)
+        while not finished.wait(0.1):
+            pass
     except KeyboardInterrupt:
         guard.abandoned = True
         log.warning("interrupted: letting img2dataset's loop over this shard drain (Ctrl-C again to leave it)")
-        thread.join()
+        finished.wait()
         raise
     if failure:
         raise failure[0]
