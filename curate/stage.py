@@ -137,9 +137,11 @@ class Stage:
         return getattr(self.config, self.section or self.name, None)
 
     def fingerprint(self, upstream: str) -> str:
-        """This stage's settings (less `speed_only`) and extras, chained to the upstream fingerprint."""
+        """This stage's settings (less `speed_only`; a file they name counts by its bytes) and extras, chained
+        to the upstream fingerprint."""
         settings = self.cfg.model_dump(mode="json", exclude=set(self.speed_only)) if self.cfg is not None else {}
-        return digest({"stage": self.name, "upstream": upstream, "settings": settings, **self.fingerprint_extras()})
+        payload = {"stage": self.name, "upstream": upstream, "settings": identify_paths(settings)}
+        return digest({**payload, **self.fingerprint_extras()})
 
     def fingerprint_extras(self) -> dict[str, Any]:
         """Content identities of files the settings name (a checkpoint's bytes, not its path)."""
@@ -215,6 +217,31 @@ def content_identity(path: str | Path, name: str | None = None) -> dict[str, Any
     if name is not None:
         identity["name"] = name
     return identity
+
+
+def identify_paths(value: Any) -> Any:
+    """`value` (a settings tree) with every string that names an existing file replaced by the file's
+    content identity, and every folder or glob by its files' (relative name and content): a checkpoint or an
+    eval set moved elsewhere, or copied again, is the same setting."""
+    from glob import glob
+
+    if isinstance(value, dict):
+        return {key: identify_paths(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [identify_paths(item) for item in value]
+    if not isinstance(value, str) or not value:
+        return value
+    path = Path(value).expanduser()
+    if path.is_file():
+        return content_identity(path)
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.is_file())
+        return {"folder": [content_identity(f, str(f.relative_to(path))) for f in files]}
+    if any(c in value for c in "*?["):
+        matches = sorted(Path(m) for m in glob(str(path)))
+        if matches:
+            return {"glob": [content_identity(m, m.name) for m in matches if m.is_file()]}
+    return value
 
 
 class StageOutputs:

@@ -65,7 +65,7 @@ def copy_run(result: RunResult, dest: Path) -> Path:
     return dest
 
 
-def test_a_finished_run_does_no_work_again_also_moved_and_with_its_input_copied(
+def test_a_finished_run_does_no_work_again_also_moved_and_with_its_input_and_weights_copied(
     finished: tuple[Path, list[str], RunResult], served_world: ServedWorld, tmp_path: Path
 ) -> None:
     pipeline, settings, result = finished
@@ -80,7 +80,12 @@ def test_a_finished_run_does_no_work_again_also_moved_and_with_its_input_copied(
     table = tmp_path / "recopied" / served_world.table.name  # same name and bytes, a new path and mtime
     table.parent.mkdir()
     table.write_bytes(served_world.table.read_bytes())
-    config = load_config(pipeline, [*settings, f"output={moved}", f"input.path={table}"])
+    checkpoint = tmp_path / "recopied" / "weights.pt"  # the model's weights, copied under another name
+    checkpoint.write_bytes(
+        Path(next(s for s in settings if s.startswith("embed.pretrained=")).split("=", 1)[1]).read_bytes()
+    )
+    moved_settings = [*settings, f"output={moved}", f"input.path={table}", f"embed.pretrained={checkpoint}"]
+    config = load_config(pipeline, moved_settings)
     moved_again = run_pipeline(config)
     assert moved_again.complete and moved_again.tasks_run == 0
     assert ledger_of(moved).equals(ledger_of(result.layout.root))

@@ -47,7 +47,7 @@ from curate.config import ConfigError, EmbedConfig
 from curate.io.wds import IMAGE_EXTENSIONS, Sample, iter_samples
 from curate.ledger import Status, make_fates
 from curate.plugins import Plugin, head_scores, resolve_plugins
-from curate.stage import Stage, StageContext, StageOutputs, content_identity
+from curate.stage import Stage, StageContext, StageOutputs
 from curate.stages.download import DownloadOutputs
 
 if TYPE_CHECKING:
@@ -348,11 +348,7 @@ class EmbedStage(Stage):
         return self.config.embed
 
     def fingerprint_extras(self) -> dict[str, Any]:
-        files = [value for value in (self.cfg.model, self.cfg.pretrained) if value and Path(value).is_file()]
-        extras: dict[str, Any] = {"files": [content_identity(path) for path in files]}
-        if self.cfg.heads:
-            extras["heads"] = [plugin.identity() for plugin in self.heads()]
-        return extras
+        return {"heads": [plugin.identity() for plugin in self.heads()]} if self.cfg.heads else {}
 
     def heads(self) -> list[Plugin]:
         return resolve_plugins(self.cfg.heads, "embed.heads", reserved=RESERVED_COLUMNS)

@@ -12,9 +12,7 @@ from __future__ import annotations
 import logging
 from collections import Counter
 from dataclasses import dataclass
-from glob import glob
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -31,7 +29,6 @@ from curate.stage import (
     StageContext,
     StageOutputs,
     TaskOutput,
-    content_identity,
     kept_uids,
     single_task,
 )
@@ -139,9 +136,6 @@ class DedupStage(Stage):
     def cfg(self) -> DedupConfig:
         return self.config.dedup
 
-    def fingerprint_extras(self) -> dict[str, Any]:
-        return {"eval_sets": eval_set_identities(self.cfg.eval_sets)}
-
     def phases(self) -> list[Phase]:
         phases = [Phase("decide", single_task, self._decide), self.fate_phase()]
         if self.cfg.eval_sets:
@@ -207,13 +201,3 @@ class DedupStage(Stage):
         status = [Status.DROPPED.value if r else Status.KEPT.value for r in reasons]
         detail = [k if r else None for r, k in zip(reasons, table["kept_uid"].to_pylist(), strict=True)]
         return make_fates(table["uid"], status, reasons, detail, clip_score=table["clip_score"])
-
-
-def eval_set_identities(paths: list[str]) -> list[dict[str, Any]]:
-    """Each evaluation file by its content (name within its set, size, ends)."""
-    identities = []
-    for root in paths:
-        base = Path(root)
-        files = sorted(p for p in base.rglob("*") if p.is_file()) if base.is_dir() else sorted(map(Path, glob(root)))
-        identities.extend(content_identity(f, str(f.relative_to(base)) if base.is_dir() else f.name) for f in files)
-    return identities

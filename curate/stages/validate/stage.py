@@ -24,7 +24,17 @@ import numpy as np
 from curate.io.fs import read_json, write_json_atomic
 from curate.io.wds import count_samples as count_tar_samples
 from curate.io.wds import iter_samples
-from curate.stage import Phase, RunLayout, Stage, StageContext, StageOutputs, TaskOutput, digest, single_task
+from curate.stage import (
+    Phase,
+    RunLayout,
+    Stage,
+    StageContext,
+    StageOutputs,
+    TaskOutput,
+    digest,
+    identify_paths,
+    single_task,
+)
 from curate.stages.download import DownloadOutputs
 from curate.stages.embed import EmbedOutputs
 from curate.stages.input import InputOutputs
@@ -77,7 +87,8 @@ def train_recipe(cfg: ValidateConfig, seed: int) -> TrainRecipe:
 
 
 def settings(cfg: ValidateConfig, exclude: frozenset[str] = frozenset()) -> dict[str, Any]:
-    return cfg.model_dump(mode="json", exclude=set(SCHEDULING_FIELDS | exclude))
+    """The settings a run's fingerprints cover; a model config or eval set counts by its content, not its path."""
+    return identify_paths(cfg.model_dump(mode="json", exclude=set(SCHEDULING_FIELDS | exclude)))
 
 
 # ---------------------------------------------------------------- training data of each arm
@@ -289,11 +300,6 @@ class ValidateStage(Stage):
     @property
     def cfg(self) -> ValidateConfig:
         return self.config.validate
-
-    def fingerprint_extras(self) -> dict[str, Any]:
-        from curate.stages.validate.evalsets import eval_set_fingerprint
-
-        return {"eval_set": eval_set_fingerprint(Path(self.cfg.eval_set)) if self.cfg.eval_set else None}
 
     def preflight(self) -> None:
         from curate.config import ConfigError
