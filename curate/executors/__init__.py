@@ -8,7 +8,7 @@ from typing import Protocol
 
 from curate.config import ConfigError
 from curate.runner import TaskReport, run_task
-from curate.stage import Stage, StageContext
+from curate.stage import FATE_PHASE, Stage, StageContext
 
 
 class Executor(Protocol):
@@ -17,6 +17,13 @@ class Executor(Protocol):
     ) -> Iterator[TaskReport]: ...
 
     def close(self) -> None: ...
+
+
+class ShardMapping:
+    """`map_shards`: a stage's per-shard fate phase through the executor's own `map_tasks`."""
+
+    def map_shards(self, stage: Stage, ctx: StageContext, shards: list[str], workers: int) -> Iterator[TaskReport]:
+        return self.map_tasks(stage, ctx, FATE_PHASE, shards, workers, stage.resources())  # type: ignore[attr-defined]
 
 
 @dataclass(frozen=True)

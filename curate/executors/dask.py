@@ -32,9 +32,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from curate.config import ConfigError, DaskConfig
-from curate.executors import execute_task, reported
+from curate.executors import ShardMapping, execute_task, reported
 from curate.runner import ShardFailed, TaskReport
-from curate.stage import FATE_PHASE, Stage, StageContext
+from curate.stage import Stage, StageContext
 
 log = logging.getLogger(__name__)
 
@@ -107,7 +107,7 @@ def plan_local_cluster(cfg: DaskConfig, gpus: tuple[str, ...] | None = None) -> 
     return ClusterPlan(cpu_workers, gpus)
 
 
-class DaskExecutor:
+class DaskExecutor(ShardMapping):
     def __init__(self, cfg: DaskConfig, scheduler: str | None = None) -> None:
         from distributed import Client
 
@@ -122,9 +122,6 @@ class DaskExecutor:
     @property
     def dashboard_link(self) -> str:
         return str(self.client.dashboard_link)
-
-    def map_shards(self, stage: Stage, ctx: StageContext, shards: list[str], workers: int) -> Iterator[TaskReport]:
-        return self.map_tasks(stage, ctx, FATE_PHASE, shards, workers, stage.resources())
 
     def map_tasks(
         self,

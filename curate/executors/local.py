@@ -12,9 +12,9 @@ from collections.abc import Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from typing import Any
 
-from curate.executors import ConfigFailure, execute_task, reported
+from curate.executors import ConfigFailure, ShardMapping, execute_task, reported
 from curate.runner import ShardFailed, TaskReport
-from curate.stage import FATE_PHASE, Stage, StageContext
+from curate.stage import Stage, StageContext
 
 log = logging.getLogger(__name__)
 
@@ -34,12 +34,9 @@ def _take_rank(counter: Any) -> None:
         counter.value += 1
 
 
-class LocalExecutor:
+class LocalExecutor(ShardMapping):
     def __init__(self, shard_retries: int = 1) -> None:
         self.shard_retries = shard_retries
-
-    def map_shards(self, stage: Stage, ctx: StageContext, shards: list[str], workers: int) -> Iterator[TaskReport]:
-        return self.map_tasks(stage, ctx, FATE_PHASE, shards, workers, stage.resources())
 
     def map_tasks(
         self,
