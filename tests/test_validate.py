@@ -352,3 +352,27 @@ def test_a_png_encoded_run_goes_through_validate(
     metrics = json.loads((tmp_path / "run" / "validate" / "metrics.json").read_text())
     assert metrics["data"]["curated_samples"] > 0 and metrics["data"]["baseline_samples"] > 0
     assert metrics["runs"]["curated"][0]["steps"] == 3
+
+
+def test_validation_runs_are_dask_tasks_whose_trainer_starts_its_decode_workers(
+    curated_run: CuratedRun, micro_model: Path, eval_set: Path
+) -> None:
+    from curate.config import DaskConfig
+    from curate.executors.dask import DaskExecutor
+    from curate.pipeline import run_stage, stage_fingerprints
+    from curate.stage import StageContext
+    from curate.stages import plan
+
+    config = with_validate(curated_run, **quick_settings(micro_model, eval_set, seeds=1, decode_workers=2))
+    config = config.model_copy(update={"stages": [*config.stages, "validate"]})
+    stages = plan(config)
+    stage = stages[-1]
+    layout = RunLayout(curated_run.root)
+    ctx = StageContext(config, layout, "dask-" + stage_fingerprints(stages)["validate"], tuple(input_shards(layout)))
+    executor = DaskExecutor(DaskConfig(n_workers=1, dashboard_address=":0"))
+    try:
+        assert run_stage(stage, ctx, executor) == 4  # baseline, two runs, metrics
+    finally:
+        executor.close()
+    metrics = json.loads((layout.root / "validate" / "metrics.json").read_text())
+    assert [run["steps"] for arm in ("curated", "baseline") for run in metrics["runs"][arm]] == [3, 3]

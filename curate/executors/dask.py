@@ -18,7 +18,8 @@ all run shard tasks is CPU taken from them (in one back-to-back pair of embed be
 shards ran 13% slower than 1-worker ones with it, 4% without). Its scheduler, nannies and workers also run
 Dask's housekeeping timers less often (`RUNTIME_INTERVALS`). On a cluster started with `dask worker`, the
 same is done with `distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_: null`,
-`distributed.worker.profile.enabled: false` and the `RUNTIME_INTERVALS` keys in the Dask config.
+`distributed.worker.profile.enabled: false`, `distributed.worker.daemon: false` and the `RUNTIME_INTERVALS` keys
+in the Dask config.
 """
 
 from __future__ import annotations
@@ -51,6 +52,10 @@ WORKER_ENV_UNSET = ("MALLOC_TRIM_THRESHOLD_",)
 # core (the scheduler and nannies 6%, each worker 2.5%); at these, 2%. Shard tasks get that CPU back when every
 # core runs one. The tick still reports an event loop blocked for longer than `distributed.admin.tick.limit`
 # (3 s), and a worker over its memory limit is still stopped, half a second later at most.
+# Dask starts workers as daemon processes, and a daemon process may not start children: the validation
+# trainer's decode workers (a torch DataLoader) could then not run inside a task.
+WORKER_PROCESSES = {"distributed.worker.daemon": False}
+
 RUNTIME_INTERVALS = {
     "distributed.admin.tick.interval": "1s",
     "distributed.admin.system-monitor.interval": "2s",
@@ -218,7 +223,7 @@ def worker_environment(profiler: bool = False) -> Iterator[None]:
     keys = set(dask.config.get("distributed.nanny.pre-spawn-environ")) | {"PYTHONHASHSEED"}
     saved = {key: os.environ.get(key) for key in keys}
     unset = {f"distributed.nanny.pre-spawn-environ.{key}": None for key in WORKER_ENV_UNSET}
-    settings = {**unset, **RUNTIME_INTERVALS, "distributed.worker.profile.enabled": profiler}
+    settings = {**unset, **RUNTIME_INTERVALS, **WORKER_PROCESSES, "distributed.worker.profile.enabled": profiler}
     try:
         with dask.config.set(settings):
             yield
