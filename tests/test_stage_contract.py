@@ -302,3 +302,24 @@ def test_status_names_the_commonest_detail_from_the_ledger_summary_not_the_ledge
         if rows.detail.notna().any():
             counts = rows.detail.dropna().str[:160].value_counts()
             assert counts[item["common_detail"]] == counts.max()  # one of the commonest (ties: any of them)
+
+
+def test_uids_npy_from_buckets_is_every_kept_uid_sorted(
+    finished: tuple[Path, list[str], RunResult], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from curate.stages import materialize
+    from curate.stages.materialize import uid_array
+
+    pipeline, settings, result = finished
+    run_dir = copy_run(result, tmp_path / "run")
+    shutil.rmtree(run_dir / "materialize")
+    shutil.rmtree(run_dir / "curated")
+    monkeypatch.setattr(materialize, "BUCKET_UIDS", 16)  # several buckets even for this small run
+    again = run_pipeline(load_config(pipeline, [*settings, f"output={run_dir}"]))
+    assert again.complete
+    buckets = sorted((run_dir / "materialize" / "_done" / "buckets").glob("*.json"))
+    assert len(buckets) >= 4
+    kept = read_ledger(run_dir).query("status == 'kept'").uid.tolist()
+    uids = np.load(CuratedOutputs(run_dir).uids_path)
+    assert uids.dtype == np.dtype("u8,u8") and np.array_equal(uids, uid_array(kept))
+    assert np.array_equal(uids, np.load(CuratedOutputs(result.layout).uids_path))

@@ -4,7 +4,9 @@ This is the one place images are rewritten. It decides nothing (every row's fate
 copies kept samples, in input-shard then uid order, into shards of `materialize.samples_per_shard`. Output
 shard j holds the kept samples numbered [j * size, (j + 1) * size) in that order: the numbering comes from a
 prefix sum over the per-shard kept counts in the last deciding stage's markers, so each output shard is its
-own task, written and resumed independently of the others. A last task writes `uids.npy`, `sizes.json`
+own task, written and resumed independently of the others. Each input shard's kept uids are written sorted,
+buckets of the uids' leading bits merge their ranges of those parts, and a last task writes `uids.npy` (the
+buckets one after another, already in order), `sizes.json`
 (samples per shard, read by open_clip_train and DataComp's resharder), `shardindex.json` (a wids shard index)
 and `curated/_done.json` (the fingerprint of everything upstream and the sample count).
 
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 import re
 from pathlib import Path
 from typing import Any
@@ -26,13 +29,17 @@ from curate.config import MaterializeConfig
 from curate.io.fs import read_json, write_json_atomic
 from curate.io.wds import Sample, count_samples, iter_samples
 from curate.ledger import FATE_SCHEMA, FateError
-from curate.stage import Phase, RunLayout, Stage, StageContext, StageOutputs, TaskOutput, single_task
+from curate.stage import Phase, RunLayout, Stage, StageContext, StageOutputs, TaskOutput, run_shards, single_task
 from curate.stages.download import DownloadOutputs
 
 log = logging.getLogger(__name__)
 
 CURATED = "curated"
 _HEX32 = re.compile(r"^[0-9a-fA-F]{32}$")
+UID_DTYPE = np.dtype("u8,u8")
+BUCKET_UIDS = 1 << 22  # uids per bucket of the uids.npy merge, about: 64 MiB of halves
+MAX_BUCKET_BITS = 12
+BUCKET_DIGITS = 3
 
 
 def uid_halves(uid: str) -> tuple[int, int]:
@@ -50,7 +57,7 @@ def uid_hex(uid: str) -> str:
 
 def uid_array(uids: list[str]) -> np.ndarray:
     """Sorted structured array of dtype `u8,u8`: the subset format DataComp's tools read."""
-    array = np.array([uid_halves(u) for u in uids], dtype=np.dtype("u8,u8"))
+    array = np.array([uid_halves(u) for u in uids], dtype=UID_DTYPE)
     return np.sort(array)
 
 
@@ -121,6 +128,8 @@ class MaterializeStage(Stage):
         curated = lambda ctx: CuratedOutputs(ctx.layout).curated_dir  # noqa: E731
         return [
             Phase("shards", self._output_shards, self._write_shard, output_root=curated),
+            Phase("uids", run_shards, self._write_uid_part),
+            Phase("buckets", self._buckets, self._write_bucket),
             Phase("index", single_task, self._write_index, output_root=curated),
         ]
 
@@ -168,20 +177,66 @@ class MaterializeStage(Stage):
             raise FateError(f"curated/{task}.tar holds {on_disk} samples after writing {written}")
         return TaskOutput(counts={"samples": written})
 
+    def _write_uid_part(self, ctx: StageContext, shard: str, workdir: Path) -> TaskOutput:
+        """This input shard's kept uids as sorted `u8,u8` halves (the buckets read their ranges of it)."""
+        halves = uid_array(list(kept_rows(ctx.layout, self.last_stage(), shard)))
+        np.save(workdir / self.uid_part_path(ctx, shard).relative_to(ctx.layout.stage_dir(self.name)), halves)
+        return TaskOutput(counts={"samples": len(halves)})
+
+    def uid_part_path(self, ctx: StageContext, shard: str) -> Path:
+        return ctx.layout.stage_dir(self.name) / f"uids-{shard}.npy"
+
+    def bucket_path(self, ctx: StageContext, bucket: str) -> Path:
+        return ctx.layout.stage_dir(self.name) / f"bucket-{bucket}.npy"
+
+    def _buckets(self, ctx: StageContext) -> list[str]:
+        """Ranges of the uids' leading bits, about BUCKET_UIDS each: concatenated in order, they are sorted."""
+        total = int(self.kept_counts(ctx).sum())
+        bits = min(MAX_BUCKET_BITS, max(0, math.ceil(math.log2(max(1, total) / BUCKET_UIDS))))
+        return [f"{b:0{BUCKET_DIGITS}x}" for b in range(1 << bits)]
+
+    def _write_bucket(self, ctx: StageContext, bucket: str, workdir: Path) -> TaskOutput:
+        bits = (len(self._buckets(ctx)) - 1).bit_length()
+        low, high = bucket_bounds(int(bucket, 16), bits)
+        parts = []
+        for shard in ctx.shards:
+            halves = np.load(self.uid_part_path(ctx, shard), mmap_mode="r")
+            first = halves["f0"]
+            start = int(np.searchsorted(first, np.uint64(low)))
+            stop = len(first) if high >= 1 << 64 else int(np.searchsorted(first, np.uint64(high)))
+            parts.append(np.array(halves[start:stop]))
+        merged = np.sort(np.concatenate([np.zeros(0, UID_DTYPE), *parts]))
+        np.save(workdir / self.bucket_path(ctx, bucket).relative_to(ctx.layout.stage_dir(self.name)), merged)
+        return TaskOutput(counts={"samples": len(merged)})
+
     def _write_index(self, ctx: StageContext, _task: str, workdir: Path) -> TaskOutput:
-        last = self.last_stage()
-        uids = [uid for shard in ctx.shards for uid in kept_rows(ctx.layout, last, shard)]
-        curated = CuratedOutputs(ctx.layout)
+        last, curated = self.last_stage(), CuratedOutputs(ctx.layout)
+        buckets = [np.load(self.bucket_path(ctx, b), mmap_mode="r") for b in self._buckets(ctx)]
+        kept = sum(len(b) for b in buckets)
         markers = {s: read_json(ctx.layout.marker_path(self.name, s, "shards")) for s in self._output_shards(ctx)}
         sizes = {curated.shard_path(int(s)).name: int(m["counts"]["samples"]) for s, m in markers.items()}
-        if sum(sizes.values()) != len(uids):
-            raise FateError(f"curated/ holds {sum(sizes.values())} samples but {last} kept {len(uids)}")
-        np.save(workdir / "uids.npy", uid_array(uids))
+        if sum(sizes.values()) != kept:
+            raise FateError(f"curated/ holds {sum(sizes.values())} samples but {last} kept {kept}")
+        uids = np.lib.format.open_memmap(workdir / "uids.npy", mode="w+", dtype=UID_DTYPE, shape=(kept,))
+        offset = 0
+        for bucket in buckets:  # one bucket in memory at a time
+            uids[offset : offset + len(bucket)] = bucket
+            offset += len(bucket)
+        uids.flush()
+        del uids
         write_json_atomic(workdir / curated.sizes_path.name, sizes)
         write_json_atomic(workdir / curated.wids_index_path.name, wids_index(curated, sizes))
-        write_json_atomic(workdir / "_done.json", {"fingerprint": ctx.fingerprint, "samples": len(uids)})
-        log.info("materialize: %d samples in %d shards", len(uids), len(sizes))
-        return TaskOutput(counts={"samples": len(uids)})
+        write_json_atomic(workdir / "_done.json", {"fingerprint": ctx.fingerprint, "samples": kept})
+        log.info("materialize: %d samples in %d shards", kept, len(sizes))
+        return TaskOutput(counts={"samples": kept})
+
+
+def bucket_bounds(bucket: int, bits: int) -> tuple[int, int]:
+    """The [low, high) range of a uid's first 64-bit half that bucket `bucket` of 2**bits holds."""
+    if bits == 0:
+        return 0, 1 << 64
+    width = 1 << (64 - bits)
+    return bucket * width, (bucket + 1) * width
 
 
 def wids_index(curated: CuratedOutputs, sizes: dict[str, int]) -> dict[str, object]:
