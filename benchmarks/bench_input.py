@@ -1,16 +1,19 @@
-"""Peak memory and speed of the input stage on a large crawl-like parquet file.
+"""Peak memory and speed of the input stage on a large crawl-like parquet file, on Dask and in-process.
 
     python -m benchmarks.bench_input [--rows 10000000] [--work /tmp/curate-bench] [--out FILE]
 
 The input file is generated once per row count (row group by row group, never all rows in memory) and
-cached under --work. The stage then runs in a fresh child process (`run_pipeline` with `stages: [input]`)
-whose peak RSS comes from the kernel (`wait4` rusage), cross-checked by polling with psutil.
+cached under --work. The stage then runs twice, each time in a fresh child process that is the driver
+(`run_pipeline` with `stages: [input]`): on a 2-worker Dask LocalCluster, where the driver only plans and
+the workers run the tasks, and with the local executor, where the one process runs every task itself.
+Peak RSS is the kernel's high-water mark (VmHWM) of the driver process alone and of each Dask worker.
+The target is the driver's on Dask: it holds the plan (per file task, per bucket, per shard), never a
+per-row array.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import shutil
@@ -21,7 +24,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import psutil
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
@@ -32,7 +34,8 @@ DEFAULT_ROWS = 10_000_000
 DEFAULT_WORK = Path("/tmp/curate-bench")
 ROW_GROUP = 100_000
 SHARD_SIZE = 10_000
-TARGET_MIB = 2048
+TARGET_MIB = 1024
+DASK_WORKERS = 2
 REPO = Path(__file__).resolve().parent.parent
 
 # Share of rows per kind of problem in the generated crawl.
@@ -127,84 +130,112 @@ def generate(rows: int, path: Path, seed: int = 0) -> Path:
 # ---------------------------------------------------------------- measuring the stage
 
 
-def _child(config_json: str, result_path: str) -> None:
-    """Runs in the measured process: `run_pipeline` with the input stage only; its counts and times go
-    to `result_path`, with the time and peak RSS at the end of `build_input` (before the ledger merge)."""
-    import resource
+def peak_rss_mib() -> float:
+    """This process's peak RSS since it started its program: VmHWM. (`getrusage`'s ru_maxrss survives exec, so
+    in a process forked from a large one and then exec'd, such as a Dask worker, it reports the parent's.)"""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return round(int(line.split()[1]) / 1024, 1)
+    raise RuntimeError("no VmHWM in /proc/self/status")
 
-    from curate import pipeline
-    from curate.config import validate_config
+
+def _child(executor: str, config_json: str, result_path: str) -> None:
+    """Runs in the measured process (the driver): `run_pipeline` with the input stage only, in this process
+    (`local`) or on a 2-worker Dask LocalCluster (`dask`). Writes its counts, time, its own peak RSS and,
+    on Dask, each worker's peak RSS to `result_path`."""
+    from curate.config import DaskConfig, validate_config
+    from curate.pipeline import run_pipeline
 
     config = validate_config(json.loads(config_json))
-    build: dict[str, float] = {}
-    real_build_input = pipeline.build_input
+    cluster = None
+    if executor == "dask":
+        from curate.executors.dask import DaskExecutor
 
-    def timed_build_input(*args: Any, **kwargs: Any) -> Any:
-        begun = time.perf_counter()
-        summary = real_build_input(*args, **kwargs)
-        build["build_seconds"] = time.perf_counter() - begun
-        build["build_peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-        return summary
-
-    pipeline.build_input = timed_build_input
+        cluster = DaskExecutor(DaskConfig(n_workers=DASK_WORKERS, threads_per_worker=1, dashboard_address=":0"))
+    base_mib = peak_rss_mib()  # imports and, on Dask, the running cluster: before any input work
     started = time.perf_counter()
-    result = pipeline.run_pipeline(config)
-    seconds = time.perf_counter() - started
-    counts = dict(result.stats["input"].counts)
-    Path(result_path).write_text(json.dumps({"seconds": seconds, "rows": result.rows, "counts": counts, **build}))
+    try:
+        result = run_pipeline(config, executor=cluster)
+        seconds = time.perf_counter() - started
+        workers = []
+        if cluster is not None:
+            workers = sorted(cluster.client.run(peak_rss_mib).values())
+    finally:
+        if cluster is not None:
+            cluster.close()
+    driver_mib = peak_rss_mib()  # this process only, not its children
+    report = {
+        "seconds": seconds,
+        "rows": result.rows,
+        "complete": result.complete,
+        "counts": dict(result.stats["input"].counts),
+        "driver_peak_rss_mib": round(driver_mib, 1),
+        "driver_base_rss_mib": base_mib,
+        "worker_peak_rss_mib": workers,
+    }
+    Path(result_path).write_text(json.dumps(report))
 
 
 def measure_child(args: list[str], poll_s: float = 0.05) -> tuple[int, float, float, int]:
-    """Run `python -m benchmarks.bench_input ARGS`; return (exit code, wall seconds, CPU seconds, peak RSS
-    bytes). The kernel's peak (wait4 rusage) is exact; the psutil polls only back it up."""
+    """Run `python -m benchmarks.bench_input ARGS`; return (exit code, wall seconds, CPU seconds of it and its
+    children, peak RSS bytes of the largest of it and its children: wait4's rusage)."""
     started = time.perf_counter()
     proc = subprocess.Popen([sys.executable, "-m", "benchmarks.bench_input", *args], cwd=REPO)
-    watched = psutil.Process(proc.pid)
-    polled_peak = 0
     while True:
         pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
         if pid:
             break
-        with contextlib.suppress(psutil.NoSuchProcess):
-            polled_peak = max(polled_peak, watched.memory_info().rss)
         time.sleep(poll_s)
     proc.returncode = os.waitstatus_to_exitcode(status)
     wall = time.perf_counter() - started
-    return proc.returncode, wall, usage.ru_utime + usage.ru_stime, max(usage.ru_maxrss * 1024, polled_peak)
+    return proc.returncode, wall, usage.ru_utime + usage.ru_stime, usage.ru_maxrss * 1024
+
+
+def measure(executor: str, config: dict[str, Any], work: Path, rows: int) -> dict[str, Any]:
+    result_path = work / "input" / f"result-{rows}-{executor}.json"
+    result_path.unlink(missing_ok=True)
+    shutil.rmtree(config["output"], ignore_errors=True)  # an existing run would be reused, not rebuilt
+    code, wall, cpu, _tree_peak = measure_child(["--child", executor, json.dumps(config), str(result_path)])
+    if code != 0 or not result_path.exists():
+        raise RuntimeError(f"input stage child ({executor}) exited with {code}")
+    child = json.loads(result_path.read_text())
+    shutil.rmtree(config["output"], ignore_errors=True)
+    if not child["complete"]:
+        raise RuntimeError(f"input stage ({executor}) did not complete")
+    return {**child, "process_seconds": round(wall, 2), "process_cpu_seconds": round(cpu, 2)}
 
 
 def run(rows: int = DEFAULT_ROWS, work: Path = DEFAULT_WORK, shard_size: int = SHARD_SIZE) -> dict[str, Any]:
     work = Path(work)
     data = generate(rows, work / "input" / f"crawl-{rows}.parquet")
-    output = work / "input" / f"run-{rows}"
-    shutil.rmtree(output, ignore_errors=True)  # an existing run would be reused, not rebuilt
-    config = {
-        "output": str(output),
-        "stages": ["input"],
-        "input": {"path": str(data), "shard_size": shard_size},
-    }
-    result_path = work / "input" / f"result-{rows}.json"
-    result_path.unlink(missing_ok=True)
-    code, wall, cpu, peak = measure_child(["--child", json.dumps(config), str(result_path)])
-    if code != 0 or not result_path.exists():
-        raise RuntimeError(f"input stage child exited with {code}")
-    child = json.loads(result_path.read_text())
-    shutil.rmtree(output, ignore_errors=True)
-    peak_mib = peak / 2**20
+    config = {"stages": ["input"], "input": {"path": str(data), "shard_size": shard_size}}
+    runs = {}
+    for executor in ("dask", "local"):
+        runs[executor] = measure(
+            executor, {**config, "output": str(work / "input" / f"run-{rows}-{executor}")}, work, rows
+        )
+    dask, local = runs["dask"], runs["local"]
+    if dask["counts"] != local["counts"]:
+        raise RuntimeError(f"the executors disagree: {dask['counts']} != {local['counts']}")
+    driver = dask["driver_peak_rss_mib"]
+    workers = " / ".join(f"{mib} MiB" for mib in dask["worker_peak_rss_mib"])
     return {
         "name": "input_peak_rss",
-        "rows": child["rows"],
-        "peak_rss_mib": round(peak_mib, 1),
-        "seconds": round(child["seconds"], 2),
-        "process_seconds": round(wall, 2),
-        "process_cpu_seconds": round(cpu, 2),
-        "rows_per_s": round(child["rows"] / child["seconds"]),
-        "build_input_seconds": round(child["build_seconds"], 2),
-        "build_input_peak_rss_mib": round(child["build_peak_rss_mib"], 1),
+        "headline": f"driver {driver} MiB on Dask (workers {workers}), local {local['driver_peak_rss_mib']} MiB",
+        "rows": dask["rows"],
+        "driver_peak_rss_mib": driver,
+        "driver_rss_before_the_stage_mib": dask["driver_base_rss_mib"],
+        "worker_peak_rss_mib": dask["worker_peak_rss_mib"],
+        "dask_seconds": round(dask["seconds"], 2),
+        "dask_rows_per_s": round(dask["rows"] / dask["seconds"]),
+        "local_peak_rss_mib": local["driver_peak_rss_mib"],
+        "local_seconds": round(local["seconds"], 2),
+        "local_rows_per_s": round(local["rows"] / local["seconds"]),
+        "local_process_cpu_seconds": local["process_cpu_seconds"],
         "shard_size": shard_size,
-        "counts": child["counts"],
-        "target": f"< {TARGET_MIB} MiB",
-        "passed": peak_mib < TARGET_MIB,
+        "counts": dask["counts"],
+        "target": f"driver < {TARGET_MIB} MiB on Dask",
+        "passed": driver < TARGET_MIB,
     }
 
 
@@ -214,7 +245,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--work", type=Path, default=DEFAULT_WORK, help="cache of generated data and runs")
     parser.add_argument("--shard-size", type=int, default=SHARD_SIZE)
     parser.add_argument("--out", type=Path, help="also write the result as JSON here")
-    parser.add_argument("--child", nargs=2, metavar=("CONFIG_JSON", "RESULT"), help=argparse.SUPPRESS)
+    parser.add_argument("--child", nargs=3, metavar=("EXECUTOR", "CONFIG_JSON", "RESULT"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
         _child(*args.child)

@@ -63,6 +63,18 @@ class InputConfig(Section):
     max_url_chars: int = Field(2048, gt=0)
     max_caption_chars: int = Field(4096, gt=0, description="longer captions are dropped (caption_too_long)")
     batch_rows: int = Field(65_536, gt=0, description="rows read at a time; bounds input memory")
+    task_rows: int = Field(
+        1_000_000,
+        gt=0,
+        description="a parquet file with more rows is read as tasks of whole row groups of about this many",
+    )
+    hash_buckets: int | None = Field(
+        None,
+        gt=0,
+        le=4096,
+        description="partitions of the run-wide repeat and uid checks (default: one per 128 MiB of input)",
+    )
+    workers: int = Field(1, gt=0, description="input tasks run at once by the local executor")
     keep_columns: list[str] = Field(
         default_factory=list,
         description="more input columns carried into each sample's json (download and curated) and the ledger",
@@ -299,6 +311,11 @@ class DedupConfig(Section):
         None, gt=0, lt=1, description="SemDeDup: drop within a k-means cluster above cosine 1 - eps; null disables"
     )
     semantic_clusters: int | None = Field(None, gt=0, description="k-means clusters (default from the run size)")
+    partition_rows: int = Field(
+        250_000,
+        gt=0,
+        description="samples per near/semantic partition and per exact-dedup bucket: one task's share of the run",
+    )
     eval_sets: list[str] = Field(
         default_factory=list, description="folders of images or webdataset tar globs to decontaminate against"
     )

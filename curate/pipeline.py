@@ -26,7 +26,7 @@ from curate.runner import TaskReport, clear_scratch, marker_stats, remove_orphan
 from curate.stage import FATE_PHASE, Phase, RunLayout, ShardState, Stage, StageContext, digest
 from curate.stages import fate_stage_names, plan
 from curate.stages.download import DownloadOutputs
-from curate.stages.input import InputError, InputOutputs, InputStage
+from curate.stages.input import InputError, InputOutputs, InputStage, discard_unfinished
 from curate.stages.ledger import LedgerOutputs, LedgerStage
 
 log = logging.getLogger(__name__)
@@ -114,6 +114,8 @@ def run_pipeline(
     except InputError:
         if first_created is not None:
             shutil.rmtree(first_created, ignore_errors=True)
+        else:
+            discard_unfinished(layout)
         raise
     result = finalize_run(config, stages, layout, prints, list(shards))
     result.tasks_run = tasks_run

@@ -23,7 +23,6 @@ from curate.ledger import read_fate_parts, read_ledger
 from curate.pipeline import run_pipeline
 from curate.stages.input import (
     InputError,
-    build_input,
     decode_utf8,
     input_fingerprint,
     inspect_sources,
@@ -451,9 +450,11 @@ def test_uid_hash_collision_is_not_a_duplicate(
     tmp_path: Path, input_config: MakeConfig, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Duplicate uids are found by 64-bit hashes; equal hashes of different uids must not fail the run."""
-    import curate.stages.input
+    import curate.stages.input.stage
 
-    monkeypatch.setattr(curate.stages.input, "string_hashes", lambda column: np.zeros(len(column), dtype=np.uint64))
+    monkeypatch.setattr(
+        curate.stages.input.stage, "string_hashes", lambda column: np.zeros(len(column), dtype=np.uint64)
+    )
     path = tmp_path / "ids.csv"
     path.write_text("id,url,caption\na,http://a.com/1.jpg,one\nb,http://a.com/2.jpg,two\n")
     assert run_input(input_config(path, uid_col="id"))["uid"].to_pylist() == ["a", "b"]
@@ -483,17 +484,6 @@ def test_same_file_names_are_fine_with_a_uid_column(tmp_path: Path, input_config
         (tmp_path / folder / "part.csv").write_text(f"id,url,caption\n{uid},http://a.com/{uid}.jpg,c\n")
     fates = run_input(input_config([tmp_path / "x" / "part.csv", tmp_path / "y" / "part.csv"], uid_col="id"))
     assert fates["uid"].to_pylist() == ["u1", "u2"]
-
-
-def test_build_input_failure_removes_the_folders_it_made(tmp_path: Path, input_config: MakeConfig) -> None:
-    path = tmp_path / "header.csv"
-    path.write_text("url,caption\n")
-    config = input_config(path)
-    sources = inspect_sources(config.input)
-    stage_dir = tmp_path / "deep" / "er" / "input"
-    with pytest.raises(InputError, match="file has no rows"):
-        build_input(config.input, sources, stage_dir, "fp")
-    assert list(tmp_path.iterdir()) == [path]
 
 
 # ---------------------------------------------------------------- row-level problems become fates
