@@ -112,7 +112,16 @@ class InputConfig(Section):
         return [self.path] if isinstance(self.path, str) else list(self.path)
 
 
+DOWNLOAD_PRESETS: dict[str, dict[str, Any]] = {
+    # model-sized shards for users who only need CLIP inputs: what a 224-px open_clip model's preprocess keeps
+    "clip_224": {"image_size": 224, "resize_mode": "center_crop"},
+}
+
+
 class DownloadConfig(Section):
+    """`preset: clip_224` sets image_size and resize_mode (keys given explicitly win); the saved config holds
+    the settings it resolved to, so a preset and the same keys spelled out are the same download."""
+
     image_size: int = Field(256, gt=0)
     resize_mode: Literal["no", "border", "keep_ratio", "keep_ratio_largest", "center_crop"] = "border"
     resize_only_if_bigger: bool = False
@@ -155,6 +164,21 @@ class DownloadConfig(Section):
     per_host_connections: int = Field(8, gt=0, description="concurrent requests to one host")
     backoff_s: float = Field(0.5, ge=0, description="first retry delay for transient failures (doubles)")
     max_retry_after_s: float = Field(10, ge=0, description="longest Retry-After honoured on a 429")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _apply_preset(cls, raw: Any) -> Any:
+        if not isinstance(raw, dict) or "preset" not in raw:
+            return raw
+        settings = dict(raw)
+        name = settings.pop("preset")
+        if name is None:
+            return settings
+        if name not in DOWNLOAD_PRESETS:
+            close = difflib.get_close_matches(str(name), list(DOWNLOAD_PRESETS), n=1, cutoff=0.6)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ValueError(f"preset {name!r} is unknown{hint}; the presets are {', '.join(DOWNLOAD_PRESETS)}")
+        return {**DOWNLOAD_PRESETS[name], **settings}
 
     @model_validator(mode="before")
     @classmethod
@@ -225,11 +249,28 @@ class EmbedConfig(Section):
     device: Device = Field("auto", description="auto, cpu, cuda or cuda:N; local workers spread over the GPUs")
     precision: Precision = Field("auto", description="auto: bf16 autocast on cuda, fp32 on cpu")
     batch_size: int = Field(256, gt=0)
-    decode_threads: int = Field(2, gt=0, description="threads decoding and preprocessing images ahead of the model")
+    decode_workers: int = Field(
+        2,
+        ge=0,
+        description="processes reading, decoding, preprocessing and tokenising batches ahead of the model, started "
+        "once per worker and kept across shards; 0: one thread of the model's process",
+    )
+    decode: Literal["draft", "full", "gpu"] = Field(
+        "draft",
+        description="JPEG decoding: draft (PIL at the smallest DCT scale covering the model's input), full (PIL at "
+        "full size), gpu (torchvision.io.decode_jpeg on the model's cuda device); each gives other pixels",
+    )
     workers: int = Field(1, gt=0, description="shards embedded at once by the local executor (one model each)")
     heads: list[PluginConfig] = Field(
         default_factory=list, description="plugins scoring each sample from its embeddings: extra metadata columns"
     )
+
+    @field_validator("decode")
+    @classmethod
+    def _gpu_decode_needs_cuda(cls, value: str, info: ValidationInfo) -> str:
+        if value == "gpu" and info.data.get("device") == "cpu":
+            raise ValueError("'gpu' decodes on the model's cuda device; embed.device is cpu (give cuda or auto)")
+        return value
 
 
 FILTER_PRESETS: dict[str, dict[str, Any]] = {
@@ -340,7 +381,7 @@ class ValidateConfig(Section):
     lr: float = Field(1e-3, gt=0)
     warmup_steps: int = Field(10, ge=0, validate_default=True, description="fewer than the run's steps")
     weight_decay: float = Field(0.1, ge=0)
-    seeds: int = Field(3, gt=0, description="both arms are trained with seeds 0..seeds-1")
+    seeds: int = Field(5, gt=0, description="every arm trains with seeds 0..seeds-1 (per seed, one initialisation)")
     device: Device = Field("auto", description="auto, cpu, cuda or cuda:N")
     precision: Precision = Field("auto", description="auto: bf16 autocast on cuda, fp32 on cpu")
     augment: bool = True
@@ -354,13 +395,42 @@ class ValidateConfig(Section):
         "curated", description="samples in the baseline's random subset of the download: as many as curated/, or all"
     )
     baseline_seed: int = Field(0, description="seed of the baseline's subset (one subset for every training seed)")
+    arms: list[str] = Field(
+        default_factory=lambda: ["baseline", "curated"],
+        min_length=1,
+        description="the training sets compared, the reference first: curated, baseline, no_filter, basic_filters, "
+        "clip_score (see the README's Validation section)",
+    )
+    paired_bar: float = Field(
+        5.0, gt=0, description="a pair of arms passes when its mean per-seed difference exceeds this many stds of them"
+    )
+    bar_metrics: list[str] | None = Field(
+        None, description="metrics a pair must pass on; default: zero-shot accuracy on every eval-set task"
+    )
     eval_set: str | None = Field(None, description="folder with images/ and labels.json, fixed before curation")
     classnames: list[str] | None = Field(None, description="zero-shot class names; default: the eval set's classes")
     templates: list[str] = Field(default_factory=lambda: ["a photo of a {}.", "a drawing of a {}.", "a {} shape."])
+    task_templates: dict[str, list[str]] = Field(
+        default_factory=dict, description="zero-shot templates per eval-set task (labels.json tasks); else templates"
+    )
     recall_ks: list[int] = Field(default_factory=lambda: [1, 5, 10])
     probe_train_fraction: float = Field(0.5, gt=0, lt=1)
     probe_l2: float = Field(1e-3, ge=0)
     eval_batch_size: int = Field(256, gt=0)
+
+    @field_validator("arms")
+    @classmethod
+    def _known_arms(cls, value: list[str]) -> list[str]:
+        from curate.stages.validate.arms import ARMS
+
+        for name in value:
+            if name not in ARMS:
+                close = difflib.get_close_matches(name, list(ARMS), n=1, cutoff=0.6)
+                hint = f" (did you mean {close[0]!r}?)" if close else ""
+                raise ValueError(f"unknown arm {name!r}{hint}; the arms are {', '.join(ARMS)}")
+        if len(set(value)) != len(value):
+            raise ValueError(f"lists an arm twice: {value}")
+        return value
 
     @field_validator("samples_seen")
     @classmethod

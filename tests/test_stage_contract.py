@@ -93,7 +93,7 @@ def test_a_finished_run_does_no_work_again_also_moved_and_with_its_input_and_wei
 
 @pytest.mark.parametrize(
     ("kill_at", "redone"),
-    [("dedup:shards:00002", ["dedup", "ledger", "materialize"]), ("materialize:shards:00001", ["materialize"])],
+    [("dedup:screen:00002", ["dedup", "ledger", "materialize"]), ("materialize:shards:00001", ["materialize"])],
 )
 def test_a_run_killed_in_a_run_wide_phase_resumes_without_redoing_finished_tasks(
     finished: tuple[Path, list[str], RunResult], tmp_path: Path, kill_at: str, redone: list[str]

@@ -8,7 +8,7 @@ from curate.stages.dedup.decisions import DECISION_SCHEMA, REASONS, Decisions, c
 from curate.stages.dedup.decontaminate import Contamination, contaminated, contamination_decisions
 from curate.stages.dedup.exact import exact_duplicates
 from curate.stages.dedup.groups import Survivors, components, survivors
-from curate.stages.dedup.layers import DedupParams, deduplicate, run_layers
+from curate.stages.dedup.layers import DedupParams, deduplicate
 from curate.stages.dedup.near import IVFParams, near_duplicate_pairs, near_duplicates
 from curate.stages.dedup.semantic import default_clusters, semantic_duplicates
 
@@ -29,7 +29,6 @@ __all__ = [
     "exact_duplicates",
     "near_duplicate_pairs",
     "near_duplicates",
-    "run_layers",
     "semantic_duplicates",
     "survivors",
 ]

@@ -7,15 +7,31 @@ import dataclasses
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
 
-from curate.stages.dedup.decisions import Decisions, as_uids, combine
+from curate.stages.dedup.compute import concat_pairs
+from curate.stages.dedup.decisions import Decisions, as_uids, canonical_order, combine
 from curate.stages.dedup.decontaminate import contamination_decisions
 from curate.stages.dedup.exact import exact_duplicates
-from curate.stages.dedup.near import FLAT_MAX_N, IVFParams, near_duplicates
+from curate.stages.dedup.near import (
+    FLAT_MAX_N,
+    IVFParams,
+    decisions_from_pairs,
+    near_duplicate_pairs,
+    near_duplicates,
+    unique_pairs,
+)
+from curate.stages.dedup.partitions import (
+    PARTITION_ROWS,
+    SPILL,
+    Partitioning,
+    in_sample,
+    partition_count,
+    partition_members,
+)
 from curate.stages.dedup.semantic import semantic_duplicates
 
 log = logging.getLogger(__name__)
@@ -33,6 +49,8 @@ class DedupParams:
     ivf: IVFParams = dataclasses.field(default_factory=IVFParams)
     semantic_eps: float | None = None  # None: no semantic layer
     semantic_clusters: int | None = None
+    partition_rows: int = PARTITION_ROWS
+    spill: float = SPILL
     seed: int = 0
     threads: int | None = None
 
@@ -79,34 +97,97 @@ def deduplicate(
         )
     if params.exact and sha256 is not None:
         add("dup_exact", exact_duplicates(uids[alive], np.asarray(sha256, dtype=object)[alive], clip_score[alive]))
+    near_x = emb if near_emb is None else near_emb
+    partitioning = Partitioning.single()
+    k = partition_count(len(uids), params.partition_rows)
+    if k > 1 and (params.near_threshold is not None or params.semantic_eps is not None):
+        screened = np.flatnonzero(~layers[0][1].dropped) if eval_emb is not None else np.arange(len(uids))
+        sample = screened[in_sample(uids[screened], len(uids), k, params.seed)]
+        sample = sample[canonical_order(uids[sample])]
+        partitioning = Partitioning.train(near_x[sample], k, spill=params.spill, seed=params.seed)
+    primary, spill_rows, spill_parts = partitioning.assign(rows_of(near_x, alive))
+    primary_of = np.full(len(uids), -1, np.int64)
+    primary_of[alive] = primary
     if params.near_threshold is not None:
-        add(
-            "dup_near",
-            near_duplicates(
+        x = rows_of(near_x, alive)
+        if partitioning.k == 1:
+            decisions = near_duplicates(
                 uids[alive],
-                rows_of(emb if near_emb is None else near_emb, alive),
+                x,
                 clip_score[alive],
                 params.near_threshold,
                 params.near_method,  # type: ignore[arg-type]
                 flat_max_n=params.near_flat_max_n,
                 ivf=dataclasses.replace(params.ivf, seed=params.seed),
                 threads=params.threads,
-            ),
-        )
+            )
+        else:
+            members = partition_members(primary, spill_rows, spill_parts, partitioning.k)
+            decisions = partitioned_near_duplicates(uids[alive], x, clip_score[alive], members, params)
+        add("dup_near", decisions)
     if params.semantic_eps is not None:
-        add(
-            "dup_semantic",
-            semantic_duplicates(
-                uids[alive],
-                rows_of(emb, alive),
-                clip_score[alive],
-                params.semantic_eps,
-                params.semantic_clusters,
-                params.seed,
-                threads=params.threads,
-            ),
-        )
+        groups = [np.arange(len(alive))]
+        if partitioning.k > 1:
+            groups = [np.flatnonzero(primary_of[alive] == p) for p in range(partitioning.k)]
+        add("dup_semantic", partitioned_semantic(uids[alive], rows_of(emb, alive), clip_score[alive], groups, params))
     return combine(uids, layers)
+
+
+def partitioned_near_duplicates(
+    uids: np.ndarray, x: np.ndarray, clip_score: np.ndarray, members: Sequence[np.ndarray], params: DedupParams
+) -> Decisions:
+    """Near duplicates from pairs found inside each partition (`members`: row indices, primary and spilled
+    copies); groups are components over every partition's pairs."""
+    assert params.near_threshold is not None
+    found = []
+    for rows in members:
+        i, j = partition_pairs(uids[rows], x[rows], params)
+        found.append((rows[i], rows[j]))
+    i, j = concat_pairs(found)
+    i, j = unique_pairs(i, j, len(uids))
+    return decisions_from_pairs(uids, x, clip_score, i, j)
+
+
+def partition_pairs(uids: np.ndarray, x: np.ndarray, params: DedupParams) -> tuple[np.ndarray, np.ndarray]:
+    """Near-duplicate pairs (as row indices of `x`) inside one partition, searched in uid order."""
+    assert params.near_threshold is not None
+    return near_duplicate_pairs(
+        x,
+        params.near_threshold,
+        params.near_method,  # type: ignore[arg-type]
+        order=canonical_order(uids),
+        flat_max_n=params.near_flat_max_n,
+        ivf=dataclasses.replace(params.ivf, seed=params.seed),
+        spanning=True,
+        threads=params.threads,
+    )
+
+
+def partitioned_semantic(
+    uids: np.ndarray, emb: np.ndarray, clip_score: np.ndarray, groups: Sequence[np.ndarray], params: DedupParams
+) -> Decisions:
+    """SemDeDup inside each group of rows (the primary partitions), merged into one verdict."""
+    dropped = np.zeros(len(uids), bool)
+    kept_uid = np.full(len(uids), None, object)
+    similarity = np.full(len(uids), np.nan, np.float32)
+    for rows in groups:
+        part = semantic_in_partition(uids[rows], rows_of(emb, rows), clip_score[rows], len(uids), params)
+        dropped[rows], kept_uid[rows], similarity[rows] = part.dropped, part.kept_uid, part.similarity
+    return Decisions(uids, dropped, kept_uid, similarity)
+
+
+def semantic_in_partition(
+    uids: np.ndarray, emb: np.ndarray, clip_score: np.ndarray, total: int, params: DedupParams
+) -> Decisions:
+    """The semantic layer over one partition of a layer of `total` rows: `semantic_clusters` (when set) is
+    shared out in proportion to the partition's rows."""
+    assert params.semantic_eps is not None
+    clusters = params.semantic_clusters
+    if clusters is not None and len(uids) < total:
+        clusters = max(1, round(clusters * len(uids) / total))
+    return semantic_duplicates(
+        uids, emb, clip_score, params.semantic_eps, clusters, params.seed, threads=params.threads
+    )
 
 
 def rows_of(emb: np.ndarray, rows: np.ndarray) -> np.ndarray:
@@ -114,27 +195,3 @@ def rows_of(emb: np.ndarray, rows: np.ndarray) -> np.ndarray:
     if len(rows) == len(emb):
         return emb
     return emb[rows]
-
-
-class DedupArrays(Protocol):
-    uids: np.ndarray
-    clip_score: np.ndarray
-    sha256: np.ndarray
-    image_embeddings: np.ndarray
-    near_embeddings: np.ndarray | None
-
-
-def run_layers(
-    inputs: DedupArrays, cfg: Any, eval_embeddings: np.ndarray | None = None, eval_ids: Sequence[str] | None = None
-) -> pa.Table:
-    """`deduplicate` for the dedup stage: its gathered arrays and its config section."""
-    return deduplicate(
-        inputs.uids,
-        inputs.image_embeddings,
-        inputs.clip_score,
-        inputs.sha256,
-        eval_emb=eval_embeddings,
-        eval_ids=eval_ids,
-        params=DedupParams.from_config(cfg),
-        near_emb=inputs.near_embeddings,
-    )

@@ -132,12 +132,30 @@ def near_duplicates(
         spanning=True,
         threads=threads,
     )
+    return decisions_from_pairs(uids, x, clip_score, i, j, order)
+
+
+def decisions_from_pairs(
+    uids: np.ndarray,
+    x: np.ndarray,
+    clip_score: np.ndarray,
+    i: np.ndarray,
+    j: np.ndarray,
+    order: np.ndarray | None = None,
+) -> Decisions:
+    """Groups are the connected components of the pairs (i, j); in each the best CLIP score stays (ties:
+    smallest uid) and every other row is dropped in its favour, with its cosine to that survivor."""
     chosen = survivors(components(len(x), i, j), clip_score, uids, order)
     dropped = ~chosen.keep
     similarity = np.full(len(x), np.nan, dtype=np.float32)
     rows = np.flatnonzero(dropped)
-    similarity[rows] = np.einsum("ij,ij->i", x[rows], x[chosen.survivor[rows]])
+    similarity[rows] = pair_cosines(x, rows, chosen.survivor[rows])
     return Decisions(uids, dropped, chosen.kept_uid, similarity)
+
+
+def pair_cosines(x: np.ndarray, rows: np.ndarray, others: np.ndarray) -> np.ndarray:
+    """`x[rows[k]] · x[others[k]]` for each k, as float32."""
+    return np.einsum("ij,ij->i", x[rows], x[others]).astype(np.float32)
 
 
 def unique_pairs(i: np.ndarray, j: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
