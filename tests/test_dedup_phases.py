@@ -3,6 +3,10 @@ layers on the same rows, on a generated run with planted copies, chains and ties
 
 from __future__ import annotations
 
+import os
+import signal
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -133,15 +137,34 @@ def test_one_partition_is_the_single_table_algorithm_and_agrees_on_this_data(par
     pd.testing.assert_frame_equal(duplicates(stage_decisions(single)), duplicates(stage_decisions(config)))
 
 
-def test_other_shard_sizes_and_a_dask_cluster_give_the_same_decisions(partitioned, tmp_path: Path) -> None:
+def kill_a_worker_once_dedup_has_started(executor: DaskExecutor, run_dir: Path, killed: list[int]) -> None:
+    """SIGKILLs one worker process as soon as the first dedup screen task has committed."""
+    pids = executor.client.run(os.getpid)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        if any((run_dir / "dedup" / "_done" / "screen").glob("*.json")):
+            victim = sorted(pids.values())[0]
+            os.kill(victim, signal.SIGKILL)
+            killed.append(victim)
+            return
+        time.sleep(0.01)
+
+
+def test_other_shard_sizes_and_a_dask_cluster_losing_a_worker_give_the_same_decisions(partitioned, tmp_path: Path):
     config, _ = partitioned
-    resharded, _ = build_run(tmp_path / "resharded", ROWS, shard_size=1300, dedup=DEDUP, chain_share=CHAINS)
-    executor = DaskExecutor(DaskConfig(n_workers=2, dashboard_address=":0"))
+    resharded, _ = build_run(tmp_path / "resharded", ROWS, shard_size=300, dedup=DEDUP, chain_share=CHAINS)
+    run_dir = Path(resharded.output)
+    executor = DaskExecutor(DaskConfig(n_workers=2, dashboard_address=":0", shard_retries=3))
+    killed: list[int] = []
+    killer = threading.Thread(target=kill_a_worker_once_dedup_has_started, args=(executor, run_dir, killed))
+    killer.start()
     try:
         assert run_pipeline(resharded, executor=executor).complete
     finally:
+        killer.join()
         executor.close()
-    assert len(EmbedOutputs(RunLayout(Path(resharded.output))).shards()) == 3
+    assert killed, "no worker was killed: dedup's first phase finished before its first marker was seen"
+    assert len(EmbedOutputs(RunLayout(run_dir)).shards()) == 10
     pd.testing.assert_frame_equal(stage_decisions(resharded), stage_decisions(config))
 
 

@@ -24,8 +24,10 @@ in the Dask config.
 
 from __future__ import annotations
 
+import glob
 import logging
 import os
+import sys
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -92,8 +94,11 @@ class ClusterPlan:
 
 def visible_gpus() -> tuple[str, ...]:
     """The CUDA_VISIBLE_DEVICES value of each GPU torch sees here (the driver's own selection, if it has one)."""
-    import torch
-
+    torch = sys.modules.get("torch")
+    if torch is None:
+        if not glob.glob("/dev/nvidia[0-9]*"):
+            return ()  # no NVIDIA device node: no GPU, and the driver need not load torch (~575 MiB) to know it
+        import torch
     count = torch.cuda.device_count() if torch.cuda.is_available() else 0
     selected = [part.strip() for part in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if part.strip()]
     if len(selected) >= count:
