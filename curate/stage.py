@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -222,14 +223,16 @@ def content_identity(path: str | Path, name: str | None = None) -> dict[str, Any
 def identify_paths(value: Any) -> Any:
     """`value` (a settings tree) with every string that names an existing file replaced by the file's
     content identity, and every folder or glob by its files' (relative name and content): a checkpoint or an
-    eval set moved elsewhere, or copied again, is the same setting."""
+    eval set moved elsewhere, or copied again, is the same setting. Only strings written like paths count (a
+    "/", a suffix such as ".pt", a leading "~" or ".", a glob character): a bare word such as a model name
+    or the user-agent token "curate" is a name even when a folder of that name is in the working directory."""
     from glob import glob
 
     if isinstance(value, dict):
         return {key: identify_paths(item) for key, item in value.items()}
     if isinstance(value, list):
         return [identify_paths(item) for item in value]
-    if not isinstance(value, str) or not value:
+    if not isinstance(value, str) or not written_like_a_path(value):
         return value
     path = Path(value).expanduser()
     if path.is_file():
@@ -242,6 +245,18 @@ def identify_paths(value: Any) -> Any:
         if matches:
             return {"glob": [content_identity(m, m.name) for m in matches if m.is_file()]}
     return value
+
+
+def written_like_a_path(value: str) -> bool:
+    if not value:
+        return False
+    return (
+        "/" in value
+        or os.sep in value
+        or value[0] in "~."
+        or bool(Path(value).suffix)
+        or any(c in value for c in "*?[")
+    )
 
 
 class StageOutputs:

@@ -323,3 +323,17 @@ def test_uids_npy_from_buckets_is_every_kept_uid_sorted(
     uids = np.load(CuratedOutputs(run_dir).uids_path)
     assert uids.dtype == np.dtype("u8,u8") and np.array_equal(uids, uid_array(kept))
     assert np.array_equal(uids, np.load(CuratedOutputs(result.layout).uids_path))
+
+
+def test_only_settings_written_like_paths_are_fingerprinted_by_content(tmp_path: Path, monkeypatch) -> None:
+    from curate.stage import identify_paths
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "curate").mkdir()
+    (tmp_path / "curate" / "module.py").write_text("edited often")
+    (tmp_path / "weights.pt").write_bytes(b"\0" * 10)
+    settings = {"user_agent_token": "curate", "model": "ViT-B-32", "pretrained": "weights.pt", "evals": "./curate"}
+    identified = identify_paths(settings)
+    assert identified["user_agent_token"] == "curate" and identified["model"] == "ViT-B-32"
+    assert identified["pretrained"]["size"] == 10
+    assert identified["evals"]["folder"][0]["name"] == "module.py"
