@@ -14,6 +14,22 @@ CPU, with the same `torch.get_num_threads()` for both sides:
 
 ratio = pipeline images/s / raw images/s; the order alternates between repeats and medians are used.
 Target: >= 0.90.
+
+    python -m benchmarks.bench_embed --decode-scaling [--images 480]
+    python -m benchmarks.bench_embed --vs-dataloader [--images 320]
+
+On photo-like JPEGs of 256-400 px a side (scenes plus sensor-like noise, 4 shards):
+
+- decode scaling (`run_decode_scaling`): a stand-in model that costs ~nothing (a mean over pixels and
+  tokens), so the stage's host side is the whole cost: its images/s with `decode_workers: 2` against 1,
+  and its per-core rate (images/s with 2 workers, halved) against a bare loop in one process with one
+  torch thread over the same tar members: PIL decode, open_clip's preprocess, torch.stack, the tokenizer.
+  Targets: >= 1.7 and >= 0.85.
+- against a DataLoader (`run_vs_dataloader`): ViT-B-32 (random weights) on the CPU fed by the stage, and
+  fed by a plain torch DataLoader loop as clip-retrieval's inference runs one (2 worker processes reading
+  the shards with webdataset, PIL decode, open_clip's preprocess and tokenizer, batches of the same
+  size). Steady state: the first shard (the stage) or the first batch (the loop) is left out of the
+  timing. Target: stage samples/s >= the loop's.
 """
 
 from __future__ import annotations
@@ -72,9 +88,10 @@ def raw_batches(loaded: LoadedClip, tar_path: Path, uids: set[str], batch_size: 
     """Decoded, preprocessed and tokenised batches of the shard: the raw side's input, prepared untimed."""
     import torch
 
-    from curate.stages.embed import decode_image, read_tar_samples
+    from curate.io.wds import iter_samples
+    from curate.stages.embed_input import decode_image
 
-    samples = list(read_tar_samples(tar_path, uids))
+    samples = list(iter_samples(tar_path, uids))
     batches = []
     for start in range(0, len(samples), batch_size):
         chunk = samples[start : start + batch_size]
@@ -120,15 +137,15 @@ def run(
     batch_size: int = 64,
     work: Path = Path("/tmp/curate-bench"),
     repeats: int = 3,
-    decode_threads: int | None = None,
+    decode_workers: int | None = None,
 ) -> dict[str, Any]:
     import torch
 
     root = work / "embed-run"
     shutil.rmtree(root, ignore_errors=True)
     embed_settings: dict[str, Any] = {"model": MODEL, "device": "cpu", "batch_size": batch_size}
-    if decode_threads is not None:
-        embed_settings["decode_threads"] = decode_threads
+    if decode_workers is not None:
+        embed_settings["decode_workers"] = decode_workers
     config = validate_config(
         {"output": str(root), "stages": ["input", "download", "embed"], "input": {"path": "-"}, "embed": embed_settings}
     )
@@ -156,7 +173,7 @@ def run(
         "images": images,
         "batch_size": batch_size,
         "torch_threads": torch.get_num_threads(),
-        "decode_threads": config.embed.decode_threads,
+        "decode_workers": config.embed.decode_workers,
         "raw_images_per_s": round(images / raw_wall, 2),
         "pipeline_images_per_s": round(images / our_wall, 2),
         **ratio_fields(ours, raw, TARGET),
@@ -169,13 +186,286 @@ def run(
     }
 
 
+# --------------------------------------------------------------------------------------------------
+# Photo-like shards, decode scaling with a stand-in model, and the stage against a DataLoader loop
+
+PHOTO_SIDES = (256, 400)
+PHOTO_SHARDS = 4
+SCALING_TARGET, PER_CORE_TARGET, DATALOADER_TARGET = 1.7, 0.85, 1.0
+
+
+def make_photo_shards(layout: RunLayout, images: int, shards: int = PHOTO_SHARDS, seed: int = 1) -> list[str]:
+    """Download shards of JPEGs with sides drawn from PHOTO_SIDES (quality 90, noise like a camera's)."""
+    import webdataset as wds
+
+    rng = np.random.default_rng(seed)
+    names = [f"{i:05d}" for i in range(shards)]
+    folder = layout.stage_dir("download")
+    folder.mkdir(parents=True, exist_ok=True)
+    for s, name in enumerate(names):
+        uids = []
+        with wds.TarWriter(str(folder / f"{name}.tar")) as sink:
+            for i in range(s * images // shards, (s + 1) * images // shards):
+                width, height = (int(v) for v in rng.integers(PHOTO_SIDES[0], PHOTO_SIDES[1] + 1, 2))
+                scene = random_scene(rng, size=(width, height))
+                noise = rng.normal(0, 8, (height, width, 3))
+                pixels = (np.asarray(render_scene(rng, scene), np.int16) + noise).clip(0, 255).astype(np.uint8)
+                buffer = io.BytesIO()
+                Image.fromarray(pixels).save(buffer, format="JPEG", quality=90)
+                caption = make_caption(rng, scene.shape, scene.color, scene.count, scene.background)
+                uid = f"{i:032x}"
+                meta = {"uid": uid, "url": f"http://127.0.0.1/{i}.jpg", "caption": caption}
+                sink.write({"__key__": f"{i:09d}", "jpg": buffer.getvalue(), "txt": caption, "json": meta})
+                uids.append(uid)
+        write_parquet_atomic(make_fates(uids, "kept"), layout.fates_path("download", name))
+    return names
+
+
+class StandInModel:
+    """Costs ~nothing: a mean over each image's pixels and each caption's tokens, as 4-d 'embeddings'."""
+
+    visual = type("Visual", (), {"image_size": IMAGE_SIZE})()
+
+    def encode_image(self, images: Any) -> Any:
+        return images.mean(dim=(2, 3)).repeat(1, 2)[:, :4]
+
+    def encode_text(self, tokens: Any) -> Any:
+        return tokens[:, :4].float()
+
+
+def stand_in_stage(config: Any) -> EmbedStage:
+    """An EmbedStage whose model is the stand-in, with ViT-B-32's preprocess and tokenizer."""
+    import dataclasses
+
+    stage = EmbedStage(config)
+    real = stage.loaded
+    stage._loaded = dataclasses.replace(real, model=StandInModel(), embed_dim=4)
+    return stage
+
+
+def embed_config(root: Path, **settings: Any) -> Any:
+    embed = {"model": MODEL, "device": "cpu", "batch_size": 64, **settings}
+    return validate_config(
+        {"output": str(root), "stages": ["input", "download", "embed"], "input": {"path": "-"}, "embed": embed}
+    )
+
+
+def time_shards(stage: EmbedStage, ctx: StageContext, shards: list[str]) -> Timing:
+    """The stage over `shards` (outputs into scratch folders, removed after); CPU time of this process only."""
+    folders = [ctx.layout.scratch_dir("embed") / f"{shard}-{time.monotonic_ns()}" for shard in shards]
+    wall, cpu = time.perf_counter(), time.process_time()
+    for shard, folder in zip(shards, folders, strict=True):
+        folder.mkdir(parents=True)
+        fates = stage.process_shard(ctx, shard, folder)
+        assert set(fates["status"].to_pylist()) == {"kept"}, f"shard {shard}: not every image embedded"
+    timing = Timing(time.perf_counter() - wall, time.process_time() - cpu)
+    for folder in folders:
+        shutil.rmtree(folder)
+    return timing
+
+
+def worker_cpu_seconds(pids: list[int]) -> float:
+    import psutil
+
+    total = 0.0
+    for pid in pids:
+        times = psutil.Process(pid).cpu_times()
+        total += times.user + times.system
+    return total
+
+
+def bare_decode_loop(layout: RunLayout, shards: list[str], batch_size: int) -> Timing:
+    """One process, one torch thread: decode, open_clip's preprocess, stack and tokenise, batch by batch."""
+    import open_clip
+    import torch
+
+    from curate.io.wds import iter_samples
+
+    _, _, preprocess = open_clip.create_model_and_transforms(MODEL)
+    tokenizer = open_clip.get_tokenizer(MODEL)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        wall, cpu = time.perf_counter(), time.process_time()
+        for shard in shards:
+            samples = iter_samples(layout.stage_dir("download") / f"{shard}.tar", read=("jpg", "txt"))
+            batch: list[Any] = []
+            for sample in samples:
+                batch.append(sample)
+                if len(batch) == batch_size:
+                    _bare_batch(batch, preprocess, tokenizer)
+                    batch = []
+            if batch:
+                _bare_batch(batch, preprocess, tokenizer)
+        return Timing(time.perf_counter() - wall, time.process_time() - cpu)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _bare_batch(samples: list[Any], preprocess: Any, tokenizer: Any) -> None:
+    import torch
+
+    torch.stack([preprocess(Image.open(io.BytesIO(s.image)).convert("RGB")) for s in samples])
+    tokenizer([s.caption for s in samples])
+
+
+def run_decode_scaling(images: int = 480, work: Path = Path("/tmp/curate-bench"), repeats: int = 2) -> dict[str, Any]:
+    """The stand-in model's stage with 2 decode workers against 1, and per core against a bare loop."""
+    import torch
+
+    from curate.stages.embed_input import close_decode_workers
+
+    root = work / "embed-scaling"
+    shutil.rmtree(root, ignore_errors=True)
+    layout = RunLayout(root)
+    shards = make_photo_shards(layout, images)
+    bare: list[Timing] = []
+    staged: dict[int, list[Timing]] = {1: [], 2: []}
+    worker_cpu: dict[int, list[float]] = {1: [], 2: []}
+    for repeat in range(repeats):
+        for workers in (1, 2) if repeat % 2 == 0 else (2, 1):
+            config = embed_config(root, decode_workers=workers)
+            stage = stand_in_stage(config)
+            ctx = StageContext(config, layout, "bench", tuple(shards))
+            time_shards(stage, ctx, shards[:1])  # starts the workers: steady state from here
+            pids = stage.decoders().pids()
+            before = worker_cpu_seconds(pids)
+            staged[workers].append(time_shards(stage, ctx, shards))
+            worker_cpu[workers].append(worker_cpu_seconds(pids) - before)
+            close_decode_workers()
+        bare.append(bare_decode_loop(layout, shards, 64))
+    shutil.rmtree(root, ignore_errors=True)
+    rate = {w: images / statistics.median(t.wall for t in ts) for w, ts in staged.items()}
+    bare_rate = images / statistics.median(t.wall for t in bare)
+    scaling, per_core = rate[2] / rate[1], rate[2] / 2 / bare_rate
+    cpu_per_image_ms = {
+        w: round(1000 * statistics.median(c + t.cpu for c, t in zip(worker_cpu[w], staged[w], strict=True)) / images, 2)
+        for w in staged
+    }
+    return {
+        "name": "embed_decode_scaling",
+        "headline": f"2 vs 1 decode workers {scaling:.3f}, per core vs bare loop {per_core:.3f}",
+        "model": "stand-in (mean of pixels and tokens), ViT-B-32 preprocess and tokenizer",
+        "images": images,
+        "shards": len(shards),
+        "image_sides": list(PHOTO_SIDES),
+        "batch_size": 64,
+        "decode": "draft",
+        "images_per_s": {"decode_workers_1": round(rate[1], 1), "decode_workers_2": round(rate[2], 1)},
+        "bare_loop_images_per_s": round(bare_rate, 1),
+        "scaling_2_vs_1": round(scaling, 3),
+        "per_core_vs_bare_loop": round(per_core, 3),
+        "cpu_ms_per_image": {
+            **{f"decode_workers_{w}": v for w, v in cpu_per_image_ms.items()},
+            "bare_loop": round(1000 * statistics.median(t.cpu for t in bare) / images, 2),
+        },
+        "torch_threads_model_process": torch.get_num_threads(),
+        "seconds": {
+            "decode_workers_1": [round(t.wall, 2) for t in staged[1]],
+            "decode_workers_2": [round(t.wall, 2) for t in staged[2]],
+            "bare_loop": [round(t.wall, 2) for t in bare],
+        },
+        "target": f"scaling >= {SCALING_TARGET}, per core >= {PER_CORE_TARGET}",
+        "passed": scaling >= SCALING_TARGET and per_core >= PER_CORE_TARGET,
+    }
+
+
+class ClipRetrievalLoop:
+    """clip-retrieval's inference loop in miniature: a DataLoader whose workers read webdataset shards,
+    decode with PIL and apply open_clip's preprocess and tokenizer, and the model on each batch."""
+
+    def __init__(self, loaded: LoadedClip, tars: list[Path], batch_size: int, workers: int = 2) -> None:
+        import webdataset as wds
+        from torch.utils.data import DataLoader
+
+        preprocess, tokenizer = loaded.preprocess, loaded.tokenizer
+        dataset = (
+            wds.WebDataset([str(t) for t in tars], shardshuffle=False)
+            .decode("pilrgb")
+            .to_tuple("jpg", "txt")
+            .map_tuple(preprocess, lambda text: tokenizer([text])[0])
+            .batched(batch_size)
+        )
+        self.loader = DataLoader(dataset, batch_size=None, num_workers=workers, persistent_workers=False)
+        self.loaded = loaded
+
+    def run(self) -> tuple[int, float]:
+        """(samples after the first batch, seconds from the first batch's arrival to the end)."""
+        import torch
+
+        from curate.clip import encode
+
+        samples, started = 0, None
+        with torch.inference_mode():
+            for images, tokens in self.loader:
+                if started is None:
+                    started = time.perf_counter()
+                else:
+                    samples += len(images)
+                image_emb, text_emb = encode(self.loaded, images, tokens)
+                (image_emb * text_emb).sum(-1).numpy()  # type: ignore[operator]
+        assert started is not None
+        return samples, time.perf_counter() - started
+
+
+def run_vs_dataloader(images: int = 320, work: Path = Path("/tmp/curate-bench"), repeats: int = 1) -> dict[str, Any]:
+    """ViT-B-32 on the CPU: the stage's steady-state samples/s against a DataLoader loop's."""
+    import torch
+
+    root = work / "embed-dataloader"
+    shutil.rmtree(root, ignore_errors=True)
+    layout = RunLayout(root)
+    shards = make_photo_shards(layout, images)
+    config = embed_config(root, decode_workers=2)
+    stage = EmbedStage(config)
+    stage.setup()
+    ctx = StageContext(config, layout, "bench", tuple(shards))
+    tars = [layout.stage_dir("download") / f"{s}.tar" for s in shards]
+    stage_rates, loop_rates = [], []
+    steady = images - images // len(shards)
+    for repeat in range(repeats):
+        for side in ("stage", "loop") if repeat % 2 == 0 else ("loop", "stage"):
+            if side == "stage":
+                time_shards(stage, ctx, shards[:1])  # warm-up shard: the decode workers start
+                stage_rates.append(steady / time_shards(stage, ctx, shards[1:]).wall)
+            else:
+                samples, seconds = ClipRetrievalLoop(stage.loaded, tars, config.embed.batch_size).run()
+                loop_rates.append(samples / seconds)
+    shutil.rmtree(root, ignore_errors=True)
+    stage_rate, loop_rate = statistics.median(stage_rates), statistics.median(loop_rates)
+    ratio = stage_rate / loop_rate
+    return {
+        "name": "embed_vs_dataloader",
+        "model": MODEL,
+        "images": images,
+        "shards": len(shards),
+        "image_sides": list(PHOTO_SIDES),
+        "batch_size": config.embed.batch_size,
+        "decode_workers": 2,
+        "dataloader_workers": 2,
+        "torch_threads": torch.get_num_threads(),
+        "stage_samples_per_s": [round(r, 2) for r in stage_rates],
+        "dataloader_samples_per_s": [round(r, 2) for r in loop_rates],
+        "ratio": round(ratio, 3),
+        "target": f">= {DATALOADER_TARGET}",
+        "passed": ratio >= DATALOADER_TARGET,
+    }
+
+
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--images", type=int, default=512)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--decode-threads", type=int, default=None)
+    parser.add_argument("--decode-workers", type=int, default=None)
+    parser.add_argument("--decode-scaling", action="store_true", help="the stand-in model's decode scaling")
+    parser.add_argument("--vs-dataloader", action="store_true", help="ViT-B-32 fed by the stage vs a DataLoader")
     parser.add_argument("--work", type=Path, default=Path("/tmp/curate-bench"))
     args = parser.parse_args()
-    result = run(args.images, args.batch_size, args.work, args.repeats, args.decode_threads)
+    if args.decode_scaling:
+        result = run_decode_scaling(args.images, args.work)
+    elif args.vs_dataloader:
+        result = run_vs_dataloader(args.images, args.work)
+    else:
+        result = run(args.images, args.batch_size, args.work, args.repeats, args.decode_workers)
     print(json.dumps(result, indent=2))

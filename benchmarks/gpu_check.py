@@ -111,7 +111,7 @@ class UtilisationSampler:
 
 def embed_config(root: Path, settings: dict[str, Any], device: str) -> Any:
     embed = {"model": settings["model"], "device": device, "batch_size": settings["batch_size"]}
-    embed["decode_threads"] = max(2, os.cpu_count() or 2)
+    embed["decode_workers"] = max(2, (os.cpu_count() or 2) - 1)
     return validate_config(
         {"output": str(root), "stages": ["input", "download", "embed"], "input": {"path": "-"}, "embed": embed}
     )
@@ -120,8 +120,8 @@ def embed_config(root: Path, settings: dict[str, Any], device: str) -> Any:
 def check_embed(root: Path, settings: dict[str, Any], device: str) -> dict[str, Any]:
     import torch
 
-    from curate.io.wds import iter_samples
-    from curate.stages.embed import EmbedStage, encode_pairs, model_input, prepare_batch
+    from curate.stages.embed import EmbedStage
+    from curate.stages.embed_input import DecodeSpec, TarFiles, batch_jobs, model_input, prepare
 
     layout = RunLayout(root)
     shards = build_world(layout, settings["images"], settings["shard_size"])
@@ -132,12 +132,16 @@ def check_embed(root: Path, settings: dict[str, Any], device: str) -> dict[str, 
     ctx = StageContext(config, layout, "gpu-check", tuple(shards))
 
     # raw side: the first shard's batches prepared and moved to the device beforehand, then only the model
-    samples = list(iter_samples(layout.stage_dir("download") / f"{shards[0]}.tar"))
-    batches = []
-    for start in range(0, len(samples), settings["batch_size"]):
-        prepared = prepare_batch(loaded, samples[start : start + settings["batch_size"]], pin=False)
-        batches.append((model_input(loaded, prepared.images), prepared.tokens.to(loaded.device)))
-    encode_pairs(loaded, *batches[0])  # warm-up: kernel selection, allocations
+    spec, files = DecodeSpec.for_model(loaded, config.embed.decode), TarFiles()
+    batches, samples = [], 0
+    for job in batch_jobs(layout.stage_dir("download") / f"{shards[0]}.tar", None, settings["batch_size"]):
+        prepared = prepare(spec, job, files)
+        batches.append((model_input(loaded, prepared), prepared.tokens.to(loaded.device)))
+        samples += len(prepared)
+    files.close()
+    with torch.inference_mode(), loaded.autocast():  # warm-up: kernel selection, allocations
+        loaded.model.encode_image(batches[0][0])
+        loaded.model.encode_text(batches[0][1])
     synchronize(loaded.device)
     started = time.perf_counter()
     for images, tokens in batches:
@@ -145,7 +149,7 @@ def check_embed(root: Path, settings: dict[str, Any], device: str) -> dict[str, 
             loaded.model.encode_image(images)
             loaded.model.encode_text(tokens)
     synchronize(loaded.device)
-    raw_rate = len(samples) / (time.perf_counter() - started)
+    raw_rate = samples / (time.perf_counter() - started)
 
     workdir = layout.scratch_dir("embed")
     stage.process_shard(ctx, shards[0], workdir / "warmup")  # warm-up of the stage's own path

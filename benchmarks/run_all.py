@@ -19,7 +19,15 @@ from typing import Any
 
 import psutil
 
-from benchmarks import bench_dask, bench_download, bench_embed, bench_input, bench_near_dup, bench_train
+from benchmarks import (
+    bench_dask,
+    bench_download,
+    bench_embed,
+    bench_input,
+    bench_near_dup,
+    bench_scale,
+    bench_train,
+)
 
 
 def benchmarks(quick: bool, work: Path) -> list[tuple[str, Callable[[], dict[str, Any]]]]:
@@ -27,6 +35,8 @@ def benchmarks(quick: bool, work: Path) -> list[tuple[str, Callable[[], dict[str
         ("input", lambda: bench_input.run(rows=1_000_000 if quick else 10_000_000, work=work)),
         ("download", lambda: bench_download.run(images=1000 if quick else 4000, repeats=3, work=work)),
         ("embed", lambda: bench_embed.run(images=64 if quick else 128, work=work)),
+        ("embed_decode", lambda: bench_embed.run_decode_scaling(images=240 if quick else 480, work=work)),
+        ("embed_dataloader", lambda: bench_embed.run_vs_dataloader(images=160 if quick else 320, work=work, repeats=2)),
         (
             "near_dup",
             lambda: bench_near_dup.run(
@@ -34,6 +44,10 @@ def benchmarks(quick: bool, work: Path) -> list[tuple[str, Callable[[], dict[str
                 verify_rows=20_000 if quick else 100_000,
                 work=work,
             ),
+        ),
+        (
+            "scale",
+            lambda: bench_scale.run(sizes=(100_000, 400_000) if quick else (1_000_000, 4_000_000), work=work),
         ),
         ("train", lambda: bench_train.run(steps=3 if quick else 8, repeats=3, n_base=300 if quick else 600, work=work)),
         # last: its workers are extra processes, and it compares wall times that other load would skew

@@ -76,7 +76,7 @@ def uid_of(i: int) -> str:
 
 
 def run_config(run_dir: Path, **embed_settings: Any) -> PipelineConfig:
-    settings = {"model": TINY, "device": "cpu", "batch_size": 4, "decode_threads": 2, **embed_settings}
+    settings = {"model": TINY, "device": "cpu", "batch_size": 4, "decode_workers": 2, **embed_settings}
     return validate_config(
         {
             "output": str(run_dir),

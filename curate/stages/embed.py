@@ -8,26 +8,18 @@ row-aligned across the three files:
     embed/metadata/metadata_{shard}.parquet  uid, url, caption, clip_score (float32), then one float32 column
                                              per `embed.heads` plugin (`curate.plugins`), named after it
 
-Decode and preprocessing overlap with the model: `decode_threads` threads prepare whole batches a few
-batches ahead while the calling thread runs the model. Threads rather than DataLoader worker processes,
-because a shard is our unit of work and starting worker processes per shard costs seconds (torch import,
-pickling the transform), while PIL's decode and resize release the GIL. The threads run only PIL and numpy
-work and hand over uint8 pixels; ToTensor's scaling and Normalize run per batch on the model's device
-(`PixelSteps`).
+Batches are read, decoded, preprocessed and tokenised ahead of the model by decode worker processes kept
+across shards (`curate.stages.embed_input`); the model's thread only moves uint8 pixels to the device,
+normalises them there and runs the model, and on cuda the results copy back while the next batch runs.
 
 torch and open_clip are imported inside functions: importing this module must stay cheap for the CLI.
 """
 
 from __future__ import annotations
 
-import functools
-import io
 import logging
 import os
-import struct
-from collections import deque
-from collections.abc import Callable, Iterable, Iterator, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -38,22 +30,31 @@ import pyarrow.parquet as pq
 
 from curate import clip
 from curate.clip import MODEL_CONFIG_DIR as MODEL_CONFIG_DIR  # re-exported: tests and fixtures read them here
-from curate.clip import ClipSpec, LoadedClip, encode_pairs
+from curate.clip import ClipSpec, LoadedClip
 from curate.clip import PixelSteps as PixelSteps
 from curate.clip import embed_images as embed_images
 from curate.clip import embed_texts as embed_texts
 from curate.clip import register_model_configs as register_model_configs
 from curate.config import ConfigError, EmbedConfig
-from curate.io.wds import IMAGE_EXTENSIONS, Sample, iter_samples
 from curate.ledger import Status, make_fates
 from curate.plugins import Plugin, head_scores, resolve_plugins
 from curate.stage import Stage, StageContext, StageOutputs
 from curate.stages.download import DownloadOutputs
+from curate.stages.embed_input import (
+    DecodedBatch,
+    DecodeSpec,
+    DecodeWorkers,
+    HostCopy,
+    batch_jobs,
+    decode_workers,
+    decoded_batches,
+    encode_to_host,
+    gpu_steps,
+    model_input,
+    pipelined,
+)
 
 if TYPE_CHECKING:
-    import torch
-    from PIL import Image
-
     from curate.config import PipelineConfig
 
 log = logging.getLogger(__name__)
@@ -68,8 +69,6 @@ METADATA_SCHEMA = pa.schema(
 )
 # Names a head's score column may not take: the metadata's own, and the sizes the filter stage joins to them.
 RESERVED_COLUMNS = (*METADATA_SCHEMA.names, "width", "height")
-# What Pillow raises on bytes it cannot decode (DecompressionBombError is handled apart: not an OSError).
-DECODE_ERRORS: tuple[type[BaseException], ...] = (OSError, SyntaxError, ValueError, EOFError, struct.error)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -107,98 +106,6 @@ def _with_settings(cfg: EmbedConfig | None, settings: dict[str, Any]) -> EmbedCo
 
 
 # --------------------------------------------------------------------------------------------------
-# Reading a download shard and preparing batches
-
-
-RawSample = Sample  # a download shard's sample: uid, url, caption and image bytes (None when it has no image)
-
-
-@dataclass
-class PreparedBatch:
-    """Decoded, preprocessed and tokenised samples of one batch, plus the samples that failed to decode."""
-
-    uids: list[str]
-    urls: list[str | None]
-    captions: list[str]
-    images: torch.Tensor | None  # (n, H, W, 3) uint8 with PixelSteps, else preprocessed (n, 3, H, W) float
-    tokens: torch.Tensor | None
-    failures: list[tuple[str, str, str]]  # (uid, reason, detail)
-
-
-def read_tar_samples(tar_path: Path, wanted: set[str]) -> Iterator[RawSample]:
-    """The samples of an img2dataset webdataset tar whose uid is in `wanted`, in tar order."""
-    return iter_samples(tar_path, wanted, read=(*IMAGE_EXTENSIONS, "txt"))
-
-
-def decode_image(data: bytes) -> Image.Image:
-    from PIL import Image
-
-    with Image.open(io.BytesIO(data)) as image:
-        return image.convert("RGB")  # convert loads the pixels: truncation shows up here
-
-
-def prepare_batch(loaded: LoadedClip, samples: Sequence[RawSample], pin: bool) -> PreparedBatch:
-    """Runs in a decode thread: decode, preprocess and tokenise one batch; undecodable images are failures."""
-    import torch
-    from PIL import Image
-
-    batch = PreparedBatch([], [], [], None, None, [])
-    steps = loaded.pixel_steps
-    pixels: list[Any] = []
-    for sample in samples:
-        try:
-            if sample.image is None:
-                raise OSError("the sample has no image file")
-            image = decode_image(sample.image)
-        except Image.DecompressionBombError as err:
-            batch.failures.append((sample.uid, "decompression_bomb", str(err)))
-            continue
-        except DECODE_ERRORS as err:
-            batch.failures.append((sample.uid, "decode_error", f"{type(err).__name__}: {err}"))
-            continue
-        pixels.append(steps.pixels(image) if steps else loaded.preprocess(image))
-        batch.uids.append(sample.uid)
-        batch.urls.append(sample.url)
-        batch.captions.append(sample.caption)
-    if pixels:
-        batch.images = torch.from_numpy(np.stack(pixels)) if steps else torch.stack(pixels)
-        batch.tokens = loaded.tokenizer(batch.captions)
-        if pin:
-            batch.images, batch.tokens = batch.images.pin_memory(), batch.tokens.pin_memory()
-    return batch
-
-
-def model_input(loaded: LoadedClip, images: torch.Tensor) -> torch.Tensor:
-    if loaded.pixel_steps is None:
-        return images.to(loaded.device, non_blocking=True)
-    return loaded.pixel_steps.to_model_input(images, loaded.device)
-
-
-def chunked(items: Iterable[RawSample], size: int) -> Iterator[list[RawSample]]:
-    chunk: list[RawSample] = []
-    for item in items:
-        chunk.append(item)
-        if len(chunk) == size:
-            yield chunk
-            chunk = []
-    if chunk:
-        yield chunk
-
-
-def prefetch(
-    pool: ThreadPoolExecutor, work: Iterable[Callable[[], PreparedBatch]], depth: int
-) -> Iterator[PreparedBatch]:
-    """Results of `work` in order, keeping up to `depth` items submitted ahead of the consumer."""
-    pending: deque[Future[PreparedBatch]] = deque()
-    for job in work:
-        pending.append(pool.submit(job))
-        if len(pending) > depth:
-            yield pending.popleft().result()
-    while pending:
-        yield pending.popleft().result()
-
-
-# --------------------------------------------------------------------------------------------------
 # Outputs
 
 
@@ -223,8 +130,9 @@ class EmbeddedBatch:
     scores: np.ndarray  # float32 cosine of the float32 embeddings
 
     @classmethod
-    def from_prepared(cls, batch: PreparedBatch, image: np.ndarray, text: np.ndarray, scores: np.ndarray):
-        return cls(batch.uids, batch.urls, batch.captions, image.astype(np.float16), text.astype(np.float16), scores)
+    def from_decoded(cls, batch: DecodedBatch, copy: HostCopy) -> EmbeddedBatch:
+        image, text, scores = copy.numpy()
+        return cls(batch.uids, batch.urls, batch.captions, image, text, scores)
 
 
 @dataclass
@@ -334,7 +242,7 @@ class EmbedOutputs(StageOutputs):
 
 class EmbedStage(Stage):
     name = "embed"
-    speed_only = frozenset({"batch_size", "decode_threads", "workers", "device"})
+    speed_only = frozenset({"batch_size", "decode_workers", "workers", "device"})
     outputs = EmbedOutputs
     shard_local = True
 
@@ -363,20 +271,32 @@ class EmbedStage(Stage):
         """Name, file and tag checks in the driver, before anything runs; loads no weights."""
         resolve_model(self.cfg)
         self.heads()  # imports each head's module and checks its settings
-        on_this_machine = self.config.executor == "local" and self.cfg.device.startswith("cuda")
+        on_this_machine = self.config.executor == "local" and (
+            self.cfg.device.startswith("cuda") or self.cfg.decode == "gpu"
+        )
         if on_this_machine or (self.cfg.precision == "fp16" and self.cfg.device in ("cpu", "auto")):
-            resolve_device(self.cfg)  # Dask workers check their own device when they load the model
+            self.check_decode_device(resolve_device(self.cfg))  # Dask workers check theirs when they load the model
 
     def setup(self) -> None:
         import torch
 
         device = self.worker_device()
         self._loaded = load_clip(self.cfg, device=device)
+        self.check_decode_device(str(self._loaded.device))
+        if self.cfg.decode == "gpu":
+            gpu_steps(self._loaded)  # a preprocess the GPU path cannot follow is a config error, before any shard
         if self.cfg.workers > 1 and self._loaded.device.type == "cpu":
             # several spawned workers share the cores: without this, each would start one torch thread per core
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // self.cfg.workers))
         self._heads = [(plugin, plugin.build()) for plugin in self.heads()]
         log.info("embed: loaded %s on %s", self._loaded.model_name, self._loaded.device)
+
+    def check_decode_device(self, device: str) -> None:
+        if self.cfg.decode == "gpu" and not device.startswith("cuda"):
+            raise ConfigError(
+                f"embed.decode: 'gpu' decodes JPEGs on the model's cuda device, but the model runs on {device} "
+                "(torch sees no CUDA device here); use draft or full"
+            )
 
     def worker_device(self) -> str:
         """`embed.device`, or for the i-th of the local executor's worker processes on a machine with GPUs,
@@ -401,13 +321,29 @@ class EmbedStage(Stage):
         failures: list[tuple[str, str, str]] = []
         if expected:
             tar_path = DownloadOutputs(ctx.layout).tar_path(shard)
-            for batch in self._prepared_batches(loaded, read_tar_samples(tar_path, set(expected))):
-                failures.extend(batch.failures)
-                if batch.uids:
-                    results.append(EmbeddedBatch.from_prepared(batch, *self._encode(loaded, batch)))
+            jobs = batch_jobs(tar_path, set(expected), self.cfg.batch_size)
+            batches = decoded_batches(self.decoders(), jobs, pin=loaded.device.type == "cuda")
+            for batch, copy in pipelined(self._with_failures(batches, failures), self._start_encoding):
+                results.append(EmbeddedBatch.from_decoded(batch, copy))
         embeddings = self._scored(ShardEmbeddings.from_batches(results, loaded.embed_dim))
         embeddings.write(workdir, shard)
         return self._fates(expected, embeddings.metadata, failures)
+
+    def decoders(self) -> DecodeWorkers:
+        """This process's decode workers (started by the first shard, kept for the next)."""
+        spec = DecodeSpec.for_model(self.loaded, self.cfg.decode)
+        return decode_workers(spec, self.cfg.decode_workers)
+
+    @staticmethod
+    def _with_failures(batches: Iterator[DecodedBatch], failures: list[tuple[str, str, str]]) -> Iterator[DecodedBatch]:
+        for batch in batches:
+            failures.extend(batch.failures)
+            if len(batch):
+                yield batch
+
+    def _start_encoding(self, batch: DecodedBatch) -> HostCopy:
+        assert batch.tokens is not None
+        return encode_to_host(self.loaded, model_input(self.loaded, batch), batch.tokens)
 
     def _scored(self, embeddings: ShardEmbeddings) -> ShardEmbeddings:
         """The heads' scores as extra metadata columns, computed from the embeddings as stored."""
@@ -418,20 +354,6 @@ class EmbedStage(Stage):
         table = embeddings.metadata
         scores = {plugin.name: head_scores(plugin, head, table, embeddings.embeddings) for plugin, head in self._heads}
         return embeddings.with_scores(scores)
-
-    @staticmethod
-    def _encode(loaded: LoadedClip, batch: PreparedBatch) -> tuple[np.ndarray, ...]:
-        assert batch.images is not None and batch.tokens is not None
-        return encode_pairs(loaded, model_input(loaded, batch.images), batch.tokens)
-
-    def _prepared_batches(self, loaded: LoadedClip, samples: Iterator[RawSample]) -> Iterator[PreparedBatch]:
-        pin = loaded.device.type == "cuda"
-        jobs = (functools.partial(prepare_batch, loaded, chunk, pin) for chunk in chunked(samples, self.cfg.batch_size))
-        pool = ThreadPoolExecutor(self.cfg.decode_threads, thread_name_prefix="embed-decode")
-        try:
-            yield from prefetch(pool, jobs, depth=self.cfg.decode_threads)
-        finally:
-            pool.shutdown(wait=True, cancel_futures=True)
 
     @staticmethod
     def _fates(expected: list[str], metadata: pa.Table, failures: list[tuple[str, str, str]]) -> pa.Table:

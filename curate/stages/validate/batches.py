@@ -153,13 +153,17 @@ def make_batches(
     recipe: TrainRecipe,
     start_step: int = 0,
     prefetch_batches: int = PREFETCH_BATCHES,
+    pin_memory: bool = False,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """The recipe's batches forever, from step `start_step` on, built ahead by `recipe.decode_workers` processes.
 
     Processes, not threads: decoding in threads of the training process holds the GIL for long stretches
-    while the training thread waits to launch its next kernel. Skipping to `start_step` moves past the
-    references before it without reading them, so a resumed run sees exactly the batches an uninterrupted
-    one would. decode_workers=0 builds each batch in the training process when the model asks for it.
+    while the training thread waits to launch its next kernel. The stream is one endless pass, so the same
+    worker processes serve the whole run (there is no epoch end at which a DataLoader would restart them).
+    Skipping to `start_step` moves past the references before it without reading them, so a resumed run sees
+    exactly the batches an uninterrupted one would. decode_workers=0 builds each batch in the training
+    process when the model asks for it. `pin_memory` (for a model on cuda) puts batches in page-locked memory,
+    so their copies to the GPU run asynchronously.
     """
     stream = BatchStream(list(shards), decoder, recipe.seed, recipe.batch_size, recipe.shuffle_buffer, start_step)
     loader = DataLoader(
@@ -167,6 +171,7 @@ def make_batches(
         batch_size=None,  # the dataset yields whole batches
         num_workers=recipe.decode_workers,
         prefetch_factor=prefetch_batches if recipe.decode_workers else None,
+        pin_memory=pin_memory,
     )
     batches = iter(loader)
     try:

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
-from curate.clip import PRECISIONS, ClipSpec, autocast, valid_device
+from curate.clip import PRECISIONS, ClipSpec, PixelSteps, autocast, valid_device
 from curate.io.fs import temp_sibling
 
 if TYPE_CHECKING:
@@ -42,7 +42,8 @@ MAX_LOGIT_SCALE = math.log(100)  # open_clip_train's clamp
 Device = str  # auto, cpu, cuda or cuda:N
 Precision = Literal["auto", "fp32", "bf16", "fp16"]  # auto: bf16 autocast on cuda, fp32 on cpu
 Progress = Callable[[int, float], object]
-"""Called after every step with the number of samples it consumed and its loss."""
+"""Called after every step with the number of samples it consumed and the latest loss read: losses stay on the
+device until a logging or checkpoint step (or the run's first step) reads them."""
 
 
 @dataclass(frozen=True)
@@ -187,8 +188,12 @@ class SampleDecoder:
     augment: bool
     seed: int
     input_size: int | None = None  # the model's input side; JPEGs then decode at the smallest DCT scale that covers it
+    uint8: bool = False
+    """`transform` ends with the PIL steps (`PixelSteps.pil`): samples are (H, W, 3) uint8, a quarter of the
+    bytes of float pixels, scaled and normalised per batch on the model's device (`PixelSteps.to_model_input`)."""
 
     def __call__(self, index: int, jpg: bytes, caption: str) -> tuple[torch.Tensor, torch.Tensor]:
+        import torch
         from PIL import Image
 
         with Image.open(io.BytesIO(jpg)) as raw:
@@ -199,6 +204,8 @@ class SampleDecoder:
             pixels = augment_image(image, self.transform, sample_generator(self.seed, index))
         else:
             pixels = self.transform(image)
+        if self.uint8:
+            pixels = torch.from_numpy(np.asarray(pixels if pixels.mode == "RGB" else pixels.convert("RGB")).copy())
         return pixels, self.tokenizer([caption])[0]
 
     @functools.cached_property
@@ -250,11 +257,17 @@ def train_step(
     images: torch.Tensor,
     texts: torch.Tensor,
     precision: str,
-) -> float:
-    """One optimiser step on one batch; returns the loss."""
+    pixel_steps: PixelSteps | None = None,
+) -> torch.Tensor:
+    """One optimiser step on one batch; returns the loss, detached and on the device: reading its value waits
+    for the step, so the loop reads losses only when it logs. uint8 images ((n, H, W, 3), from a decoder with
+    `uint8`) are normalised on the device with `pixel_steps`."""
     import torch
 
     device = next(state.model.parameters()).device
+    if images.dtype == torch.uint8:
+        assert pixel_steps is not None, "uint8 images need the pixel steps that normalise them"
+        images = pixel_steps.to_model_input(images, device)
     images, texts = images.to(device, non_blocking=True), texts.to(device, non_blocking=True)
     state.optimizer.zero_grad(set_to_none=True)
     with autocast(device, precision):
@@ -265,7 +278,7 @@ def train_step(
     state.scaler.update()
     with torch.no_grad():
         state.model.logit_scale.clamp_(0, MAX_LOGIT_SCALE)
-    return float(loss.detach())
+    return loss.detach()
 
 
 # ---------------------------------------------------------------- checkpoints
@@ -402,16 +415,19 @@ def train_clip(
         restore_state(state, checkpoint)
         log.info("resuming %s from step %d of %d", path, state.step, recipe.total_steps)
     start_step = state.step
+    transform = loaded.train_preprocess if recipe.augment else loaded.preprocess
+    steps = PixelSteps.from_preprocess(transform)
     decoder = SampleDecoder(
-        transform=loaded.train_preprocess if recipe.augment else loaded.preprocess,
+        transform=steps.pil if steps is not None else transform,
         tokenizer=loaded.tokenizer,
         augment=recipe.augment,
         seed=recipe.seed,
         input_size=input_side(model),
+        uint8=steps is not None,
     )
-    batches = make_batches(shards, decoder, recipe, state.step)
+    batches = make_batches(shards, decoder, recipe, state.step, pin_memory=loaded.device.type == "cuda")
     with contextlib.closing(batches):
-        _run_steps(state, recipe, batches, path, model_name, progress, loaded.precision)
+        _run_steps(state, recipe, batches, path, model_name, progress, loaded.precision, steps)
     return _result(path, state.losses, recipe, state.seconds, state.step, start_step)
 
 
@@ -423,7 +439,9 @@ def _run_steps(
     model_name: str,
     progress: Progress | None,
     precision: str,
+    pixel_steps: PixelSteps | None = None,
 ) -> None:
+    import torch
     from open_clip import ClipLoss
     from open_clip_train.scheduler import cosine_lr
 
@@ -431,25 +449,31 @@ def _run_steps(
     schedule = cosine_lr(state.optimizer, recipe.lr, recipe.warmup_steps, recipe.total_steps)
     waited = 0.0
     window_start, window_steps = time.perf_counter(), 0
+    unread: list[torch.Tensor] = []  # losses still on the device: read at logging and checkpoint steps only
     while state.step < recipe.total_steps:
         started = time.perf_counter()
         images, texts = next(batches)
         fetched = time.perf_counter()
         lr = schedule(state.step)
-        loss = train_step(state, loss_fn, images, texts, precision)
-        state.losses.append(loss)
+        unread.append(train_step(state, loss_fn, images, texts, precision, pixel_steps))
         state.step += 1
         state.seconds += time.perf_counter() - started
         waited += fetched - started
         window_steps += 1
-        if state.step % LOG_EVERY_STEPS == 0 or state.step == recipe.total_steps:
+        logs = state.step % LOG_EVERY_STEPS == 0 or state.step == recipe.total_steps
+        saves = state.step % recipe.checkpoint_every == 0 or state.step == recipe.total_steps
+        if logs or saves or not state.losses:
+            state.losses.extend(torch.stack(unread).tolist())
+            unread.clear()
+        if logs:
             rate = window_steps * recipe.batch_size / (time.perf_counter() - window_start)
-            log.info("step %d/%d loss %.4f lr %.2e %.0f samples/s", state.step, recipe.total_steps, loss, lr, rate)
+            latest = state.losses[-1]
+            log.info("step %d/%d loss %.4f lr %.2e %.0f samples/s", state.step, recipe.total_steps, latest, lr, rate)
             window_start, window_steps = time.perf_counter(), 0
-        if state.step % recipe.checkpoint_every == 0 or state.step == recipe.total_steps:
+        if saves:
             save_checkpoint(path, state, recipe, model_name)
         if progress is not None:
-            progress(recipe.batch_size, loss)
+            progress(recipe.batch_size, state.losses[-1])
     log.info("trained %d steps in %.1f s; %.1f s of it waiting for data", state.step, state.seconds, waited)
 
 
