@@ -466,6 +466,14 @@ class DaskConfig(Section):
     )
 
 
+class StorageConfig(Section):
+    options: dict[str, Any] = Field(
+        default_factory=dict,
+        description="fsspec storage options for every URL path (s3://, gs://, ...): e.g. client_kwargs.endpoint_url, "
+        "profile, anon, key, secret; s3fs also reads the AWS_* environment variables",
+    )
+
+
 def _known_stage(name: str) -> str:
     from curate.stages import stage_names
 
@@ -495,6 +503,7 @@ class PipelineConfig(Section):
         default_factory=_default_stages, description="the first stages of the registry (curate.stages.STAGES)"
     )
     dask: DaskConfig = Field(default_factory=DaskConfig)
+    storage: StorageConfig = Field(default_factory=StorageConfig)
     input: InputConfig
     download: DownloadConfig = Field(default_factory=DownloadConfig)
     embed: EmbedConfig = Field(default_factory=EmbedConfig)

@@ -11,6 +11,7 @@ import pytest
 from curate.config import PipelineConfig, validate_config
 from tests.browser import chromium  # noqa: F401  (session fixture)
 from tests.run_fixtures import curated_run  # noqa: F401  (session fixtures)
+from tests.s3_fixtures import s3_bucket, s3_endpoint  # noqa: F401  (a moto S3 server on loopback)
 from tests.world_fixtures import served_world, tiny_checkpoint  # noqa: F401
 
 

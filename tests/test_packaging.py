@@ -64,7 +64,9 @@ def test_optional_dependencies_are_extras_and_dev_has_them_all():
     [dask] = map(Requirement, extras["dask"])
     assert dask.name == "dask" and dask.extras == {"distributed"}
     assert [Requirement(r).name for r in extras["report"]] == ["matplotlib"]
-    assert f"{DISTRIBUTION}[dask,report]" in extras["dev"]
+    assert [Requirement(r).name for r in extras["s3"]] == ["s3fs"]
+    assert f"{DISTRIBUTION}[dask,report,s3]" in extras["dev"]
+    assert "moto" in {Requirement(r).name for r in extras["dev"]}  # the S3 API server of the storage tests
 
 
 def test_pip_reads_the_project_metadata_offline(tmp_path: Path):
@@ -78,7 +80,7 @@ def test_pip_reads_the_project_metadata_offline(tmp_path: Path):
     [item] = json.loads(report.read_text())["install"]
     metadata = item["metadata"]
     assert (metadata["name"], metadata["version"]) == (DISTRIBUTION, curate.__version__)
-    assert {"dask", "report", "dev"} <= set(metadata["provides_extra"])
+    assert {"dask", "report", "s3", "dev"} <= set(metadata["provides_extra"])
     core = requirements(metadata["requires_dist"])
     assert all(core[name].specifier.contains(newer) for name, newer in NEWER_TORCH.items())
 

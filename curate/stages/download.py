@@ -6,6 +6,10 @@ default) the fetching is ours (`curate.stages.fetch`: address guard, deadline, b
 retries): the shard's rows are fetched into scratch files first and img2dataset reads those files, while
 the tar and parquet still record each row's real URL. Without it img2dataset fetches as it always has.
 Every row's outcome is mapped to a fate with a normalised reason code.
+
+Scratch (the fetched bodies, the table img2dataset reads) lives in the worker's own temp directory
+(`tempfile.gettempdir()` of the process running the task), never in the run directory: a worker needs no
+shared filesystem for it, and the original images do not pass through the run's storage.
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ import logging
 import math
 import os
 import re
-import shutil
+import tempfile
 import threading
 from collections import Counter
 from collections.abc import Callable
@@ -159,14 +163,11 @@ class DownloadStage(Stage):
     def _download_guarded(self, rows: pa.Table, shard: str, workdir: Path, samples_per_shard: int) -> pa.Table:
         """Guarded fetch into scratch files, then img2dataset over those files (resize, hash, write)."""
         uids, urls = rows["uid"].to_pylist(), rows["url"].to_pylist()
-        fetch_dir = workdir / "_fetched"
-        try:
-            outcomes = self.fetch_rows(rows, fetch_dir)
+        with tempfile.TemporaryDirectory(prefix=f"curate-fetch-{shard}-", ignore_cleanup_errors=True) as scratch:
+            outcomes = self.fetch_rows(rows, Path(scratch))
             handed = rows.set_column(rows.schema.get_field_index("url"), "url", pa.array(local_urls(uids, outcomes)))
             writer = SourceRecordingWriter(dict(zip(uids, urls, strict=True)), outcomes)
             results = self._run_img2dataset(handed, shard, workdir, samples_per_shard, writer)
-        finally:
-            shutil.rmtree(fetch_dir, ignore_errors=True)
         restate_error_counts(workdir / f"{shard}_stats.json", results)
         return self.fates_from_results(rows, results, outcomes)
 
@@ -192,20 +193,20 @@ class DownloadStage(Stage):
         self, rows: pa.Table, shard: str, workdir: Path, samples_per_shard: int, writer: WriterFactory
     ) -> pa.Table:
         """img2dataset's shard downloader over `rows`: fetch (or read the local file), resize, hash, write."""
-        arrow_path = workdir / "_input.arrow"
-        with pa.OSFile(str(arrow_path), "wb") as sink, pa.ipc.new_file(sink, rows.schema) as arrow_writer:
-            arrow_writer.write_table(rows)
         guard = WriteGuard(writer)
         downloader = self._downloader(str(workdir), samples_per_shard, guard)
         downloader.resizer = guard.resizer(downloader.resizer)
-        try:  # not `downloader(...)`, which prints the shard's exception and returns only a flag
-            run_abandoning_on_interrupt(lambda: downloader.download_shard((int(shard), str(arrow_path))), guard)
-        except WriteFailed as err:
-            raise DownloadError(f"writing its tar and parquet in {workdir} failed: {err.__cause__}") from err.__cause__
-        except Exception as err:
-            raise DownloadError(f"img2dataset could not process the shard: {err}") from err
-        finally:
-            arrow_path.unlink(missing_ok=True)
+        with tempfile.TemporaryDirectory(prefix=f"curate-download-{shard}-", ignore_cleanup_errors=True) as scratch:
+            arrow_path = Path(scratch) / "input.arrow"  # the shard's rows as img2dataset reads them
+            with pa.OSFile(str(arrow_path), "wb") as sink, pa.ipc.new_file(sink, rows.schema) as arrow_writer:
+                arrow_writer.write_table(rows)
+            try:  # not `downloader(...)`, which prints the shard's exception and returns only a flag
+                run_abandoning_on_interrupt(lambda: downloader.download_shard((int(shard), str(arrow_path))), guard)
+            except WriteFailed as err:
+                cause = err.__cause__
+                raise DownloadError(f"writing its tar and parquet in {workdir} failed: {cause}") from cause
+            except Exception as err:
+                raise DownloadError(f"img2dataset could not process the shard: {err}") from err
         return pq.read_table(workdir / f"{shard}.parquet")
 
     def _downloader(self, output_folder: str, samples_per_shard: int, writer: WriterFactory):  # type: ignore[no-untyped-def]

@@ -17,8 +17,9 @@ With `input.uid_col`, that column (text or integers, trimmed) is the uid and mus
 files. Without it, a row's uid is blake2b-128 (hex) of "<file name>\\x1f<row number in the file>"
 (rows counted from 0, blank jsonl lines not counted): stable across runs, unique while file names are.
 
-`sources` finds and reads the files, `rows` decides row-level fates and uids, `columns` carries
-`input.keep_columns`, and `stage` runs it all as phases of tasks (per file, per hash bucket, per shard).
+`sources` finds and reads the files (local paths or fsspec URLs, through `curate.io.storage`), `rows`
+decides row-level fates and uids, `columns` carries `input.keep_columns`, and `stage` runs it all as phases
+of tasks (per file, per hash bucket, per shard).
 """
 
 from curate.stages.input.rows import decode_utf8, generated_uids, string_hashes, url_caption_hashes, validate_batch

@@ -5,14 +5,13 @@ from __future__ import annotations
 import gzip
 import io
 import json
-import os
 import shutil
 import tempfile
 import zlib
 from collections.abc import Iterator
-from dataclasses import dataclass
-from glob import glob
-from pathlib import Path
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+from typing import IO
 
 import numpy as np
 import pyarrow as pa
@@ -21,6 +20,7 @@ import pyarrow.csv as pcsv
 import pyarrow.parquet as pq
 
 from curate.config import ConfigError, InputConfig
+from curate.io.storage import LOCAL, Location, Storage, has_magic, locate, name_of
 from curate.stages.input.columns import JSON_TEXT, JSON_TEXT_MARK, json_values, kept_array, unmarked
 from curate.stages.input.rows import decode_utf8
 
@@ -41,36 +41,58 @@ class InputError(ConfigError):
 
 @dataclass(frozen=True)
 class SourceFile:
-    path: Path
+    path: Location
+    """A local Path, or an fsspec URL (str) read through `storage`."""
     format: str
     gzipped: bool
+    storage: Storage = field(default=LOCAL, compare=False, repr=False)
 
     @property
     def name(self) -> str:
-        return self.path.name
+        return name_of(self.path)
+
+    @property
+    def is_local(self) -> bool:
+        return isinstance(self.path, Path)
+
+    def open(self) -> IO[bytes]:
+        """The file's raw bytes (still gzip-compressed for a .gz file)."""
+        return self.storage.open(self.path)
+
+    def size(self) -> int:
+        return self.storage.size(self.path)
+
+    def parquet_metadata(self) -> pq.FileMetaData:
+        if self.is_local:
+            return pq.read_metadata(self.path)
+        with self.open() as handle:
+            return pq.read_metadata(handle)
 
 
 # ---------------------------------------------------------------- locating and checking files
 
 
-def resolve_sources(cfg: InputConfig) -> list[SourceFile]:
+def resolve_sources(cfg: InputConfig, storage: Storage = LOCAL) -> list[SourceFile]:
+    """The input files in order; each `input.path` entry is a local path or URL, or a glob of them."""
     sources = []
-    for pattern in map(os.path.expanduser, cfg.paths()):
-        matches = sorted(glob(pattern)) if any(c in pattern for c in "*?[") else [pattern]
-        if not matches:
-            raise InputError(f"input.path: no file matches {pattern!r}")
-        for match in matches:
-            path = Path(match)
-            if not path.is_file():
-                raise InputError(f"{path}: no such input file")
-            sources.append(source_file(path, cfg.format))
-    seen: set[Path] = set()
+    for pattern in cfg.paths():
+        if has_magic(pattern):
+            matches = _glob(pattern, storage)
+        else:
+            location = locate(pattern)
+            matches = [(location, _is_file(location, storage))]
+        for location, is_file in matches:
+            if not is_file:
+                raise InputError(f"{location}: no such input file")
+            sources.append(source_file(location, cfg.format, storage))
+    seen: set[Location] = set()
     for source in sources:
-        if source.path.resolve() in seen:
+        key = source.path.resolve() if isinstance(source.path, Path) else source.path
+        if key in seen:
             raise InputError(f"{source.path}: listed more than once in input.path")
-        seen.add(source.path.resolve())
+        seen.add(key)
     if cfg.uid_col is None:
-        by_name: dict[str, Path] = {}
+        by_name: dict[str, Location] = {}
         for source in sources:
             if source.name in by_name:
                 raise InputError(
@@ -81,8 +103,28 @@ def resolve_sources(cfg: InputConfig) -> list[SourceFile]:
     return sources
 
 
-def source_file(path: Path, declared_format: str) -> SourceFile:
-    suffixes = [s.lower() for s in path.suffixes]
+def _glob(pattern: str, storage: Storage) -> list[tuple[Location, bool]]:
+    try:
+        matches = storage.glob(pattern)
+    except OSError as err:
+        raise InputError(f"input.path: cannot list {pattern!r}: {err}") from None
+    if not matches:
+        raise InputError(f"input.path: no file matches {pattern!r}")
+    return matches
+
+
+def _is_file(location: Location, storage: Storage) -> bool:
+    if isinstance(location, Path):
+        return location.is_file()
+    try:
+        info = storage.info(location)
+    except OSError as err:  # no permission, no connection: one line naming the URL
+        raise InputError(f"{location}: cannot read the input file: {err}") from None
+    return info is not None and info.get("type") == "file"
+
+
+def source_file(path: Location, declared_format: str, storage: Storage = LOCAL) -> SourceFile:
+    suffixes = [s.lower() for s in (path if isinstance(path, Path) else PurePosixPath(name_of(path))).suffixes]
     gzipped = bool(suffixes) and suffixes[-1] == ".gz"
     if gzipped:
         suffixes = suffixes[:-1]
@@ -92,12 +134,12 @@ def source_file(path: Path, declared_format: str) -> SourceFile:
         fmt = _FORMATS[suffixes[-1]]
     else:
         raise InputError(f"{path}: cannot tell the format from the name; set input.format")
-    return SourceFile(path, fmt, gzipped)
+    return SourceFile(path, fmt, gzipped, storage)
 
 
 def sniff(source: SourceFile) -> None:
     """Refuse a file whose bytes contradict its name (a csv that is parquet, a .gz that is not gzip)."""
-    with open(source.path, "rb") as handle:
+    with source.open() as handle:
         head = handle.read(4096)
     if not head:
         raise InputError(f"{source.path}: file is empty")
@@ -105,7 +147,7 @@ def sniff(source: SourceFile) -> None:
         if not head.startswith(b"\x1f\x8b"):
             raise InputError(f"{source.path}: named .gz but is not gzip-compressed")
         try:
-            with gzip.open(source.path, "rb") as handle:
+            with source.open() as raw, gzip.open(raw, "rb") as handle:
                 head = handle.read(4096)
         except (OSError, EOFError, zlib.error) as err:
             raise InputError(f"{source.path}: corrupt gzip data: {err}") from None
@@ -121,9 +163,9 @@ def sniff(source: SourceFile) -> None:
         raise InputError(f"{source.path}: named {source.format} but holds {kind} data")
 
 
-def inspect_sources(cfg: InputConfig) -> list[SourceFile]:
+def inspect_sources(cfg: InputConfig, storage: Storage = LOCAL) -> list[SourceFile]:
     """Check every file's format and columns before anything is written or fetched."""
-    sources = resolve_sources(cfg)
+    sources = resolve_sources(cfg, storage)
     for source in sources:
         sniff(source)
         schema = read_schema(source, cfg)
@@ -181,21 +223,27 @@ class _TableReader:
                 resource.close()  # type: ignore[attr-defined]
 
     def _stream(self) -> io.BufferedIOBase:
-        stream = gzip.open(self.source.path, "rb") if self.source.gzipped else open(self.source.path, "rb")  # noqa: SIM115
+        stream = self.source.open()
         self._cleanup.append(stream)
-        return stream
+        if self.source.gzipped:
+            stream = gzip.open(stream, "rb")  # noqa: SIM115  (closing it leaves the raw stream open: both are cleaned up)
+            self._cleanup.append(stream)
+        return stream  # type: ignore[return-value]
 
     def _open(self) -> pa.Schema:
         fmt, path = self.source.format, self.source.path
         try:
             if fmt == "parquet":
-                target: Path | io.BufferedIOBase = path
+                target: Location | IO[bytes] = path
                 if self.source.gzipped:  # parquet needs random access: decompress to a temporary file
                     handle, name = tempfile.mkstemp(prefix="curate-", suffix=".parquet")
                     target = Path(name)
                     self._cleanup.append(target)
-                    with gzip.open(path, "rb") as src, open(handle, "wb") as dst:
+                    with self.source.open() as raw, gzip.open(raw, "rb") as src, open(handle, "wb") as dst:
                         shutil.copyfileobj(src, dst, 1 << 20)
+                elif not self.source.is_local:
+                    target = self.source.open()  # seekable: pyarrow reads the footer, then the row groups it needs
+                    self._cleanup.append(target)
                 # pre_buffer would keep every column chunk read so far until the file is closed: the
                 # whole file, for a streaming read. Buffered reads keep one page's worth at a time.
                 self._parquet = pq.ParquetFile(target, pre_buffer=False, buffer_size=1 << 20)
@@ -242,9 +290,8 @@ class _TableReader:
         return reader, pa.schema([(name, pa.binary()) for name in names])
 
     def _first_field_is_url(self, delimiter: str) -> bool:
-        opener = gzip.open if self.source.gzipped else open
-        with opener(self.source.path, "rb") as handle:
-            first_line = handle.readline(65536)
+        with self._stream() as handle:
+            first_line = handle.read(65536).split(b"\n", 1)[0]
         first_field = first_line.removeprefix(b"\xef\xbb\xbf").split(delimiter.encode(), 1)[0]
         return first_field.strip().strip(b'"').lower().startswith((b"http://", b"https://"))
 

@@ -37,6 +37,7 @@ import pyarrow.parquet as pq
 
 from curate.config import InputConfig
 from curate.io.fs import read_json, write_json_atomic
+from curate.io.storage import Storage
 from curate.ledger import Status, make_fates
 from curate.stage import (
     FATE_PHASE,
@@ -47,7 +48,6 @@ from curate.stage import (
     StageContext,
     StageOutputs,
     TaskOutput,
-    content_identity,
     digest,
     single_task,
 )
@@ -111,7 +111,7 @@ class FileTask:
 def bucket_count(cfg: InputConfig, sources: list[SourceFile]) -> int:
     if cfg.hash_buckets is not None:
         return cfg.hash_buckets
-    total = sum(source.path.stat().st_size for source in sources)
+    total = sum(source.size() for source in sources)
     return min(4096, max(1, math.ceil(total / BUCKET_BYTES)))
 
 
@@ -125,7 +125,7 @@ def plan_file_tasks(cfg: InputConfig, sources: list[SourceFile]) -> list[FileTas
         if source.format != "parquet" or source.gzipped:
             tasks.append(FileTask(index, None, buckets))
             continue
-        metadata = pq.read_metadata(source.path)
+        metadata = source.parquet_metadata()
         if metadata.num_rows <= cfg.task_rows or metadata.num_row_groups < 2:
             tasks.append(FileTask(index, None, buckets))
             continue
@@ -381,7 +381,7 @@ class InputOutputs(StageOutputs):
 def source_identities(cfg: InputConfig, sources: list[SourceFile]) -> list[dict[str, object]]:
     """The input files by content, in order (the order decides which repeat of a pair is the first). A file's
     name counts only when generated uids hash it."""
-    return [content_identity(s.path, s.name if cfg.uid_col is None else None) for s in sources]
+    return [s.storage.content_identity(s.path, s.name if cfg.uid_col is None else None) for s in sources]
 
 
 def input_fingerprint(cfg: InputConfig, sources: list[SourceFile]) -> str:
@@ -468,15 +468,19 @@ class InputStage(Stage):
     outputs = InputOutputs
 
     def preflight(self) -> None:
-        inspect_sources(self.cfg)  # format and columns of every file, before anything is written or fetched
+        inspect_sources(self.cfg, self.storage)  # formats and columns, before anything is written or fetched
 
     def fingerprint(self, upstream: str) -> str:
-        return self.settings_digest(self.cfg, resolve_sources(self.cfg))
+        return self.settings_digest(self.cfg, resolve_sources(self.cfg, self.storage))
 
     @classmethod
     def settings_digest(cls, cfg: InputConfig, sources: list[SourceFile]) -> str:
         settings = cfg.model_dump(mode="json", exclude={"path", *cls.speed_only})
         return digest({"stage": cls.name, "settings": settings, "files": source_identities(cfg, sources)})
+
+    @property
+    def storage(self) -> Storage:
+        return Storage(self.config.storage.options)
 
     def workers(self) -> int:
         return self.cfg.workers
@@ -509,7 +513,7 @@ class InputStage(Stage):
     def _file_tasks(self, ctx: StageContext) -> list[str]:
         if self.finished(ctx):
             return []
-        return [task.name for task in plan_file_tasks(self.cfg, resolve_sources(self.cfg))]
+        return [task.name for task in plan_file_tasks(self.cfg, resolve_sources(self.cfg, self.storage))]
 
     def _plan_task(self, ctx: StageContext) -> list[str]:
         tasks = self._file_tasks(ctx)
@@ -518,7 +522,7 @@ class InputStage(Stage):
     def _bucket_tasks(self, ctx: StageContext) -> list[str]:
         if self.finished(ctx):
             return []
-        buckets = bucket_count(self.cfg, resolve_sources(self.cfg))
+        buckets = bucket_count(self.cfg, resolve_sources(self.cfg, self.storage))
         return [bucket_name(b, buckets) for b in range(buckets)]
 
     def _uid_tasks(self, ctx: StageContext) -> list[str]:
@@ -538,7 +542,7 @@ class InputStage(Stage):
 
     def _read_file(self, ctx: StageContext, task: str, workdir: Path) -> TaskOutput:
         cfg, spec = self.cfg, FileTask.parse(task)
-        source = resolve_sources(cfg)[spec.file]
+        source = resolve_sources(cfg, self.storage)[spec.file]
         work = work_of(ctx.layout)
         staged_dir = workdir / relative(work.task_dir(task), ctx.layout)
         writer = _FileTaskWriter(work, staged_dir, task, spec.buckets, uid_check=cfg.uid_col is not None)
@@ -563,7 +567,7 @@ class InputStage(Stage):
 
     def _plan(self, ctx: StageContext, _task: str, workdir: Path) -> TaskOutput:
         cfg, work = self.cfg, work_of(ctx.layout)
-        sources = resolve_sources(cfg)
+        sources = resolve_sources(cfg, self.storage)
         tasks, total = [], 0
         kept_fields: dict[str, list[pa.Field]] = {name: [] for name in cfg.keep_columns}
         for spec in plan_file_tasks(cfg, sources):
@@ -618,7 +622,7 @@ class InputStage(Stage):
         found = [read_json(p) for p in sorted(work.folder.glob("buckets/*/uid_repeat.json"))]
         if found:
             first = min(found, key=lambda f: f["places"][0])
-            sources = resolve_sources(self.cfg)
+            sources = resolve_sources(self.cfg, self.storage)
             places = [split_position(int(p)) for p in first["places"]]
             where = ", ".join(f"{sources[file].path} row {row}" for file, row in places)
             raise InputError(

@@ -1,0 +1,120 @@
+"""curate.io.storage against a real S3 API (moto's server on loopback) and fsspec's memory filesystem: the
+same bytes read the same and identify the same wherever they lie; unusable URLs are one-line errors."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+from curate.config import ConfigError, validate_config
+from curate.io.storage import LOCAL, Storage, StorageError, locate, name_of, protocol_of
+from curate.stage import BLOCK, content_identity
+from tests.s3_fixtures import S3Bucket
+
+
+def test_locations_local_paths_stay_paths_and_urls_stay_urls(tmp_path: Path) -> None:
+    assert locate(str(tmp_path / "a.csv")) == tmp_path / "a.csv"
+    assert locate("~/a.csv") == Path.home() / "a.csv"
+    assert locate(f"file://{tmp_path}/a.csv") == tmp_path / "a.csv"
+    assert locate("s3://bucket/dir/a.csv") == "s3://bucket/dir/a.csv"
+    assert (protocol_of("S3://b/k"), protocol_of("gs://b/k"), protocol_of("/x/y"), protocol_of("a:b")) == (
+        "s3",
+        "gs",
+        None,
+        None,
+    )
+    assert name_of("s3://bucket/dir/part-0.parquet") == name_of(tmp_path / "part-0.parquet") == "part-0.parquet"
+
+
+def test_the_server_fixture_serves_a_bucket(s3_bucket: S3Bucket, tmp_path: Path) -> None:
+    local = tmp_path / "hello.txt"
+    local.write_bytes(b"hello")
+    url = s3_bucket.upload(local)
+    assert url == f"s3://{s3_bucket.name}/hello.txt"
+    storage = Storage(s3_bucket.options)
+    with storage.open(url) as handle:
+        assert handle.read() == b"hello"
+    assert storage.size(url) == 5
+    assert storage.info(s3_bucket.url("missing.txt")) is None
+
+
+@pytest.mark.parametrize("size", [0, 10, BLOCK, BLOCK + 1, 3 * BLOCK + 17])
+def test_content_identity_of_a_bucket_object_is_its_local_copys(s3_bucket: S3Bucket, tmp_path: Path, size: int) -> None:
+    local = tmp_path / "part-0.parquet"
+    local.write_bytes(os.urandom(size))
+    url = s3_bucket.upload(local, "deep/er/part-0.parquet")
+    storage = Storage(s3_bucket.options)
+    assert storage.content_identity(url, "part-0.parquet") == content_identity(local, "part-0.parquet")
+    assert storage.content_identity(url) == LOCAL.content_identity(local) == content_identity(local)
+    if size > BLOCK:  # a change in the middle is not seen (by design); one in the last MiB is
+        changed = bytearray(local.read_bytes())
+        changed[-1] ^= 0xFF
+        local.write_bytes(bytes(changed))
+        assert storage.content_identity(s3_bucket.upload(local, "changed.parquet")) != storage.content_identity(url)
+
+
+def test_glob_lists_objects_in_name_order(s3_bucket: S3Bucket, tmp_path: Path) -> None:
+    for name in ("part-1.csv", "part-0.csv", "other.tsv"):
+        (tmp_path / name).write_text("url,caption\n")
+        s3_bucket.upload(tmp_path / name, f"crawl/{name}")
+    storage = Storage(s3_bucket.options)
+    assert storage.glob(s3_bucket.url("crawl/part-*.csv")) == [
+        (s3_bucket.url("crawl/part-0.csv"), True),
+        (s3_bucket.url("crawl/part-1.csv"), True),
+    ]
+    assert storage.glob(s3_bucket.url("nothing-*.csv")) == []
+    assert storage.glob(f"s3://no-such-bucket-{s3_bucket.name}/x-*.csv") == []
+    # a new object is seen by the next listing in the same process
+    (tmp_path / "part-2.csv").write_text("url,caption\n")
+    s3_bucket.upload(tmp_path / "part-2.csv", "crawl/part-2.csv")
+    assert len(storage.glob(s3_bucket.url("crawl/part-*.csv"))) == 3
+
+
+def test_the_environment_alone_can_reach_the_server(
+    s3_bucket: S3Bucket, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "a.txt").write_bytes(b"abc")
+    url = s3_bucket.upload(tmp_path / "a.txt")
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3_bucket.endpoint)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    storage = Storage({"skip_instance_cache": True})  # a filesystem made under this environment
+    assert storage.size(url) == 3
+
+
+def test_memory_urls_go_through_fsspec() -> None:
+    import fsspec
+
+    fs = fsspec.filesystem("memory")
+    fs.pipe("/curate-test/a.bin", b"x" * (BLOCK + 5))
+    try:
+        url = "memory://curate-test/a.bin"
+        assert LOCAL.size(url) == BLOCK + 5
+        assert LOCAL.glob("memory://curate-test/*.bin") == [("memory:///curate-test/a.bin", True)]
+        assert LOCAL.content_identity(url)["size"] == BLOCK + 5
+    finally:
+        fs.rm("/curate-test", recursive=True)
+
+
+def test_a_protocol_whose_package_is_missing_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "s3fs", None)  # `import s3fs` now fails as if it were not installed
+    with pytest.raises(ConfigError) as missing:
+        LOCAL.size("s3://bucket/part-0.parquet")
+    assert str(missing.value) == "s3://bucket/part-0.parquet: s3:// needs s3fs: pip install 'curate-pipeline[s3]'"
+
+
+def test_an_unknown_protocol_is_one_line_naming_the_url() -> None:
+    with pytest.raises(StorageError, match=r"^nosuch://b/k: unknown storage protocol 'nosuch'$"):
+        LOCAL.size("nosuch://b/k")
+
+
+def test_storage_options_are_a_config_section(tmp_path: Path) -> None:
+    raw = {"output": str(tmp_path), "input": {"path": "s3://b/k.parquet"}}
+    assert validate_config(raw).storage.options == {}
+    options = {"client_kwargs": {"endpoint_url": "http://127.0.0.1:9"}, "anon": True}
+    assert validate_config({**raw, "storage": {"options": options}}).storage.options == options
+    with pytest.raises(ConfigError, match=r"unknown key 'storage.option' \(did you mean 'storage.options'\?\)"):
+        validate_config({**raw, "storage": {"option": {}}})
