@@ -332,9 +332,9 @@ def test_leftovers_of_killed_runs_are_swept_at_the_start_of_the_next_run(
         assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
         return leftovers(run_dir)
 
-    decisions_marker = RunLayout(run_dir).marker_path("dedup", "all", "decide")
-    left = killed_at(f"write:{decisions_marker.relative_to(run_dir)}")  # dedup's decisions are in place, unmarked
-    marker_scratch = [p for p in left if re.fullmatch(r"dedup/_done/decide/\.all\.json\.[0-9a-f]{8}\.tmp", p)]
+    plan_marker = RunLayout(run_dir).marker_path("dedup", "all", "plan")
+    left = killed_at(f"write:{plan_marker.relative_to(run_dir)}")  # dedup's plan is in place, unmarked
+    marker_scratch = [p for p in left if re.fullmatch(r"dedup/_done/plan/\.all\.json\.[0-9a-f]{8}\.tmp", p)]
     assert marker_scratch, left
 
     left = killed_at("materialize:shards:00001")  # a partial output shard in materialize's scratch

@@ -111,6 +111,9 @@ class BatchJob:
     images: list[Span | None]  # None: the sample has no image member
     captions: list[str]
     urls: list[str | None]
+    tar_identity: tuple[int, int, int, int] = (0, 0, 0, 0)
+    """(device, inode, size, mtime) when the shard was indexed: a tar replaced under the same name (a retried
+    download shard) is another file, so a worker must not read it through a descriptor of the old one."""
 
 
 @dataclass
@@ -148,14 +151,15 @@ class TarFiles:
 
     def __init__(self, keep: int = 2) -> None:
         self.keep = keep
-        self._fds: dict[str, int] = {}
+        self._fds: dict[tuple[str, tuple[int, int, int, int]], int] = {}
 
-    def read(self, tar: str, span: Span) -> bytes:
-        if tar not in self._fds:
+    def read(self, tar: str, span: Span, identity: tuple[int, int, int, int] = (0, 0, 0, 0)) -> bytes:
+        key = (tar, identity)
+        if key not in self._fds:
             if len(self._fds) >= self.keep:
                 os.close(self._fds.pop(next(iter(self._fds))))
-            self._fds[tar] = os.open(tar, os.O_RDONLY)
-        data = os.pread(self._fds[tar], span.size, span.offset)
+            self._fds[key] = os.open(tar, os.O_RDONLY)
+        data = os.pread(self._fds[key], span.size, span.offset)
         if len(data) != span.size:
             raise TarReadError(f"{tar}: truncated tar (a member ends past the end of the file)")
         return data
@@ -194,7 +198,7 @@ def prepare(spec: DecodeSpec, job: BatchJob, files: TarFiles) -> DecodedBatch:
     jpegs: list[bytes] = []
     for uid, span, caption, url in zip(job.uids, job.images, job.captions, job.urls, strict=True):
         # a tar that cannot be read is no image's fault: TarReadError fails the shard
-        data = files.read(job.tar, span) if span is not None else None
+        data = files.read(job.tar, span, job.tar_identity) if span is not None else None
         try:
             if data is None:
                 raise OSError("the sample has no image file")
@@ -354,6 +358,8 @@ def discard_decode_workers(workers: DecodeWorkers) -> None:
 
 def batch_jobs(tar_path: Path, wanted: set[str] | None, batch_size: int) -> Iterator[BatchJob]:
     """The shard's wanted samples (None: all) in tar order, `batch_size` at a time; image bytes stay in the tar."""
+    stat = os.stat(tar_path)
+    identity = (stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns)
     samples = iter_samples(tar_path, wanted, read=("txt",))
     for chunk in chunked(samples, batch_size):
         yield BatchJob(
@@ -362,6 +368,7 @@ def batch_jobs(tar_path: Path, wanted: set[str] | None, batch_size: int) -> Iter
             images=[_image_span(s) for s in chunk],
             captions=[s.caption for s in chunk],
             urls=[s.url for s in chunk],
+            tar_identity=identity,
         )
 
 
