@@ -135,14 +135,13 @@ def planted_quality(work: Path, config: Any) -> dict[str, Any]:
     }
 
 
-def status_peak_mib(work: Path) -> float:
+def status_peak(work: Path) -> dict[str, Any]:
+    """Peak RSS of `curate status` on the run, and its exit status (0: complete)."""
     proc = subprocess.Popen(
         [sys.executable, "-m", "curate", "status", str(work / "run")], cwd=REPO, stdout=subprocess.DEVNULL
     )
     _, status, usage = os.wait4(proc.pid, 0)
-    if status != 0:
-        raise RuntimeError(f"curate status exited with {status}")
-    return round(usage.ru_maxrss / 1024, 1)
+    return {"status_peak_mib": round(usage.ru_maxrss / 1024, 1), "status_exit": os.waitstatus_to_exitcode(status)}
 
 
 def child(*args: str) -> str:
@@ -165,11 +164,12 @@ def run(sizes: tuple[int, ...] = DEFAULT_SIZES, work: Path = DEFAULT_WORK) -> di
         child("build", str(folder), str(n), *(["--tars"] if index == 0 else []))
         built = time.perf_counter() - started
         measured = json.loads(child("measure", str(folder)))
-        measured.update(n=n, build_seconds=round(built, 1), status_peak_mib=status_peak_mib(folder))
+        measured.update(n=n, build_seconds=round(built, 1), **status_peak(folder))
         near_seconds = measured["phase_seconds"].get("dedup:near", 0.0)
         measured["near_seconds_per_million"] = round(near_seconds / (n / 1e6), 1)
         measured["driver_bytes_per_row"] = round(measured["driver_peak_mib"] * 2**20 / n, 1)
         rows.append(measured)
+        (work / f"scale-{n}.json").write_text(json.dumps(measured, indent=2))  # kept if a later size fails
         shutil.rmtree(folder, ignore_errors=True)
     return summarise(rows)
 
@@ -190,7 +190,7 @@ def summarise(rows: list[dict[str, Any]]) -> dict[str, Any]:
             r["near_seconds_per_million"] < TARGETS["near_seconds_per_million"] for r in rows
         ),
         "status_peak_mib": all(r["status_peak_mib"] < TARGETS["status_peak_mib"] for r in rows),
-        "complete": all(r["complete"] for r in rows),
+        "complete": all(r["complete"] and r["status_exit"] == 0 for r in rows),
     }
     return {
         "name": "crawl_scale",
