@@ -4,7 +4,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 CONSTRAINTS := requirements/constraints.txt
 
-.PHONY: install demo dask-demo test bench bench-gpu lint clean
+.PHONY: install demo compare dask-demo test bench bench-scale bench-gpu lint clean
 
 install: $(STAMP)
 
@@ -17,6 +17,10 @@ $(STAMP): pyproject.toml $(CONSTRAINTS)
 demo: $(STAMP)
 	$(BIN)/python -m examples.run_demo --out runs/demo
 
+# the demo's run, validated on four curation settings side by side (reuses what `make demo` trained)
+compare: $(STAMP)
+	$(BIN)/python -m examples.run_demo --out runs/demo --arms no_filter,basic_filters,clip_score,curated
+
 dask-demo: $(STAMP)
 	$(BIN)/python -m examples.run_demo --out runs/dask-demo --executor dask
 
@@ -25,6 +29,10 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python -m benchmarks.run_all --out benchmarks/results.md
+
+# crawl scale alone: filter, dedup and ledger over 1M and 4M synthetic samples on a 2-worker LocalCluster
+bench-scale: $(STAMP)
+	$(BIN)/python -m benchmarks.run_all --out benchmarks/results.md --only scale
 
 bench-gpu:
 	bash benchmarks/gpu_check.sh

@@ -141,7 +141,7 @@ def finish_run(result: RunResult, config: Any, whole_run: bool = True) -> int:
     if "validate" in config.stages:
         from curate.stages.validate.stage import ValidateOutputs, format_validation_table
 
-        print("validation: a small CLIP trained on curated/ vs on a random subset of the download, same budget")
+        print("validation: a small CLIP trained on each arm's data, same recipe and samples seen, paired by seed")
         print(format_validation_table(ValidateOutputs(result.layout).metrics()))
     return 0
 

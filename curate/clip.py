@@ -75,6 +75,8 @@ def register_model_configs(path: Path = MODEL_CONFIG_DIR) -> None:
         return
     import open_clip
 
+    import curate.convnet  # noqa: F401  registers the image towers curate's configs name with timm
+
     open_clip.add_model_config(path)
     _registered_paths.add(path)
 

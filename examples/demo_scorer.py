@@ -41,9 +41,9 @@ DEMO_PIPELINE = Path(__file__).resolve().parent.parent / "pipelines" / "demo.yam
 WORLD_SEED_OFFSET = 1000  # the scorer's world seed is 1000 + seed; the demo's world uses seed 0
 CALIBRATION_FRACTION = 0.1
 SAMPLES_PER_SHARD = 256
-MODEL = "curate-tiny"  # what pipelines/demo.yaml embeds with
+MODEL = "curate-cnn-64"  # what pipelines/demo.yaml embeds with: a 64 px conv net, it learns shape (README)
 DEFAULT_N_BASE = 3000
-DEFAULT_SAMPLES_SEEN = 256 * 100
+DEFAULT_SAMPLES_SEEN = 128 * 400
 
 DROP_KINDS = {"mismatch": ("mismatch",), "junk": ("junk_caption",), "combined": ("mismatch", "junk_caption")}
 KEEP_KINDS = ("clean", "dup_exact", "dup_near", "dup_url_caption", "slow")
@@ -52,9 +52,9 @@ KEEP_KINDS = ("clean", "dup_exact", "dup_near", "dup_url_caption", "slow")
 def demo_recipe(seed: int = 0, samples_seen: int = DEFAULT_SAMPLES_SEEN) -> TrainRecipe:
     return TrainRecipe(
         model=MODEL,
-        batch_size=256,
+        batch_size=128,
         samples_seen=samples_seen,
-        lr=2e-3,
+        lr=5e-3,
         warmup_steps=10,
         weight_decay=0.1,
         seed=seed,

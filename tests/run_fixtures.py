@@ -34,16 +34,19 @@ class CuratedRun:
     scorer: Path | None  # the demo scorer checkpoint the run embedded with; None: random weights
 
 
-def demo_scorer() -> tuple[Path, float] | None:
-    """(checkpoint, suggested threshold) of an already trained demo scorer, or None. Never trains one."""
+def demo_scorer() -> tuple[Path, float, str] | None:
+    """(checkpoint, suggested threshold, model) of an already trained demo scorer of the current recipe's model, or
+    None. Never trains one."""
+    from examples.demo_scorer import MODEL
+
     folder = Path(os.environ.get("CURATE_DEMO_SCORER", REPO / "runs" / "demo-scorer"))
     info_path, checkpoint = folder / "scorer.json", folder / "scorer.pt"
     if not (info_path.exists() and checkpoint.exists()):
         return None
     info = read_json(info_path)
-    if info.get("model") != "curate-tiny":
+    if info.get("model") != MODEL:
         return None
-    return checkpoint, float(info["calibration"]["suggested_threshold"])
+    return checkpoint, float(info["calibration"]["suggested_threshold"]), MODEL
 
 
 def fixed_random_checkpoint(path: Path) -> Path:
@@ -62,7 +65,7 @@ def build_curated_run(world: ServedWorld, folder: Path) -> CuratedRun:
     scorer = demo_scorer()
     overrides = [
         ALL_STAGES,
-        "embed.model=curate-tiny",
+        f"embed.model={scorer[2] if scorer else 'curate-tiny'}",
         "embed.device=cpu",
         "embed.batch_size=64",
         "filter.caption_min_words=2",

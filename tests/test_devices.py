@@ -267,7 +267,7 @@ def test_validation_runs_on_cuda_ask_dask_for_a_gpu_and_a_cluster_without_one_re
     validated = validate_config(raw)
     stage = ValidateStage(validated)
     assert stage.resources() == {"GPU": 1} and stage.phase("runs").resources is None  # runs take the stage's
-    assert stage.phase("baseline").resources == {} and stage.phase("metrics").resources == {}
+    assert stage.phase("subsets").resources == {} and stage.phase("metrics").resources == {}
 
     executor = DaskExecutor(DaskConfig(n_workers=1, dashboard_address=":0"))
     try:
@@ -278,7 +278,7 @@ def test_validation_runs_on_cuda_ask_dask_for_a_gpu_and_a_cluster_without_one_re
     finally:
         executor.close()
     layout = RunLayout(run_dir)
-    assert layout.marker_path("validate", "all", "baseline").exists()  # the CPU phase ran on the CPU worker
+    assert layout.marker_path("validate", "baseline", "subsets").exists()  # the CPU phase ran on the CPU worker
     assert not layout.marker_dir("validate", "runs").exists()
 
 

@@ -54,4 +54,6 @@ def make_plots(stats: dict[str, Any]) -> dict[str, bytes]:
             figures["kept_fraction"] = plots.kept_fraction_curve(stats["clip_score"])
     if stats["validation"] and stats["validation"]["loss_curves"]:
         figures["loss"] = plots.loss_curves(stats["validation"]["loss_curves"])
+    if stats["validation"] and stats["validation"].get("pairs"):
+        figures["paired"] = plots.paired_differences(stats["validation"]["pairs"])
     return figures

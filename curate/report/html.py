@@ -267,6 +267,8 @@ class ReportPage:
         results = self.stats.get("validation")
         if not results:
             return '<p class="note">No validation results (validate/metrics.json) in this run.</p>'
+        if results.get("format") == "arms":
+            return self._arms_table(results)
         columns = results["columns"]
         head = "".join(f"<th>{escape(c)}</th>" for c in columns)
         body = "".join(
@@ -275,6 +277,30 @@ class ReportPage:
         )
         table = f"<div style='overflow-x:auto'><table><tr><th></th>{head}</tr>{body}</table></div>"
         return table + self._plot("loss", "training loss curves")
+
+    def _arms_table(self, results: dict[str, Any]) -> str:
+        """One row per arm (mean ± std over seeds), one per pair (mean ± std of the per-seed differences, with
+        the 95% interval below), the verdicts, then the plots."""
+        columns = results["columns"]
+        head = "".join(f"<th>{escape(label)}</th>" for _, label in columns)
+        rows = []
+        for arm in results["arms"]:
+            samples = "" if arm["samples"] is None else f" <span class='meta'>({_num(arm['samples'])} samples)</span>"
+            cells = "".join(f"<td>{mean:.3f} ± {std:.3f}</td>" for mean, std in (arm["cells"][k] for k, _ in columns))
+            rows.append(f"<tr><td>{escape(arm['arm'])}{samples}</td>{cells}</tr>")
+        for pair in results["pairs"]:
+            cells = "".join(_paired_cell(pair["cells"][key]) for key, _ in columns)
+            rows.append(f"<tr><td><b>{escape(pair['name'])}</b></td>{cells}</tr>")
+        table = f"<div style='overflow-x:auto'><table><tr><th></th>{head}</tr>{''.join(rows)}</table></div>"
+        note = (
+            f"<p class='note'>{results['seeds']} seeds per arm, {_num(results['samples_seen'])} samples seen per run, "
+            f"{_num(results['eval_images'])} eval images. Pair rows: mean ± std of the per-seed differences "
+            "(both arms of a seed start from the same weights), 95% t-interval below; bold when the difference "
+            "clears the bar.</p>"
+        )
+        verdicts = "".join(f"<li>{escape(line)}</li>" for pair in results["pairs"] for line in pair["verdicts"])
+        plots = self._plot("paired", "per-seed differences between arms") + self._plot("loss", "training loss curves")
+        return table + note + f"<ul class='verdicts'>{verdicts}</ul>" + plots
 
     # ---- cells
 
@@ -328,6 +354,13 @@ def _cutoff_rule(scores: dict[str, Any]) -> str:
     return (
         f"Cutoff <b>{cutoff:.4f}</b>" + (f" (from {escape(rule)})" if rule else "") + ": scores below it are dropped."
     )
+
+
+def _paired_cell(cell: dict[str, Any]) -> str:
+    interval = cell.get("ci95")
+    below = f"<br><span class='meta'>[{interval[0]:+.3f}, {interval[1]:+.3f}]</span>" if interval else ""
+    text = f"{cell['mean']:+.3f} ± {cell['std']:.3f}"
+    return f"<td>{f'<b>{text}</b>' if cell['passes'] else text}{below}</td>"
 
 
 def _cell_value(value: Any) -> str:

@@ -131,3 +131,38 @@ def loss_curves(curves: dict[str, list[float]]) -> bytes:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7.5)
         return _png(fig)
+
+
+def paired_differences(pairs: list[dict[str, Any]]) -> bytes:
+    """Each pair's per-seed differences on its bar metrics: one dot per seed, the mean with its 95% interval
+    (taken from the stats document), and zero."""
+    entries = [(pair, metric) for pair in pairs for metric in pair["per_seed"]]
+    with _figure(max(4.0, 0.9 * len(entries) + 1.5), 3.2) as (fig, ax):
+        for x, (pair, metric) in enumerate(entries):
+            values = np.asarray(pair["per_seed"][metric], dtype=float)
+            jitter = np.linspace(-0.12, 0.12, len(values)) if len(values) > 1 else np.zeros(1)
+            color = KEPT_COLOR if pair["cells"].get(metric, {}).get("passes") else CUTOFF_COLOR
+            ax.scatter(x + jitter, values, s=14, color=color, alpha=0.8, zorder=3)
+            interval = pair["cells"].get(metric, {}).get("ci95")
+            mean = float(values.mean())
+            if interval:
+                ax.errorbar(
+                    x + 0.28,
+                    mean,
+                    yerr=[[mean - interval[0]], [interval[1] - mean]],
+                    fmt="o",
+                    ms=4,
+                    color="#343a40",
+                    capsize=3,
+                    zorder=4,
+                )
+        ax.axhline(0, color="#868e96", linewidth=1)
+        ax.set_xticks(range(len(entries)))
+        labels = [f"{pair['name']}\n{metric.removeprefix('zero_shot_acc_')}" for pair, metric in entries]
+        ax.set_xticklabels(
+            labels, fontsize=7, rotation=30 if len(entries) > 4 else 0, ha="right" if len(entries) > 4 else "center"
+        )
+        ax.set_ylabel("difference per seed")
+        ax.set_title("Per-seed differences (dots), mean and 95% CI")
+        ax.grid(alpha=0.3, axis="y")
+        return _png(fig)

@@ -305,11 +305,15 @@ def _finite(value: Any) -> float | None:
 def validation(metrics: Any) -> dict[str, Any] | None:
     """metrics.json as a table (one row per top-level entry, dotted columns) and any loss curves in it.
 
-    The file's exact shape belongs to the validate stage; this reads any nesting of dicts and lists, so that
-    new metrics appear without a change here. A numeric list under a key containing 'loss' is a curve.
+    The validate stage's own file (arms, a summary per arm and paired per-seed differences) becomes the arms
+    table, the pairs' rows and verdicts and the per-seed differences of the metrics each pair is judged on
+    (`arms_table`). Any other shape is read generically, any nesting of dicts and lists, so that new metrics
+    appear without a change here. A numeric list under a key containing 'loss' is a curve.
     """
     if not isinstance(metrics, dict):
         return None
+    if isinstance(metrics.get("summary"), dict) and isinstance(metrics.get("paired"), dict):
+        return arms_table(metrics)
     curves: dict[str, list[float]] = {}
     rows: dict[str, dict[str, Any]] = {}
     for key, value in metrics.items():
@@ -320,6 +324,55 @@ def validation(metrics: Any) -> dict[str, Any] | None:
         row.update({k.removeprefix(f"{key}.") if isinstance(value, dict) else k: v for k, v in flat.items()})
     columns = sorted({c for row in rows.values() for c in row})
     return {"columns": columns, "rows": rows, "loss_curves": curves}
+
+
+def arms_table(metrics: dict[str, Any]) -> dict[str, Any]:
+    """The validate stage's metrics.json: one row per arm (mean ± std over seeds), one per pair of arms (mean ±
+    std of the per-seed differences, 95% interval, passes), the verdict lines, the per-seed differences of each
+    pair's bar metrics and each arm's loss curve averaged over seeds."""
+    from curate.stages.validate.stage import pair_names, pair_verdict, table_columns
+
+    columns = table_columns(metrics)
+    data = metrics.get("data") or {}
+    arms = [
+        {
+            "arm": arm,
+            "samples": data.get(f"{arm}_samples"),
+            "cells": {
+                key: [metrics["summary"][arm][key]["mean"], metrics["summary"][arm][key]["std"]] for key, _ in columns
+            },
+        }
+        for arm in metrics["arms"]
+    ]
+    pairs = []
+    for name in pair_names(metrics):
+        pair = metrics["paired"][name]
+        cells = {key: {k: pair["metrics"][key][k] for k in ("mean", "std", "ci95", "passes")} for key, _ in columns}
+        bar = pair["bar_metrics"]
+        pairs.append(
+            {
+                "name": name,
+                "passes": pair["passes"],
+                "cells": cells,
+                "verdicts": [pair["metrics"][key]["verdict"] for key in bar] + [pair_verdict(pair)],
+                "per_seed": {key: pair["metrics"][key]["per_seed"] for key in bar},
+            }
+        )
+    curves = {}
+    for arm, runs in (metrics.get("runs") or {}).items():
+        losses = [run["losses"] for run in runs if run.get("losses")]
+        if losses and len({len(curve) for curve in losses}) == 1:
+            curves[f"{arm} (mean of {len(losses)} seeds)"] = np.mean(losses, axis=0).round(5).tolist()
+    return {
+        "format": "arms",
+        "columns": [list(column) for column in columns],
+        "arms": arms,
+        "pairs": pairs,
+        "seeds": len(metrics.get("seeds") or []),
+        "samples_seen": metrics.get("samples_seen"),
+        "eval_images": (metrics.get("eval_set") or {}).get("n"),
+        "loss_curves": curves,
+    }
 
 
 def _flatten(value: Any, path: str, flat: dict[str, Any], curves: dict[str, list[float]]) -> None:

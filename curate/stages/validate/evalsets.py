@@ -5,6 +5,10 @@ Layout (dedup's decontamination reads the same folder as a plain image folder):
     EVAL/labels.json       {"classes": [...], "items": [{"file": "images/00000.jpg", "label": "circle",
                              "caption": "a red circle on white", ...}, ...]}
     EVAL/images/*.jpg
+
+`classes` and each item's `label` are the set's main task. An optional `"tasks": {"shape": [classes],
+"color": [...], ...}` labels the same images for more tasks: each item then holds its class of task T under
+the key T (the demo's sets label colour, shape and the joint class "red circle").
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ import logging
 import math
 import shutil
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -30,12 +34,19 @@ DEMO_IMAGE_SIZE = 224  # the demo pipeline's download.image_size: eval images lo
 
 
 @dataclass(frozen=True)
+class EvalTask:
+    classes: list[str]
+    labels: list[int]  # index into `classes`, one per image
+
+
+@dataclass(frozen=True)
 class EvalSet:
     root: Path
     classes: list[str]
     files: list[Path]
     labels: list[int]  # index into `classes`
     captions: list[str]
+    tasks: dict[str, EvalTask] = field(default_factory=dict)  # more labellings of the same images, by task name
 
     def __len__(self) -> int:
         return len(self.files)
@@ -66,7 +77,18 @@ def load_eval_set(root: Path) -> EvalSet:
         files=[root / item["file"] for item in items],
         labels=[index[item["label"]] for item in items],
         captions=[str(item["caption"]) for item in items],
+        tasks={name: _task(path, name, names, items) for name, names in (raw.get("tasks") or {}).items()},
     )
+
+
+def _task(path: Path, name: str, classes: list[str], items: list[dict[str, Any]]) -> EvalTask:
+    index = {label: i for i, label in enumerate(classes)}
+    labels = []
+    for i, item in enumerate(items):
+        if item.get(name) not in index:
+            raise ValueError(f"{path}: items[{i}] has {name}={item.get(name)!r}, not one of tasks.{name} {classes}")
+        labels.append(index[item[name]])
+    return EvalTask(classes=list(classes), labels=labels)
 
 
 def eval_set_fingerprint(root: Path) -> str:
@@ -87,19 +109,34 @@ def letterbox(image: Image.Image, size: int) -> Image.Image:
     return canvas
 
 
-DEMO_LABELS = ("shape", "color")
+DEMO_LABELS = ("shape", "color", "joint")
+
+
+def joint_classes() -> list[str]:
+    """The demo's joint task: every colour-shape pair, named as captions name it ("red circle")."""
+    from examples.demo_world import classes, colors
+
+    return [f"{color} {shape}" for color in colors() for shape in classes()]
 
 
 def make_demo_eval_set(out: Path, n: int, seed: int, image_size: int = DEMO_IMAGE_SIZE, label: str = "shape") -> Path:
     """Write `n` clean rows of a demo world drawn with `seed` (use one the demo's crawl and scorer do not):
-    images resized like the demo download, their true `label` ("shape" or "color") as the class, their
-    truthful caption. Returns `out`; an existing set made with the same arguments is kept as is."""
+    images resized like the demo download, their true `label` ("shape", "color" or "joint") as the main class and
+    all three as tasks, their truthful caption. Returns `out`; an existing set made with the same arguments is
+    kept as is."""
     from examples.demo_world import classes, colors, generate_world
 
     if label not in DEMO_LABELS:
         raise ValueError(f"make_demo_eval_set: label must be one of {DEMO_LABELS}, got {label!r}")
     out = Path(out)
-    spec = {"n": n, "seed": seed, "image_size": image_size, "label": label, "source": "examples.demo_world"}
+    spec = {
+        "n": n,
+        "seed": seed,
+        "image_size": image_size,
+        "label": label,
+        "tasks": list(DEMO_LABELS),
+        "source": "examples.demo_world",
+    }
     labels_path = out / LABELS_NAME
     if labels_path.is_file() and json.loads(labels_path.read_text()).get("spec") == spec:
         return out
@@ -116,8 +153,8 @@ def make_demo_eval_set(out: Path, n: int, seed: int, image_size: int = DEMO_IMAG
             _write_item(world.files_dir, out, i, row, image_size, label)
             for i, row in enumerate(clean.to_dict("records"))
         ]
-    names = classes() if label == "shape" else colors()
-    write_json_atomic(labels_path, {"classes": names, "spec": spec, "items": items})
+    tasks = {"color": colors(), "shape": classes(), "joint": joint_classes()}
+    write_json_atomic(labels_path, {"classes": tasks[label], "tasks": tasks, "spec": spec, "items": items})
     log.info("wrote %d evaluation images to %s", len(items), out)
     return out
 
@@ -127,11 +164,13 @@ def _write_item(files_dir: Path, out: Path, i: int, row: dict[str, Any], image_s
         image = letterbox(raw.convert("RGB"), image_size)
     file = f"images/{i:05d}.jpg"
     image.save(out / file, quality=90)
+    joint = f"{row['color']} {row['shape']}"
     return {
         "file": file,
-        "label": row[label],
+        "label": joint if label == "joint" else row[label],
         "caption": row["caption"],
         "shape": row["shape"],
         "color": row["color"],
+        "joint": joint,
         "count": int(row["count"]),
     }

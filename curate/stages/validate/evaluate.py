@@ -7,8 +7,8 @@ loads a model through open_clip and feeds them.
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -33,6 +33,10 @@ class EvalOptions:
     seed: int = 0
     batch_size: int = 256
     text_metrics: bool = True  # False for image-only models (SimCLR): zero-shot and retrieval are skipped
+    task_templates: Mapping[str, Sequence[str]] = field(default_factory=dict)  # per eval-set task; else `templates`
+
+    def templates_for(self, task: str) -> list[str]:
+        return list(self.task_templates.get(task) or self.templates)
 
 
 # ---------------------------------------------------------------- metrics on tensors
@@ -113,8 +117,9 @@ def probe_split(labels: torch.Tensor, train_fraction: float, seed: int) -> tuple
 def evaluate_checkpoint(
     checkpoint: Path, model_name: str, eval_set: EvalSet, options: EvalOptions, device: str = "cpu"
 ) -> dict[str, Any]:
-    """All metrics of the open_clip model `model_name` with weights `checkpoint` on `eval_set`."""
-    import open_clip
+    """All metrics of the open_clip model `model_name` with weights `checkpoint` on `eval_set`: for its main task
+    `zero_shot_acc` and `linear_probe_acc`, for each further task T `zero_shot_acc_T` and `linear_probe_acc_T`,
+    and the retrieval recalls."""
     import torch
 
     from curate.clip import ClipSpec, load_clip
@@ -129,16 +134,33 @@ def evaluate_checkpoint(
     metrics["linear_probe_acc"] = linear_probe(
         images[train], labels[train], images[test], labels[test], len(eval_set.classes), options.probe_l2
     )
+    for name, task in eval_set.tasks.items():
+        task_labels = torch.tensor(task.labels)
+        metrics[f"linear_probe_acc_{name}"] = linear_probe(
+            images[train], task_labels[train], images[test], task_labels[test], len(task.classes), options.probe_l2
+        )
     if options.text_metrics:
         classnames = list(options.classnames or eval_set.classes)
-        classifier = open_clip.build_zero_shot_classifier(
-            model, tokenizer, classnames, list(options.templates), num_classes_per_batch=None, device=device
-        ).cpu()
+        classifier = zero_shot_classifier(model, tokenizer, classnames, list(options.templates), device)
         metrics["zero_shot_acc"] = zero_shot_accuracy(images, classifier, labels)
+        for name, task in eval_set.tasks.items():
+            classifier = zero_shot_classifier(model, tokenizer, task.classes, options.templates_for(name), device)
+            metrics[f"zero_shot_acc_{name}"] = zero_shot_accuracy(images, classifier, torch.tensor(task.labels))
         with torch.no_grad():
             texts = encode_texts(model, tokenizer, eval_set.captions, options.batch_size, device)
         metrics.update(retrieval_recalls(images, texts, eval_set.captions, options.ks))
     return metrics
+
+
+def zero_shot_classifier(
+    model: Any, tokenizer: Any, classnames: Sequence[str], templates: Sequence[str], device: str | torch.device
+) -> torch.Tensor:
+    """open_clip's prompt-ensemble classifier (dim x classes), on the CPU."""
+    import open_clip
+
+    return open_clip.build_zero_shot_classifier(
+        model, tokenizer, list(classnames), list(templates), num_classes_per_batch=None, device=device
+    ).cpu()
 
 
 def encode_images(

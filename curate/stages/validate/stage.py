@@ -1,5 +1,6 @@
-"""The validate stage: train the same small model on curated/ and on a random subset of the unfiltered download,
-with the same recipe and samples seen, over several seeds; evaluate each on a held-out set; write
+"""The validate stage: train the same small model on each arm's training set (curated/, a random subset of the
+download, or a subset chosen by re-applying some of the run's rules; arms.py), with the same recipe and samples
+seen, over several seeds; evaluate each on a held-out set; compare the arms seed by seed (paired.py); write
 OUTPUT/validate/metrics.json.
 
 Each (arm, seed) lives in OUTPUT/validate/<arm>-seed<k>/: `checkpoint.pt` (the trainer resumes it), `run.json`
@@ -11,9 +12,7 @@ another training fingerprint is wiped, since the trainer's own check only compar
 from __future__ import annotations
 
 import logging
-import os
 import shutil
-import uuid
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
 from pathlib import Path
@@ -23,7 +22,6 @@ import numpy as np
 
 from curate.io.fs import read_json, write_json_atomic
 from curate.io.wds import count_samples as count_tar_samples
-from curate.io.wds import iter_samples
 from curate.stage import (
     Phase,
     RunLayout,
@@ -35,21 +33,30 @@ from curate.stage import (
     identify_paths,
     single_task,
 )
-from curate.stages.download import DownloadOutputs
-from curate.stages.embed import EmbedOutputs
 from curate.stages.input import InputOutputs
-from curate.stages.materialize import CuratedOutputs, uid_hex
+from curate.stages.materialize import CuratedOutputs
+from curate.stages.validate.arms import (  # baseline_pool and contaminated_uids: part of this module's interface
+    Subset,
+    baseline_pool,
+    check_arms,
+    contaminated_uids,
+    data_folder,
+    ensure_subset,
+    read_subset,
+)
+from curate.stages.validate.arms import subset_fingerprint as arm_data_fingerprint
+from curate.stages.validate.paired import paired_difference, verdict
+
+__all__ = ["ValidateOutputs", "ValidateStage", "baseline_pool", "contaminated_uids", "run_validation"]
 
 if TYPE_CHECKING:
     from curate.config import PipelineConfig, ValidateConfig
+    from curate.stages.validate.evaluate import EvalOptions
     from curate.stages.validate.train import Progress, TrainRecipe, TrainResult
 
 log = logging.getLogger(__name__)
 
-ARMS = ("curated", "baseline")
 STAGE = "validate"
-BASELINE_DATA = "baseline-data"
-BASELINE_RULE = 2  # bump when the way the baseline subset is drawn changes: its runs are then retrained
 TABLE_METRICS = (("zero_shot_acc", "zero-shot acc"), ("image_to_text_r5", "i->t R@5"), ("text_to_image_r5", "t->i R@5"))
 
 ProgressFactory = Callable[..., AbstractContextManager[Any]]
@@ -57,7 +64,12 @@ ProgressFactory = Callable[..., AbstractContextManager[Any]]
 # Settings that change how a run executes, not what it computes.
 SCHEDULING_FIELDS = frozenset({"device", "checkpoint_every", "decode_workers", "eval_batch_size"})
 # Settings that only change the evaluation: changing them re-evaluates the checkpoints, never retrains.
-EVAL_FIELDS = frozenset({"eval_set", "classnames", "templates", "recall_ks", "probe_train_fraction", "probe_l2"})
+EVAL_FIELDS = frozenset(
+    {"eval_set", "classnames", "templates", "task_templates", "recall_ks", "probe_train_fraction", "probe_l2"}
+)
+# Settings that choose which runs there are and how they are compared, not what one (arm, seed) computes; an
+# arm's data fingerprint holds what its subset depends on.
+PLAN_FIELDS = frozenset({"arms", "seeds", "paired_bar", "baseline_size", "baseline_seed"})
 
 
 # ---------------------------------------------------------------- recipe and fingerprints
@@ -88,7 +100,7 @@ def train_recipe(cfg: ValidateConfig, seed: int) -> TrainRecipe:
 
 def settings(cfg: ValidateConfig, exclude: frozenset[str] = frozenset()) -> dict[str, Any]:
     """The settings a run's fingerprints cover; a model config or eval set counts by its content, not its path."""
-    return identify_paths(cfg.model_dump(mode="json", exclude=set(SCHEDULING_FIELDS | exclude)))
+    return identify_paths(cfg.model_dump(mode="json", exclude=set(SCHEDULING_FIELDS | PLAN_FIELDS | exclude)))
 
 
 # ---------------------------------------------------------------- training data of each arm
@@ -103,95 +115,6 @@ def curated_shards(layout: RunLayout) -> list[Path]:
 
 def input_shards(layout: RunLayout) -> list[str]:
     return InputOutputs(layout).shards()
-
-
-def baseline_pool(layout: RunLayout, shards: Sequence[str], contaminated: set[str]) -> list[str]:
-    """Every successfully downloaded uid, minus those close to an eval image: the unfiltered data."""
-    pool: set[str] = set()
-    for shard in shards:
-        pool.update(DownloadOutputs(layout).kept_uids(shard).to_pylist())
-    return sorted(pool - contaminated)
-
-
-def contaminated_uids(config: PipelineConfig, layout: RunLayout, shards: Sequence[str]) -> set[str]:
-    """Downloaded uids within dedup's contamination threshold of an eval image. dedup only sees the samples
-    that passed the filters; the baseline draws from every download, so the same rule is applied to all,
-    with the evaluation embeddings dedup's `eval` phase computed."""
-    if not config.dedup.eval_sets or "embed" not in config.stages:
-        return set()
-    from curate.stages.dedup.decontaminate import contaminated
-    from curate.stages.dedup.stage import DedupOutputs
-
-    dedup = DedupOutputs(layout)
-    if dedup.eval_paths()[0].exists():
-        eval_emb, _ = dedup.eval_embeddings()
-    else:  # dedup ran without these eval sets
-        from curate.stages.dedup.decontaminate import embed_eval_sets
-
-        eval_emb, _ = embed_eval_sets(config.dedup.eval_sets, config.embed)
-    found: set[str] = set()
-    embed = EmbedOutputs(layout)
-    for shard in shards:
-        if not embed.has(shard):  # a shard with no downloaded image
-            continue
-        uids = embed.metadata(shard, columns=["uid"])["uid"]
-        mask = contaminated(embed.image_embeddings(shard), eval_emb, config.dedup.contamination_threshold).mask
-        found.update(uid for uid, hit in zip(uids.to_pylist(), mask, strict=True) if hit)
-    return found
-
-
-def baseline_subset(pool: Sequence[str], size: int, seed: int) -> set[str]:
-    picked = np.random.default_rng(seed).choice(len(pool), size=min(size, len(pool)), replace=False)
-    return {pool[i] for i in picked}
-
-
-def baseline_size(cfg: ValidateConfig, n_curated: int, n_pool: int) -> int:
-    if cfg.baseline_size == "curated":
-        return min(n_curated, n_pool)
-    if cfg.baseline_size == "all":
-        return n_pool
-    return min(int(cfg.baseline_size), n_pool)
-
-
-def ensure_baseline_shards(
-    config: PipelineConfig, layout: RunLayout, n_curated: int, upstream: str
-) -> tuple[list[Path], int, str]:
-    """Write (or reuse) validate/baseline-data/*.tar, the baseline's random subset of the download; returns
-    its shards, the size of the pool it was drawn from and its fingerprint."""
-    import webdataset as wds
-
-    cfg = config.validate  # type: ignore[attr-defined]
-    folder = layout.stage_dir(STAGE) / BASELINE_DATA
-    fingerprint = digest(
-        {"rule": BASELINE_RULE, "upstream": upstream, "size": cfg.baseline_size, "seed": cfg.baseline_seed}
-    )
-    marker = folder / "_done.json"
-    if marker.exists() and read_json(marker)["fingerprint"] == fingerprint:
-        return sorted(folder.glob("*.tar")), int(read_json(marker)["pool"]), fingerprint
-    shards = input_shards(layout)
-    pool = baseline_pool(layout, shards, contaminated_uids(config, layout, shards))
-    size = baseline_size(cfg, n_curated, len(pool))
-    subset = baseline_subset(pool, size, cfg.baseline_seed)
-    scratch = folder.parent / f".{BASELINE_DATA}.{uuid.uuid4().hex[:8]}.tmp"
-    scratch.mkdir(parents=True)
-    try:
-        with wds.ShardWriter(str(scratch / "%05d.tar"), maxcount=10_000, verbose=0) as writer:
-            for shard in shards:
-                # by uid, as curated/ is: img2dataset writes a shard's samples in the order their fetches
-                # finished, and the training stream (hence the baseline's result) follows the tar order
-                tar_path = DownloadOutputs(layout).tar_path(shard)
-                chosen = {s.uid: s for s in iter_samples(tar_path, subset)} if tar_path.exists() else {}
-                for uid in sorted(chosen):
-                    writer.write({"__key__": uid_hex(uid), **chosen[uid].members})  # a key never holds a dot
-        write_json_atomic(
-            scratch / "_done.json", {"fingerprint": fingerprint, "samples": len(subset), "pool": len(pool)}
-        )
-        shutil.rmtree(folder, ignore_errors=True)
-        os.replace(scratch, folder)
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
-    log.info("validate: baseline subset of %d of %d downloaded samples", len(subset), len(pool))
-    return sorted(folder.glob("*.tar")), len(pool), fingerprint
 
 
 def count_samples(shards: Sequence[Path]) -> int:
@@ -250,12 +173,10 @@ def train(
     return train_clip(shards, recipe, out_dir, progress=progress)
 
 
-def evaluate(cfg: ValidateConfig, checkpoint: Path) -> dict[str, Any]:
-    from curate.clip import resolve_device, resolve_model_name
-    from curate.stages.validate.evalsets import load_eval_set
-    from curate.stages.validate.evaluate import EvalOptions, evaluate_checkpoint
+def eval_options(cfg: ValidateConfig) -> EvalOptions:
+    from curate.stages.validate.evaluate import EvalOptions
 
-    options = EvalOptions(
+    return EvalOptions(
         templates=tuple(cfg.templates),
         classnames=tuple(cfg.classnames) if cfg.classnames else None,
         ks=tuple(cfg.recall_ks),
@@ -263,11 +184,19 @@ def evaluate(cfg: ValidateConfig, checkpoint: Path) -> dict[str, Any]:
         probe_l2=cfg.probe_l2,
         batch_size=cfg.eval_batch_size,
         text_metrics=cfg.objective == "clip",
+        task_templates={task: tuple(templates) for task, templates in cfg.task_templates.items()},
     )
+
+
+def evaluate(cfg: ValidateConfig, checkpoint: Path, model: str | None = None) -> dict[str, Any]:
+    """Every metric of `checkpoint` (a `model`, default validate.model) on validate.eval_set."""
+    from curate.clip import resolve_device, resolve_model_name
+    from curate.stages.validate.evalsets import load_eval_set
+    from curate.stages.validate.evaluate import evaluate_checkpoint
+
     device = str(resolve_device(cfg.device))
-    return evaluate_checkpoint(
-        checkpoint, resolve_model_name(cfg.model), load_eval_set(Path(cfg.eval_set)), options, device
-    )
+    name = resolve_model_name(model or cfg.model)
+    return evaluate_checkpoint(checkpoint, name, load_eval_set(Path(cfg.eval_set)), eval_options(cfg), device)
 
 
 # ---------------------------------------------------------------- the stage
@@ -288,8 +217,9 @@ class ValidateOutputs(StageOutputs):
 
 
 class ValidateStage(Stage):
-    """Phases: `baseline` (the unfiltered arm's random subset of the download), `runs` (one task per arm and
-    seed, each resuming its own checkpoint; GPU tasks when on cuda) and `metrics` (the table)."""
+    """Phases: `subsets` (one task per arm drawn from the download: its training shards, chosen from the run's
+    saved fates and scores), `runs` (one task per arm and seed, each resuming its own checkpoint; GPU tasks when
+    on cuda) and `metrics` (the table and the paired differences)."""
 
     name = STAGE
     speed_only = SCHEDULING_FIELDS
@@ -308,6 +238,19 @@ class ValidateStage(Stage):
             raise ConfigError("validate.eval_set: the validate stage needs a held-out eval set folder (labels.json)")
         if not (Path(self.cfg.eval_set) / "labels.json").is_file():
             raise ConfigError(f"validate.eval_set: {self.cfg.eval_set!r} has no labels.json")
+        check_arms(self.config)
+        if self.cfg.task_templates:
+            from curate.stages.validate.evalsets import load_eval_set
+
+            tasks = list(load_eval_set(Path(self.cfg.eval_set)).tasks)
+            unknown = sorted(set(self.cfg.task_templates) - set(tasks))
+            if unknown:
+                raise ConfigError(f"validate.task_templates: {unknown} are not tasks of the eval set; it has {tasks}")
+        if self.cfg.bar_metrics:
+            known = metric_names(self.cfg)
+            unknown = [name for name in self.cfg.bar_metrics if name not in known]
+            if unknown:
+                raise ConfigError(f"validate.bar_metrics: {unknown} are not metrics of this eval set; they are {known}")
 
     def resources(self) -> dict[str, float]:
         from curate.clip import wants_gpu
@@ -316,54 +259,62 @@ class ValidateStage(Stage):
 
     def phases(self) -> list[Phase]:
         return [
-            Phase("baseline", single_task, self._baseline, commit="in_place", resources={}),
+            Phase("subsets", self._subset_names, self._subset, commit="in_place", resources={}),
             Phase("runs", self._run_names, self._run, commit="in_place"),
             Phase("metrics", single_task, self._metrics, resources={}),
         ]
 
-    def _run_names(self, _ctx: StageContext) -> list[str]:
-        return [f"{arm}-seed{seed}" for seed in range(self.cfg.seeds) for arm in ARMS]
+    def _subset_names(self, _ctx: StageContext) -> list[str]:
+        return [arm for arm in self.cfg.arms if arm != "curated"]
 
-    def _data(self, layout: RunLayout) -> tuple[dict[str, list[Path]], dict[str, str], int, int]:
-        """Each arm's shards and data fingerprint, the curated sample count and the baseline's pool size."""
+    def _run_names(self, _ctx: StageContext) -> list[str]:
+        return [f"{arm}-seed{seed}" for seed in range(self.cfg.seeds) for arm in self.cfg.arms]
+
+    def _subset(self, ctx: StageContext, arm: str, _workdir: Path) -> TaskOutput:
+        n_curated = count_samples(curated_shards(ctx.layout))
+        subset = ensure_subset(self.config, ctx, arm, n_curated, CuratedOutputs(ctx.layout).fingerprint())
+        marker = f"{data_folder(ctx.layout, arm).name}/_done.json"
+        return TaskOutput(counts={"samples": subset.samples, "pool": subset.pool}, files=(marker,))
+
+    def _arm_data(self, layout: RunLayout, arm: str) -> Subset:
+        """An arm's training shards, sample count and data fingerprint (the subsets phase wrote them for every
+        arm but curated)."""
         upstream = CuratedOutputs(layout).fingerprint()
-        data = {"curated": curated_shards(layout)}
-        n_curated = count_samples(data["curated"])
-        data["baseline"], n_pool, baseline_print = ensure_baseline_shards(self.config, layout, n_curated, upstream)
-        return data, {"curated": upstream, "baseline": baseline_print}, n_curated, n_pool
+        if arm == "curated":
+            shards = curated_shards(layout)
+            n = count_samples(shards)
+            return Subset(shards, n, n, upstream)
+        subset = read_subset(layout, arm, arm_data_fingerprint(self.config, arm, upstream))
+        if subset is None:
+            raise FileNotFoundError(f"{data_folder(layout, arm)} is missing or stale; the subsets phase writes it")
+        return subset
 
     def _eval_print(self) -> str:
         from curate.stages.validate.evalsets import eval_set_fingerprint
 
         return digest({"eval_set": eval_set_fingerprint(Path(self.cfg.eval_set)), "settings": settings(self.cfg)})
 
-    def _baseline(self, ctx: StageContext, _task: str, _workdir: Path) -> TaskOutput:
-        data, _, n_curated, n_pool = self._data(ctx.layout)
-        counts = {"curated": n_curated, "baseline": count_samples(data["baseline"]), "pool": n_pool}
-        return TaskOutput(counts=counts, files=(f"{BASELINE_DATA}/_done.json",))
-
     def _run(self, ctx: StageContext, task: str, _workdir: Path) -> TaskOutput:
         arm, _, seed_text = task.rpartition("-seed")
         seed = int(seed_text)
-        data, data_prints, _, _ = self._data(ctx.layout)
-        train_print = digest({"data": data_prints[arm], "seed": seed, "settings": settings(self.cfg, EVAL_FIELDS)})
+        data = self._arm_data(ctx.layout, arm)
+        train_print = digest({"data": data.fingerprint, "seed": seed, "settings": settings(self.cfg, EVAL_FIELDS)})
         out_dir = ValidateOutputs(ctx.layout).run_dir(arm, seed)
-        result = run_arm(self.cfg, data[arm], out_dir, seed, train_print, self._eval_print(), None)
+        result = run_arm(self.cfg, data.shards, out_dir, seed, train_print, self._eval_print(), None)
         return TaskOutput(counts={"steps": int(result["steps"])}, files=(f"{out_dir.name}/result.json",))
 
     def _metrics(self, ctx: StageContext, _task: str, workdir: Path) -> TaskOutput:
         outputs = ValidateOutputs(ctx.layout)
-        data, data_prints, n_curated, n_pool = self._data(ctx.layout)
-        runs: dict[str, list[dict[str, Any]]] = {arm: [] for arm in ARMS}
-        for seed in range(self.cfg.seeds):
-            for arm in ARMS:
-                runs[arm].append(read_json(outputs.run_dir(arm, seed) / "result.json"))
-        counts = {
-            "curated_samples": n_curated,
-            "baseline_samples": count_samples(data["baseline"]),
-            "baseline_pool": n_pool,
-        }
-        metrics = metrics_document(self.cfg, runs, data_prints["curated"], self._eval_print(), counts)
+        runs: dict[str, list[dict[str, Any]]] = {}
+        counts: dict[str, int] = {}
+        for arm in self.cfg.arms:
+            data = self._arm_data(ctx.layout, arm)
+            counts[f"{arm}_samples"] = data.samples
+            if arm != "curated":
+                counts[f"{arm}_pool"] = data.pool
+            runs[arm] = [read_json(outputs.run_dir(arm, seed) / "result.json") for seed in range(self.cfg.seeds)]
+        upstream = CuratedOutputs(ctx.layout).fingerprint()
+        metrics = metrics_document(self.cfg, runs, upstream, self._eval_print(), counts)
         write_json_atomic(workdir / outputs.metrics_path.name, metrics)
         return TaskOutput(counts=counts)
 
@@ -405,41 +356,79 @@ def summarize(values: Sequence[float]) -> dict[str, Any]:
     return {"mean": float(array.mean()), "std": std, "values": [float(v) for v in array]}
 
 
+def metric_names(cfg: ValidateConfig) -> list[str]:
+    """The metrics each run reports on cfg.eval_set (evaluate_checkpoint's names)."""
+    from curate.stages.validate.evalsets import load_eval_set
+
+    tasks = list(load_eval_set(Path(cfg.eval_set)).tasks)
+    names = ["linear_probe_acc", *(f"linear_probe_acc_{task}" for task in tasks)]
+    if cfg.objective == "clip":
+        names += ["zero_shot_acc", *(f"zero_shot_acc_{task}" for task in tasks)]
+        names += [f"{way}_r{k}" for way in ("image_to_text", "text_to_image") for k in cfg.recall_ks]
+    return names
+
+
+def comparisons(arms: Sequence[str]) -> list[tuple[str, str]]:
+    """(arm, against) pairs: every arm against the first listed (the reference), then each against the one
+    listed before it."""
+    pairs = [(arm, arms[0]) for arm in arms[1:]]
+    pairs += [(arms[i], arms[i - 1]) for i in range(2, len(arms))]
+    return pairs
+
+
+def bar_metrics(cfg: ValidateConfig, names: Sequence[str]) -> list[str]:
+    """The metrics a pair must clear the bar on: validate.bar_metrics, or the zero-shot accuracies (the
+    linear probe for an image-only objective)."""
+    if cfg.bar_metrics:
+        return list(cfg.bar_metrics)
+    zero_shot = [name for name in names if name.startswith("zero_shot_acc_")] or ["zero_shot_acc"]
+    return zero_shot if cfg.objective == "clip" else ["linear_probe_acc"]
+
+
 def metrics_document(
     cfg: ValidateConfig, runs: dict[str, list[dict[str, Any]]], upstream: str, eval_print: str, data: dict[str, int]
 ) -> dict[str, Any]:
-    names = sorted(runs["curated"][0]["metrics"])
+    first = next(iter(runs.values()))[0]
+    names = sorted(name for name in first["metrics"] if name != "n_eval")
     summary = {
-        arm: {name: summarize([run["metrics"][name] for run in arm_runs]) for name in names if name != "n_eval"}
+        arm: {name: summarize([run["metrics"][name] for run in arm_runs]) for name in names}
         for arm, arm_runs in runs.items()
     }
-    difference = {}
-    for name in summary["curated"]:
-        curated, baseline = summary["curated"][name], summary["baseline"][name]
-        larger_std = max(curated["std"], baseline["std"])
-        diff = curated["mean"] - baseline["mean"]
-        # both arms start from the same weights for a given seed: the per-seed differences are paired
-        per_seed = summarize(np.subtract(curated["values"], baseline["values"]))
-        difference[name] = {
-            "curated_minus_baseline": diff,
-            "larger_std": larger_std,
-            "exceeds_3_std": bool(diff > 3 * larger_std),
-            "per_seed": per_seed["values"],
-            "per_seed_std": per_seed["std"],
-            "curated_wins_every_seed": bool(min(per_seed["values"]) > 0),
+    bar = bar_metrics(cfg, names)
+    missing = sorted(set(bar) - set(names))
+    if missing:
+        raise ValueError(f"validate.bar_metrics: {missing} are not among the metrics {names}")
+    paired = {}
+    for arm, against in comparisons(list(runs)):
+        # both arms of a seed start from that seed's initial weights: the per-seed differences are paired
+        by_metric = {}
+        for name in names:
+            diff = paired_difference(
+                arm, summary[arm][name]["values"], against, summary[against][name]["values"], cfg.paired_bar
+            )
+            by_metric[name] = {**diff.to_dict(), "verdict": verdict(diff, name)}
+        paired[f"{arm} - {against}"] = {
+            "arm": arm,
+            "against": against,
+            "bar_metrics": bar,
+            "passes": all(by_metric[name]["passes"] for name in bar),
+            "metrics": by_metric,
         }
     recipe = train_recipe(cfg, 0).to_dict()
     recipe.pop("seed")
     return {
-        "fingerprint": digest({"upstream": upstream, "eval": eval_print, "settings": settings(cfg)}),
+        "fingerprint": digest(
+            {"upstream": upstream, "eval": eval_print, "plan": cfg.model_dump(mode="json", include=set(PLAN_FIELDS))}
+        ),
         "objective": cfg.objective,
         "recipe": recipe,
+        "arms": list(runs),
         "seeds": list(range(cfg.seeds)),
-        "samples_seen": runs["curated"][0]["samples_seen"],
-        "eval_set": {"path": cfg.eval_set, "n": runs["curated"][0]["metrics"]["n_eval"]},
+        "samples_seen": first["samples_seen"],
+        "eval_set": {"path": cfg.eval_set, "n": first["metrics"]["n_eval"]},
         "data": data,
         "summary": summary,
-        "difference": difference,
+        "paired": paired,
         "runs": {arm: [_run_entry(run) for run in arm_runs] for arm, arm_runs in runs.items()},
     }
 
@@ -448,21 +437,82 @@ def _run_entry(run: dict[str, Any]) -> dict[str, Any]:
     return {key: run[key] for key in ("seed", "metrics", "samples_seen", "steps", "train_seconds", "losses")}
 
 
+def table_columns(metrics: dict[str, Any]) -> list[tuple[str, str]]:
+    """(metric, label) of the table: zero-shot per eval-set task, retrieval R@5, the linear probe per task."""
+    names = next(iter(metrics["summary"].values()))
+    tasks = [name.removeprefix("zero_shot_acc_") for name in names if name.startswith("zero_shot_acc_")]
+    probes = [name.removeprefix("linear_probe_acc_") for name in names if name.startswith("linear_probe_acc_")]
+    columns = [(f"zero_shot_acc_{task}", f"zero-shot {task}") for task in tasks]
+    if not columns:
+        columns = [(key, label) for key, label in TABLE_METRICS[:1] if key in names]
+    columns += [(key, label) for key, label in TABLE_METRICS[1:] if key in names]
+    columns += [(f"linear_probe_acc_{task}", f"probe {task}") for task in probes]
+    return columns or [("linear_probe_acc", "linear probe")]
+
+
+def pair_names(metrics: dict[str, Any]) -> list[str]:
+    """The pairs of metrics.json in comparison order (the file itself keeps its keys sorted)."""
+    return [f"{arm} - {against}" for arm, against in comparisons(metrics["arms"])]
+
+
+def pair_verdict(pair: dict[str, Any]) -> str:
+    """One line: whether `pair` clears the paired bar on every bar metric, naming the ones it misses."""
+    bar = pair["metrics"][pair["bar_metrics"][0]]["bar"]
+    what = f"{pair['arm']} vs {pair['against']}"
+    labels = [_metric_label(name) for name in pair["bar_metrics"]]
+    n = len(pair["metrics"][pair["bar_metrics"][0]]["per_seed"])
+    if pair["passes"]:
+        rule = f"(> {bar:g}x std, 95% CI excludes 0)"
+        return f"verdict: {what}: PASSES the paired bar {rule} on {', '.join(labels)}, {n} seeds"
+    misses = []
+    for name in pair["bar_metrics"]:
+        cell = pair["metrics"][name]
+        if not cell["passes"]:
+            interval = "no CI" if cell["ci95"] is None else f"CI [{cell['ci95'][0]:+.3f}, {cell['ci95'][1]:+.3f}]"
+            misses.append(f"{_metric_label(name)} {cell['mean']:+.3f} ± {cell['std']:.3f}, {interval}")
+    return (
+        f"verdict: {what}: does NOT pass the paired bar (> {bar:g}x std, 95% CI excludes 0), {n} seeds: "
+        + "; ".join(misses)
+    )
+
+
+def _metric_label(name: str) -> str:
+    if name.startswith("zero_shot_acc_"):
+        return f"zero-shot {name.removeprefix('zero_shot_acc_')}"
+    return dict((*TABLE_METRICS, ("linear_probe_acc", "linear probe"))).get(name, name)
+
+
+def format_verdicts(metrics: dict[str, Any]) -> str:
+    return "\n".join(pair_verdict(metrics["paired"][name]) for name in pair_names(metrics))
+
+
 def format_validation_table(metrics: dict[str, Any]) -> str:
-    """Mean ± std over seeds per arm, and curated minus baseline, for the metrics the demo quotes."""
-    shown = [(key, label) for key, label in TABLE_METRICS if key in metrics["summary"]["curated"]]
-    if not shown:  # image-only objective: the linear probe is the only metric
-        shown = [("linear_probe_acc", "linear probe acc")]
-    header = f"{'arm':<22}" + "".join(f"{label:>20}" for _, label in shown)
-    lines = [header]
-    for arm in ARMS:
+    """Mean ± std over seeds per arm, the paired per-seed differences (mean ± std, 95% interval) per pair, and
+    one verdict line per pair (metrics.json holds one per pair and metric too)."""
+    columns = table_columns(metrics)
+    pairs = pair_names(metrics)
+    width = max(22, *(len(name) + 2 for name in pairs))
+    lines = [f"{'arm':<{width}}" + "".join(f"{label:>18}" for _, label in columns)]
+    for arm in metrics["arms"]:
+        summary = metrics["summary"][arm]
+        cells = "".join(f"{summary[key]['mean']:>11.3f} ± {summary[key]['std']:.3f}" for key, _ in columns)
+        lines.append(f"{arm:<{width}}{cells}")
+    for name in pairs:
+        pair = metrics["paired"][name]
         cells = "".join(
-            f"{metrics['summary'][arm][key]['mean']:>12.3f} ± {metrics['summary'][arm][key]['std']:.3f}"
-            for key, _ in shown
+            f"{pair['metrics'][key]['mean']:>+11.3f} ± {pair['metrics'][key]['std']:.3f}" for key, _ in columns
         )
-        lines.append(f"{arm:<22}{cells}")
-    diffs = "".join(f"{metrics['difference'][key]['curated_minus_baseline']:>+20.3f}" for key, _ in shown)
-    lines.append(f"{'curated - baseline':<22}{diffs}")
+        lines.append(f"{name:<{width}}{cells}")
+        intervals = "".join(_interval_cell(pair["metrics"][key]["ci95"]) for key, _ in columns)
+        lines.append(f"{'  95% CI':<{width}}{intervals}")
     seeds, samples = len(metrics["seeds"]), metrics["samples_seen"]
-    lines.append(f"({seeds} seeds, {samples} samples seen per run, {metrics['eval_set']['n']} eval images)")
+    lines.append(
+        f"({seeds} seeds, {samples} samples seen per run, {metrics['eval_set']['n']} eval images; "
+        "pairs: mean ± std of the per-seed differences, both arms of a seed starting from the same weights)"
+    )
+    lines.append(format_verdicts(metrics))
     return "\n".join(lines)
+
+
+def _interval_cell(interval: list[float] | None) -> str:
+    return f"{'':>18}" if interval is None else f"{f'[{interval[0]:+.3f}, {interval[1]:+.3f}]':>18}"
