@@ -150,15 +150,18 @@ def test_sizes_json_and_the_wids_index_describe_the_curated_shards(finished: Fin
     assert last[".json"]["uid"] == last["__key__"] and last[".jpg"].size[0] > 0  # wids decodes json and jpg
 
 
-def test_progress_counts_samples_and_the_run_ends_with_the_validation_table(finished: FinishedRun) -> None:
+def test_progress_counts_samples_and_the_run_ends_with_the_validation_table_and_its_verdict(
+    finished: FinishedRun,
+) -> None:
     err, out = finished.finished.stderr, finished.finished.stdout
     for bar in ("download", "embed", "materialize", "materialize:index"):
         assert f"{bar:>10}: 100%" in err, bar
     assert "samples=" in err
     rows = len(finished.crawl)
     assert f"samples={rows}" in err  # the input stage's one task went through every row
-    assert out.rstrip().splitlines()[-1].startswith("(1 seeds, 24 samples seen per run")
+    assert "(1 seeds, 24 samples seen per run" in out
     assert "curated - baseline" in out
+    assert out.rstrip().splitlines()[-1].startswith("verdict: curated vs baseline: ")
 
 
 def test_a_missing_kept_column_stops_the_run_before_any_fetch(served_world: ServedWorld, tmp_path: Path) -> None:
