@@ -499,7 +499,9 @@ class DedupStage(Stage):
         )
 
     def _embeddings(self, ctx: StageContext, shard: str, rows: pa.Table, raw: bool = False) -> np.ndarray:
-        stored = EmbedOutputs(ctx.layout).image_embeddings(shard)[rows["row"].to_numpy(zero_copy_only=False)]
+        # mapped, so a task wanting a few rows of a shard (the groups task's chains) reads only those
+        stored = np.load(EmbedOutputs(ctx.layout).paths(shard)[0], mmap_mode="r")
+        stored = np.asarray(stored[rows["row"].to_numpy(zero_copy_only=False)])
         return stored if raw else normalised(stored)
 
     def _near_vectors(
