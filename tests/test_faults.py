@@ -244,6 +244,10 @@ def process_state(pid: int) -> str:
     return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
 
 
+def default_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def wait_for(condition: Callable[[], bool], what: str, process: subprocess.Popen[bytes], timeout: float = 180) -> None:
     deadline = time.monotonic() + timeout
     while not condition():
@@ -372,7 +376,8 @@ def test_ctrl_c_exits_130_with_one_line_and_the_same_command_resumes(
     settings = [*DOWNLOAD, *extra, f"output={run_dir}"]
     command = [sys.executable, "-m", "curate", "run", str(pipeline), "--no-progress", *set_options(*settings)]
     with open(tmp_path / "stdout.log", "wb") as out, open(tmp_path / "stderr.log", "wb") as err:
-        run = subprocess.Popen(command, cwd=REPO, stdout=out, stderr=err)
+        # the default Ctrl-C disposition, whatever this test process inherited or was left with
+        run = subprocess.Popen(command, cwd=REPO, stdout=out, stderr=err, preexec_fn=default_sigint)
     try:
         download = DownloadOutputs(run_dir).folder
         if interrupt_when == "marker":
