@@ -21,7 +21,7 @@ from curate.ledger import read_fate_parts
 from curate.pipeline import run_pipeline
 from curate.runner import ShardFailed
 from curate.stages.input import InputError, InputStage, inspect_sources, plan_file_tasks, string_hashes
-from curate.stages.input.stage import WORK_PHASES
+from curate.stages.input.stage import WORK, WORK_PHASES
 from tests.test_input import snapshot, table_bytes, uid_of
 
 MakeConfig = Callable[..., PipelineConfig]
@@ -95,7 +95,7 @@ def outputs(output: Path) -> dict[str, Any]:
 def working_files(output: Path) -> list[str]:
     """What the phases before the shards leave behind (removed once the stage is done)."""
     folder = output / "input"
-    leftovers = [folder / "work", *(folder / "_done" / phase for phase in WORK_PHASES)]
+    leftovers = [folder / WORK, *(folder / "_done" / phase for phase in WORK_PHASES)]
     return sorted(str(p) for p in leftovers if p.exists())
 
 

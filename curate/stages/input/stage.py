@@ -65,7 +65,7 @@ from curate.stages.input.sources import (
 
 STAGE = "input"
 SHARD_SCHEMA = pa.schema([("uid", pa.string()), ("url", pa.string()), ("caption", pa.string())])
-WORK = "work"
+WORK = "staging"
 """The working files of the phases before `shards`, under the stage folder; removed once the stage is done."""
 WORK_PHASES = ("files", "plan", "buckets", "uids", "repeats")
 ROW_BITS = 40
