@@ -177,3 +177,21 @@ def test_each_shard_reads_only_its_own_decisions_and_a_second_run_does_nothing(p
         assert part["uid"].to_pylist() == sorted(fates["uid"].to_pylist())
     assert outputs.decisions().num_rows == 2700
     assert run_pipeline(config).tasks_run == 0
+
+
+def test_the_largest_groups_from_each_task_are_the_largest_of_the_whole_run(partitioned) -> None:
+    config, _ = partitioned
+    outputs = DedupOutputs(RunLayout(Path(config.output)))
+    decisions = outputs.decisions().to_pandas()
+    for reason in ("dup_exact", "dup_near", "dup_semantic"):
+        rows = decisions[(decisions["reason"] == reason) & decisions["kept_uid"].notna()]
+        sizes = rows.groupby("kept_uid").size().rename("copies").reset_index()
+        top = sizes.sort_values(["copies", "kept_uid"], ascending=[False, True]).head(4)
+        largest = outputs.largest_groups(reason).to_pandas()
+        assert len(top) == 4, reason  # the planted data has groups in every layer
+        assert list(dict.fromkeys(largest["kept_uid"])) == list(top["kept_uid"]), reason
+        for kept_uid, copies in zip(top["kept_uid"], top["copies"], strict=True):
+            members = rows[rows["kept_uid"] == kept_uid].assign(sim=lambda t: t["similarity"].fillna(1.0))
+            expected = members.sort_values(["sim", "uid"], ascending=[False, True])["uid"].head(5).tolist()
+            mine = largest[largest["kept_uid"] == kept_uid]
+            assert mine["uid"].tolist() == expected and set(mine["copies"]) == {copies}, (reason, kept_uid)

@@ -50,3 +50,29 @@ def column_vectors(column: pa.ChunkedArray | pa.Array, dim: int) -> np.ndarray:
     if isinstance(column, pa.ChunkedArray):
         column = column.combine_chunks() if column.num_chunks else pa.array([], column.type)
     return pc.list_flatten(column).to_numpy(zero_copy_only=False).reshape(-1, dim)
+
+
+KEY_COLUMN = "_key"
+
+
+def write_keyed(path: Path, table: pa.Table, key: np.ndarray) -> None:
+    """`table` sorted by a non-negative integer `key` per row, stored with it in one Arrow IPC file, so that
+    reading one key's rows is a binary search over a memory map: the cost of a read does not grow with the
+    number of keys (a file of drops for every input shard is read once per shard)."""
+    order = np.argsort(key, kind="stable")
+    keyed = table.take(pa.array(order)).append_column(KEY_COLUMN, pa.array(np.asarray(key)[order], pa.int64()))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temp_sibling(path)
+    with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_file(sink, keyed.schema) as writer:
+        writer.write_batch(keyed.combine_chunks().to_batches()[0] if len(keyed) else empty_batch(keyed.schema))
+    tmp.replace(path)
+
+
+def read_keyed(path: Path, key: int) -> pa.Table:
+    """The rows `write_keyed` stored under `key`, without the key column."""
+    with pa.memory_map(str(path)) as source:
+        batch = pa.ipc.open_file(source).get_batch(0)
+        keys = batch.column(KEY_COLUMN).to_numpy()
+        start, stop = np.searchsorted(keys, [key, key + 1])
+        rows = batch.slice(start, stop - start)
+        return pa.Table.from_batches([rows.drop_columns([KEY_COLUMN])])

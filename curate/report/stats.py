@@ -36,8 +36,6 @@ log = logging.getLogger(__name__)
 
 NEAR_THRESHOLD_SAMPLES = 12
 SAMPLES_PER_REASON = 8
-GROUPS_PER_REASON = 4
-COPIES_PER_GROUP = 5
 DETAIL_CHARS = 160
 DUP_REASONS = ("dup_exact", "dup_near", "dup_semantic")
 LEDGER_BATCH_ROWS = 65_536
@@ -52,7 +50,7 @@ class RunData:
     ledger_path: Path | None
     run_stats: dict[str, Any] | None
     filter_summary: dict[str, Any] | None
-    decisions: pd.DataFrame | None
+    duplicate_groups: dict[str, pa.Table] | None  # per duplicate reason, its largest groups
     metrics: dict[str, Any] | None
 
 
@@ -67,9 +65,15 @@ def load_run(run_dir: Path) -> RunData:
         ledger_path=layout.ledger_path if layout.ledger_path.exists() else None,
         run_stats=_read_optional_json(layout.stats_path),
         filter_summary=_read_optional_json(FilterOutputs(layout).summary_path),
-        decisions=dedup.decisions().to_pandas() if dedup.folder.joinpath("decisions").is_dir() else None,
+        duplicate_groups=_largest_groups(dedup),
         metrics=_read_optional_json(ValidateOutputs(layout).metrics_path),
     )
+
+
+def _largest_groups(dedup: DedupOutputs) -> dict[str, pa.Table] | None:
+    if not dedup.folder.joinpath("decisions").is_dir() or not dedup.plan_path.exists():
+        return None
+    return {reason: dedup.largest_groups(reason) for reason in DUP_REASONS}
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:
@@ -266,18 +270,12 @@ def sample_grids(digest: LedgerDigest | None) -> dict[str, Any] | None:
 
 def duplicate_groups(data: RunData) -> list[dict[str, Any]] | None:
     """Per duplicate reason, its largest groups: the survivor and the copies dropped in its favour."""
-    decisions = data.decisions
-    if decisions is None:
+    if data.duplicate_groups is None:
         return None
-    dups = decisions[decisions["reason"].isin(DUP_REASONS) & decisions["kept_uid"].notna()]
     groups = []
     for reason in DUP_REASONS:
-        rows = dups[dups["reason"] == reason]
-        sizes = rows.groupby("kept_uid").size().reset_index(name="copies")
-        sizes = sizes.sort_values(["copies", "kept_uid"], ascending=[False, True]).head(GROUPS_PER_REASON)
-        for kept_uid, copies in zip(sizes["kept_uid"], sizes["copies"], strict=True):
-            members = rows[rows["kept_uid"] == kept_uid].assign(sim=lambda t: t["similarity"].fillna(1.0))
-            members = members.sort_values(["sim", "uid"], ascending=[False, True]).head(COPIES_PER_GROUP)
+        largest = data.duplicate_groups[reason].to_pandas()
+        for (kept_uid, copies), members in largest.groupby(["kept_uid", "copies"], sort=False):
             groups.append(
                 {
                     "reason": reason,

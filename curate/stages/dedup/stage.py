@@ -36,8 +36,10 @@ from curate.config import DedupConfig
 from curate.io.fs import read_json, write_json_atomic, write_parquet_atomic
 from curate.io.partitioned import (
     column_vectors,
+    read_keyed,
     read_partition_of_all,
     vectors_column,
+    write_keyed,
     write_partitions,
 )
 from curate.ledger import FATE_SCHEMA, Status, make_fates
@@ -52,6 +54,7 @@ from curate.stage import (
     single_task,
 )
 from curate.stages.dedup.decisions import DECISION_SCHEMA, REASONS
+from curate.stages.dedup.largest import largest_groups
 from curate.stages.dedup.thumbnails import shard_thumbnail_features
 from curate.stages.download import DownloadOutputs
 from curate.stages.embed import EmbedOutputs, EmbedStage
@@ -75,6 +78,7 @@ class DedupPlan:
     samples: int
     partitions: int
     buckets: int
+    layers: tuple[str, ...] = ()  # the duplicate layers this run decides, as reasons
 
 
 def normalised(vectors: np.ndarray) -> np.ndarray:
@@ -129,7 +133,7 @@ class DedupOutputs(StageOutputs):
         return self.folder / "screen" / "features" / f"{shard}.npy"
 
     def exact_path(self, bucket: int) -> Path:
-        return self.folder / "exact" / f"{bucket:05d}.parquet"
+        return self.folder / "exact" / f"{bucket:05d}.arrow"
 
     @property
     def partitioning_path(self) -> Path:
@@ -152,19 +156,44 @@ class DedupOutputs(StageOutputs):
         return self.folder / "near" / "summary.json"
 
     def semantic_path(self, partition: int) -> Path:
-        return self.folder / "semantic" / f"{partition:05d}.parquet"
+        return self.folder / "semantic" / f"{partition:05d}.arrow"
+
+    def largest_path(self, reason: str, task: int) -> Path:
+        return self.folder / "largest" / reason / f"{task:05d}.parquet"
+
+    def largest_groups(self, reason: str) -> pa.Table:
+        """The layer's largest duplicate groups (`largest.largest_groups`), from its tasks' own."""
+        from curate.stages.dedup.largest import merge_largest
+
+        plan = self.plan()
+        tasks = {"dup_exact": plan.buckets, "dup_near": 1, "dup_semantic": plan.partitions}[reason]
+        paths = [self.largest_path(reason, t) for t in range(tasks if reason in plan.layers else 0)]
+        return merge_largest(pq.read_table(p) for p in paths if p.exists())
 
 
-def read_drops(path: Path, shard: str | None = None) -> pa.Table:
+def read_drops(path: Path) -> pa.Table:
     if not path.exists():
         return DROP_SCHEMA.empty_table()
-    filters = [("shard", "=", shard)] if shard is not None else None
-    return pq.read_table(path, schema=DROP_SCHEMA, filters=filters)
+    return pq.read_table(path, schema=DROP_SCHEMA)
 
 
 def write_drops(table: pa.Table, path: Path) -> None:
-    """Sorted by shard, so a reader filtering one shard skips the other row groups."""
     write_parquet_atomic(table.cast(DROP_SCHEMA).sort_by([("shard", "ascending"), ("uid", "ascending")]), path)
+
+
+def write_drops_by_shard(table: pa.Table, path: Path, shards: list[str]) -> None:
+    """Drops of many shards (an exact bucket's, a partition's), keyed by each row's shard's position in
+    `shards`, so each shard's reader finds its rows by a binary search whatever the number of shards."""
+    position = {shard: k for k, shard in enumerate(shards)}
+    table = table.cast(DROP_SCHEMA).sort_by("uid")
+    write_keyed(path, table, np.array([position[s] for s in table["shard"].to_pylist()], dtype=np.int64))
+
+
+def read_drops_of_shard(path: Path, position: int) -> pa.Table:
+    """The drops of the shard at `position` in the run's shards from a `write_drops_by_shard` file."""
+    if not path.exists():
+        return DROP_SCHEMA.empty_table()
+    return read_keyed(path, position).cast(DROP_SCHEMA)
 
 
 class DedupStage(Stage):
@@ -239,7 +268,14 @@ class DedupStage(Stage):
         upstream = self.upstream_name()
         samples = sum(read_json(ctx.layout.marker_path(upstream, s))["counts"].get("kept", 0) for s in ctx.shards)
         partitions = partition_count(samples, self.cfg.partition_rows)
-        plan = DedupPlan(samples, partitions if self.partitioned else 0, partitions if self.cfg.exact else 0)
+        layers = {"dup_exact": self.cfg.exact, "dup_near": self.cfg.near_threshold is not None}
+        layers["dup_semantic"] = self.cfg.semantic_eps is not None
+        plan = DedupPlan(
+            samples,
+            partitions if self.partitioned else 0,
+            partitions if self.cfg.exact else 0,
+            tuple(reason for reason, on in layers.items() if on),
+        )
         write_json_atomic(_in(workdir, DedupOutputs(ctx.layout).plan_path, ctx), asdict(plan))
         return TaskOutput(counts={"samples": samples, "partitions": plan.partitions})
 
@@ -301,7 +337,8 @@ class DedupStage(Stage):
         )
         shards = np.array(keys["shard"].to_pylist(), dtype=object)
         drops = _drops(uids, found.dropped, found.kept_uid, found.similarity, shards)
-        write_drops(drops, _in(workdir, outputs.exact_path(int(task)), ctx))
+        write_drops_by_shard(drops, _in(workdir, outputs.exact_path(int(task)), ctx), ctx.shards)
+        write_parquet_atomic(largest_groups(drops), _in(workdir, outputs.largest_path("dup_exact", int(task)), ctx))
         return TaskOutput(counts={"samples": len(uids), "dup_exact": found.n_dropped})
 
     def _train(self, ctx: StageContext, _task: str, workdir: Path) -> TaskOutput:
@@ -324,8 +361,10 @@ class DedupStage(Stage):
         rows = self._shard_rows(ctx, shard)
         dropped = set(read_drops(outputs.contaminated_path(shard))["uid"].to_pylist())
         if self.cfg.exact:
+            position = ctx.shards.index(shard)
             for bucket in range(plan.buckets):
-                dropped.update(read_drops(outputs.exact_path(bucket), shard)["uid"].to_pylist())
+                exact = read_drops_of_shard(outputs.exact_path(bucket), position)
+                dropped.update(exact["uid"].to_pylist())
         uids = rows["uid"].to_pylist()
         rows = rows.filter(pa.array([u not in dropped for u in uids], pa.bool_()))
         if plan.partitions > 1:
@@ -408,6 +447,7 @@ class DedupStage(Stage):
             read_json(ctx.layout.marker_path(self.name, s, "assign"))["counts"].get("samples", 0) for s in ctx.shards
         )
         write_json_atomic(_in(workdir, outputs.near_summary_path, ctx), {"samples": entering, "dropped": len(rows)})
+        write_parquet_atomic(largest_groups(drops), _in(workdir, outputs.largest_path("dup_near", 0), ctx))
         return TaskOutput(counts={"pairs": len(pairs), "dup_near": len(rows)})
 
     def _semantic(self, ctx: StageContext, task: str, workdir: Path) -> TaskOutput:
@@ -431,7 +471,8 @@ class DedupStage(Stage):
         found = semantic_in_partition(uids, x, members["clip_score"].to_numpy(zero_copy_only=False), total, self.params)
         shards = np.array(members["shard"].to_pylist(), dtype=object)
         drops = _drops(uids, found.dropped, found.kept_uid, found.similarity, shards)
-        write_drops(drops, _in(workdir, outputs.semantic_path(partition), ctx))
+        write_drops_by_shard(drops, _in(workdir, outputs.semantic_path(partition), ctx), ctx.shards)
+        write_parquet_atomic(largest_groups(drops), _in(workdir, outputs.largest_path("dup_semantic", partition), ctx))
         return TaskOutput(counts={"samples": len(uids), "dup_semantic": found.n_dropped})
 
     # -- the fate phase
@@ -447,12 +488,13 @@ class DedupStage(Stage):
 
     def process_shard(self, ctx: StageContext, shard: str, workdir: Path) -> pa.Table:
         outputs, plan = DedupOutputs(ctx.layout), DedupOutputs(ctx.layout).plan()
+        position = ctx.shards.index(shard)
         layers = {
             "contaminated": [read_drops(outputs.contaminated_path(shard))],
-            "dup_exact": [read_drops(outputs.exact_path(b), shard) for b in range(plan.buckets)],
+            "dup_exact": [read_drops_of_shard(outputs.exact_path(b), position) for b in range(plan.buckets)],
             "dup_near": [read_drops(outputs.near_path(shard))],
             "dup_semantic": [
-                read_drops(outputs.semantic_path(p), shard)
+                read_drops_of_shard(outputs.semantic_path(p), position)
                 for p in range(plan.partitions if self.cfg.semantic_eps is not None else 0)
             ],
         }
