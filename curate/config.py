@@ -470,7 +470,8 @@ class StorageConfig(Section):
     options: dict[str, Any] = Field(
         default_factory=dict,
         description="fsspec storage options for every URL path (s3://, gs://, ...): e.g. client_kwargs.endpoint_url, "
-        "profile, anon, key, secret; s3fs also reads the AWS_* environment variables",
+        "profile, anon, key, secret; s3fs also reads the AWS_* environment variables. Credentials (key, secret, "
+        "tokens, passwords) are not written to the run directory's config.yaml",
     )
 
 
@@ -663,5 +664,26 @@ def did_you_mean(loc: tuple[Any, ...]) -> str:
     return f" (did you mean {'.'.join([*map(str, loc[:-1]), matches[0]])!r}?)"
 
 
+SECRET_WORDS = ("secret", "token", "password", "credential", "access_key", "account_key")
+
+
 def dump_config(config: PipelineConfig) -> str:
-    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
+    """The config as the run directory keeps it: credentials in `storage.options` (key, secret, tokens,
+    passwords, at any depth) are left out, so that a run directory can be shared; commands that reopen a run
+    take them from the environment (AWS_* variables, a profile) or `--set` again."""
+    dumped = config.model_dump(mode="json")
+    dumped["storage"]["options"] = _without_secrets(dumped["storage"]["options"])
+    return yaml.safe_dump(dumped, sort_keys=False)
+
+
+def is_secret_option(name: str) -> bool:
+    name = name.lower()
+    return name == "key" or any(word in name for word in SECRET_WORDS)
+
+
+def _without_secrets(options: Any) -> Any:
+    if isinstance(options, dict):
+        return {k: _without_secrets(v) for k, v in options.items() if not is_secret_option(str(k))}
+    if isinstance(options, list):
+        return [_without_secrets(v) for v in options]
+    return options

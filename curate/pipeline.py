@@ -291,8 +291,7 @@ def run_status(run_dir: Path) -> dict[str, Any]:
         prints = stage_fingerprints(stages)
     except InputError as err:
         log.warning("cannot re-check the input files (%s); using the recorded input fingerprint", err)
-        recorded = read_json(layout.marker_path(InputStage.name, "all", "build"))["fingerprint"]
-        prints = stage_fingerprints(stages, input_print=recorded)
+        prints = stage_fingerprints(stages, input_print=InputOutputs(layout).recorded_fingerprint())
     shards = list(manifest["shards"])  # type: ignore[call-overload]
     stats, states = collect_stats(config, layout, prints, shards)
     ledger_rows = pq.read_metadata(layout.ledger_path).num_rows if layout.ledger_path.exists() else None

@@ -120,6 +120,10 @@ def test_curate_run_reads_a_bucket_with_the_configs_storage_options(
     assert main(["run", str(pipeline), "--no-progress"]) == 0
     local = run_pipeline(config_of(str(tmp_path / "crawl.csv"), tmp_path / "local"))
     assert local.complete and outputs(tmp_path / "run") == outputs(tmp_path / "local")
+    saved = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())["storage"]["options"]
+    assert saved == {"client_kwargs": {"endpoint_url": s3_bucket.endpoint}}  # the key and secret stay out
+    capsys.readouterr()
+    assert main(["status", str(tmp_path / "run")]) == 0  # the run reopens from what it kept
 
     capsys.readouterr()
     missing = s3_bucket.url("gone.csv")

@@ -353,6 +353,11 @@ class InputOutputs(StageOutputs):
     def manifest(self) -> dict[str, object] | None:
         return read_manifest(self.folder)
 
+    def recorded_fingerprint(self) -> str:
+        """The fingerprint the finished input stage recorded (its last phase's marker), for readers of a run
+        whose input files they cannot reach."""
+        return read_json(self.layout.marker_path(STAGE, "all", "manifest"))["fingerprint"]
+
     def shards(self) -> list[str]:
         manifest = self.manifest()
         if manifest is None:
