@@ -195,3 +195,39 @@ def test_the_largest_groups_from_each_task_are_the_largest_of_the_whole_run(part
             expected = members.sort_values(["sim", "uid"], ascending=[False, True])["uid"].head(5).tolist()
             mine = largest[largest["kept_uid"] == kept_uid]
             assert mine["uid"].tolist() == expected and set(mine["copies"]) == {copies}, (reason, kept_uid)
+
+
+def test_thumbnail_near_features_decide_as_the_in_memory_layers(tmp_path: Path) -> None:
+    from curate.stages.dedup.thumbnails import shard_thumbnail_features
+
+    dedup = {**DEDUP, "near_features": "thumbnail", "semantic_eps": None}
+    config, _ = build_run(tmp_path, ROWS, shard_size=500, dedup=dedup, chain_share=CHAINS, tars=True)
+    assert run_pipeline(config).complete
+    layout = RunLayout(Path(config.output))
+    assert DedupOutputs(layout).plan().partitions == 4
+    phased = stage_decisions(config)
+    uids, scores, sha, vectors, features = [], [], [], [], []
+    embed, download = EmbedOutputs(layout), DownloadOutputs(layout)
+    for shard in embed.shards():
+        fates = pq.read_table(layout.fates_path("filter", shard), schema=FATE_SCHEMA)
+        kept = fates.filter(pc.equal(fates["status"], "kept"))
+        row = {u: k for k, u in enumerate(embed.metadata(shard, ["uid"])["uid"].to_pylist())}
+        hashes = dict(zip(*download.fates(shard, ["uid", "sha256"]).to_pydict().values(), strict=True))
+        stored = embed.image_embeddings(shard)
+        shard_uids = kept["uid"].to_pylist()
+        features.append(shard_thumbnail_features(layout, shard, shard_uids))
+        uids += shard_uids
+        scores += kept["clip_score"].to_pylist()
+        sha += [hashes[u] for u in shard_uids]
+        vectors += [stored[row[u]] for u in shard_uids]
+    whole = deduplicate(
+        np.array(uids, dtype=object),
+        normalised(np.stack(vectors)),
+        np.array(scores, np.float32),
+        np.array(sha, dtype=object),
+        params=DedupParams.from_config(config.dedup),
+        near_emb=np.concatenate(features),
+    )
+    whole = whole.to_pandas().sort_values("uid").reset_index(drop=True)
+    assert (phased["reason"] == "dup_near").sum() > 0
+    pd.testing.assert_frame_equal(phased, whole)

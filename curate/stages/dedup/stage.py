@@ -37,6 +37,7 @@ from curate.io.fs import read_json, write_json_atomic, write_parquet_atomic
 from curate.io.partitioned import (
     column_vectors,
     read_keyed,
+    read_partition,
     read_partition_of_all,
     vectors_column,
     write_keyed,
@@ -130,7 +131,7 @@ class DedupOutputs(StageOutputs):
         return self.folder / "screen" / "sample" / f"{shard}.parquet"
 
     def features_path(self, shard: str) -> Path:
-        return self.folder / "screen" / "features" / f"{shard}.npy"
+        return self.folder / "screen" / "features" / f"{shard}.arrow"
 
     def exact_path(self, bucket: int) -> Path:
         return self.folder / "exact" / f"{bucket:05d}.arrow"
@@ -314,9 +315,8 @@ class DedupStage(Stage):
             write_partitions(_in(workdir, outputs.keys_path(shard), ctx), keys, buckets, plan.buckets)
         if self.cfg.near_features == "thumbnail" and self.cfg.near_threshold is not None:
             features = shard_thumbnail_features(ctx.layout, shard, screened["uid"].to_pylist())
-            path = _in(workdir, outputs.features_path(shard), ctx)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            np.save(path, features)
+            table = pa.table({"uid": screened["uid"], "vector": vectors_column(features)})
+            write_partitions(_in(workdir, outputs.features_path(shard), ctx), table, np.zeros(len(table), int), 1)
         if plan.partitions > 1:
             screened_uids = np.array(screened["uid"].to_pylist(), dtype=object)
             picked = np.flatnonzero(in_sample(screened_uids, plan.samples, plan.partitions, self.cfg.seed))
@@ -556,17 +556,10 @@ class DedupStage(Stage):
             return self._embeddings(ctx, shard, picked_rows, raw=True)
         outputs = DedupOutputs(ctx.layout)
         path = _in(workdir, outputs.features_path(shard), ctx) if workdir else outputs.features_path(shard)
-        features = np.load(path)
-        screened = self._screened_uids(ctx, shard) if workdir is None else None
-        if screened is None:  # during screen: the features follow `rows` itself
-            return features[picked]
-        position = {u: k for k, u in enumerate(screened)}
+        saved = read_partition(path, 0)
+        features = column_vectors(saved["vector"], saved.schema.field("vector").type.list_size)
+        position = {u: k for k, u in enumerate(saved["uid"].to_pylist())}
         return features[[position[u] for u in picked_rows["uid"].to_pylist()]]
-
-    def _screened_uids(self, ctx: StageContext, shard: str) -> list[str]:
-        """The uids the screen phase kept (its features are in this order)."""
-        contaminated = set(read_drops(DedupOutputs(ctx.layout).contaminated_path(shard))["uid"].to_pylist())
-        return [u for u in self._shard_rows(ctx, shard)["uid"].to_pylist() if u not in contaminated]
 
     def _partition_rows(self, ctx: StageContext, partition: int) -> pa.Table:
         outputs = DedupOutputs(ctx.layout)
