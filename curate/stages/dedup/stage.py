@@ -146,11 +146,15 @@ class DedupOutputs(StageOutputs):
     def pairs_path(self, partition: int) -> Path:
         return self.folder / "near" / "pairs" / f"{partition:05d}.parquet"
 
-    def near_path(self, shard: str) -> Path:
-        return self.folder / "near" / "dropped" / f"{shard}.parquet"
+    @property
+    def near_path(self) -> Path:
+        """The near layer's drops, keyed by shard (`write_drops_by_shard`)."""
+        return self.folder / "near" / "dropped.arrow"
 
-    def near_by_partition_path(self, partition: int) -> Path:
-        return self.folder / "near" / "dropped_by_partition" / f"{partition:05d}.parquet"
+    @property
+    def near_by_partition_path(self) -> Path:
+        """The same drops keyed by the dropped row's primary partition (`write_keyed`)."""
+        return self.folder / "near" / "dropped_by_partition.arrow"
 
     @property
     def near_summary_path(self) -> Path:
@@ -359,7 +363,9 @@ class DedupStage(Stage):
 
         outputs, plan = DedupOutputs(ctx.layout), DedupOutputs(ctx.layout).plan()
         rows = self._shard_rows(ctx, shard)
-        dropped = set(read_drops(outputs.contaminated_path(shard))["uid"].to_pylist())
+        dropped = set()
+        if self.cfg.eval_sets:  # a file left by an earlier run with eval sets does not count
+            dropped.update(read_drops(outputs.contaminated_path(shard))["uid"].to_pylist())
         if self.cfg.exact:
             position = ctx.shards.index(shard)
             for bucket in range(plan.buckets):
@@ -437,12 +443,10 @@ class DedupStage(Stage):
         similarity = self._survivor_cosines(ctx, nodes, rows, chosen.survivor[rows], a, b, pairs["cosine"])
         shards = np.array(nodes["shard"].to_pylist(), dtype=object)
         drops = _drops(uids[rows], np.ones(len(rows), bool), chosen.kept_uid[rows], similarity, shards[rows])
-        for shard in sorted(set(shards[rows])):
-            write_drops(drops.filter(pc.equal(drops["shard"], shard)), _in(workdir, outputs.near_path(shard), ctx))
+        # one file per key space, written whole: no shard or partition can read drops of an earlier run
+        write_drops_by_shard(drops, _in(workdir, outputs.near_path, ctx), ctx.shards)
         primary = nodes["primary"].to_numpy(zero_copy_only=False)[rows]
-        for partition in sorted(set(primary.tolist())):
-            part = drops.filter(pa.array(primary == partition))
-            write_drops(part, _in(workdir, outputs.near_by_partition_path(partition), ctx))
+        write_keyed(_in(workdir, outputs.near_by_partition_path, ctx), drops, primary)
         entering = sum(
             read_json(ctx.layout.marker_path(self.name, s, "assign"))["counts"].get("samples", 0) for s in ctx.shards
         )
@@ -457,7 +461,7 @@ class DedupStage(Stage):
         members = self._partition_rows(ctx, partition)
         members = members.filter(pc.equal(members["primary"], partition))
         if self.cfg.near_threshold is not None:
-            near = read_drops(outputs.near_by_partition_path(partition))["uid"]
+            near = read_keyed(outputs.near_by_partition_path, partition)["uid"]
             members = members.filter(pc.invert(pc.is_in(members["uid"], near)))
             summary = read_json(outputs.near_summary_path)
             total = summary["samples"] - summary["dropped"]
@@ -488,11 +492,11 @@ class DedupStage(Stage):
 
     def process_shard(self, ctx: StageContext, shard: str, workdir: Path) -> pa.Table:
         outputs, plan = DedupOutputs(ctx.layout), DedupOutputs(ctx.layout).plan()
-        position = ctx.shards.index(shard)
+        position, near = ctx.shards.index(shard), self.cfg.near_threshold is not None
         layers = {
-            "contaminated": [read_drops(outputs.contaminated_path(shard))],
+            "contaminated": [read_drops(outputs.contaminated_path(shard))] if self.cfg.eval_sets else [],
             "dup_exact": [read_drops_of_shard(outputs.exact_path(b), position) for b in range(plan.buckets)],
-            "dup_near": [read_drops(outputs.near_path(shard))],
+            "dup_near": [read_drops_of_shard(outputs.near_path, position)] if near else [],
             "dup_semantic": [
                 read_drops_of_shard(outputs.semantic_path(p), position)
                 for p in range(plan.partitions if self.cfg.semantic_eps is not None else 0)
