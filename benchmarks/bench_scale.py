@@ -208,6 +208,10 @@ def summarise(rows: list[dict[str, Any]]) -> dict[str, Any]:
         "time_growth_per_4x": round(time_growth, 3),
         "checks": checks,
         "targets": TARGETS,
+        "target": (
+            "driver < 1.5 GiB at 4M and x < 1.3, workers < 4 GiB, time x <= 4.8 per 4x, recall >= 0.98, "
+            "precision >= 0.99, near < 60 s per 1M, status < 300 MiB"
+        ),
         "passed": all(checks.values()),
     }
 
