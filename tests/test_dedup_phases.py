@@ -39,10 +39,13 @@ def stage_decisions(config: PipelineConfig) -> pd.DataFrame:
     return table.to_pandas().sort_values("uid").reset_index(drop=True)
 
 
-def in_memory_decisions(config: PipelineConfig) -> pd.DataFrame:
-    """`deduplicate` over every row that reached dedup, read whole from the run's files."""
+def in_memory_decisions(config: PipelineConfig, thumbnails: bool = False) -> pd.DataFrame:
+    """`deduplicate` over every row that reached dedup, read whole from the run's files (with `thumbnails`,
+    the near layer on the download tars' thumbnail features)."""
+    from curate.stages.dedup.thumbnails import shard_thumbnail_features
+
     layout = RunLayout(Path(config.output))
-    uids, scores, sha, vectors = [], [], [], []
+    uids, scores, sha, vectors, features = [], [], [], [], []
     embed, download = EmbedOutputs(layout), DownloadOutputs(layout)
     for shard in embed.shards():
         fates = pq.read_table(layout.fates_path("filter", shard), schema=FATE_SCHEMA)
@@ -55,12 +58,15 @@ def in_memory_decisions(config: PipelineConfig) -> pd.DataFrame:
             scores.append(score)
             sha.append(hashes[uid])
             vectors.append(stored[row[uid]])
+        if thumbnails:
+            features.append(shard_thumbnail_features(layout, shard, kept["uid"].to_pylist()))
     table = deduplicate(
         np.array(uids, dtype=object),
         normalised(np.stack(vectors)),
         np.array(scores, np.float32),
         np.array(sha, dtype=object),
         params=DedupParams.from_config(config.dedup),
+        near_emb=np.concatenate(features) if thumbnails else None,
     )
     return table.to_pandas().sort_values("uid").reset_index(drop=True)
 
@@ -198,36 +204,10 @@ def test_the_largest_groups_from_each_task_are_the_largest_of_the_whole_run(part
 
 
 def test_thumbnail_near_features_decide_as_the_in_memory_layers(tmp_path: Path) -> None:
-    from curate.stages.dedup.thumbnails import shard_thumbnail_features
-
     dedup = {**DEDUP, "near_features": "thumbnail", "semantic_eps": None}
     config, _ = build_run(tmp_path, ROWS, shard_size=500, dedup=dedup, chain_share=CHAINS, tars=True)
     assert run_pipeline(config).complete
-    layout = RunLayout(Path(config.output))
-    assert DedupOutputs(layout).plan().partitions == 4
+    assert DedupOutputs(RunLayout(Path(config.output))).plan().partitions == 4
     phased = stage_decisions(config)
-    uids, scores, sha, vectors, features = [], [], [], [], []
-    embed, download = EmbedOutputs(layout), DownloadOutputs(layout)
-    for shard in embed.shards():
-        fates = pq.read_table(layout.fates_path("filter", shard), schema=FATE_SCHEMA)
-        kept = fates.filter(pc.equal(fates["status"], "kept"))
-        row = {u: k for k, u in enumerate(embed.metadata(shard, ["uid"])["uid"].to_pylist())}
-        hashes = dict(zip(*download.fates(shard, ["uid", "sha256"]).to_pydict().values(), strict=True))
-        stored = embed.image_embeddings(shard)
-        shard_uids = kept["uid"].to_pylist()
-        features.append(shard_thumbnail_features(layout, shard, shard_uids))
-        uids += shard_uids
-        scores += kept["clip_score"].to_pylist()
-        sha += [hashes[u] for u in shard_uids]
-        vectors += [stored[row[u]] for u in shard_uids]
-    whole = deduplicate(
-        np.array(uids, dtype=object),
-        normalised(np.stack(vectors)),
-        np.array(scores, np.float32),
-        np.array(sha, dtype=object),
-        params=DedupParams.from_config(config.dedup),
-        near_emb=np.concatenate(features),
-    )
-    whole = whole.to_pandas().sort_values("uid").reset_index(drop=True)
     assert (phased["reason"] == "dup_near").sum() > 0
-    pd.testing.assert_frame_equal(phased, whole)
+    pd.testing.assert_frame_equal(phased, in_memory_decisions(config, thumbnails=True))
