@@ -118,3 +118,27 @@ def test_storage_options_are_a_config_section(tmp_path: Path) -> None:
     assert validate_config({**raw, "storage": {"options": options}}).storage.options == options
     with pytest.raises(ConfigError, match=r"unknown key 'storage.option' \(did you mean 'storage.options'\?\)"):
         validate_config({**raw, "storage": {"option": {}}})
+
+
+def test_the_saved_config_leaves_out_credentials_at_any_depth(tmp_path: Path) -> None:
+    import yaml
+
+    from curate.config import dump_config
+
+    options = {
+        "key": "AKIA",
+        "secret": "s",
+        "token": "t",
+        "profile": "crawl-reader",
+        "client_kwargs": {"endpoint_url": "http://127.0.0.1:9", "aws_session_token": "st"},
+        "config_kwargs": {"proxies": [{"password": "p", "host": "proxy"}]},
+    }
+    raw = {"output": str(tmp_path), "input": {"path": "s3://b/k.parquet"}, "storage": {"options": options}}
+    config = validate_config(raw)
+    saved = yaml.safe_load(dump_config(config))["storage"]["options"]
+    assert saved == {
+        "profile": "crawl-reader",
+        "client_kwargs": {"endpoint_url": "http://127.0.0.1:9"},
+        "config_kwargs": {"proxies": [{"host": "proxy"}]},
+    }
+    assert config.storage.options == options  # the run itself still has them
