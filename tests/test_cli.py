@@ -83,3 +83,15 @@ def test_bad_input_file_exits_2_naming_the_file_and_writes_nothing(tmp_path: Pat
 def test_status_of_a_directory_that_is_not_a_run(tmp_path: Path):
     finished = curate("status", str(tmp_path))
     assert finished.returncode == 1 and "not a curate run" in finished.stderr
+
+
+def test_a_stage_whose_upstream_is_not_done_refuses_and_writes_nothing_for_it(tmp_path: Path):
+    table = tmp_path / "crawl.csv"
+    pd.DataFrame({"url": ["http://127.0.0.1:1/a.jpg"], "caption": ["a red circle"]}).to_csv(table, index=False)
+    pipeline = tmp_path / "p.yaml"
+    pipeline.write_text(f"output: {tmp_path / 'run'}\nstages: [input, download, embed]\ninput:\n  path: {table}\n")
+    assert curate("input", str(pipeline)).returncode == 0
+    finished = curate("embed", str(pipeline))
+    assert finished.returncode == 1
+    assert finished.stderr == "curate: error: stage 'embed' needs 'download', which is not done\n"
+    assert not (tmp_path / "run" / "embed").exists() and not (tmp_path / "run" / "download").exists()
