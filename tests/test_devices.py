@@ -19,6 +19,7 @@ import webdataset as wds
 import curate.executors.local
 from curate import clip
 from curate.config import ConfigError, DaskConfig, PipelineConfig, load_config, validate_config
+from curate.cores import TASK_THREADS_ENV, host_cores, task_threads
 from curate.executors.dask import ClusterPlan, DaskExecutor, plan_local_cluster
 from curate.executors.local import LocalExecutor, worker_rank
 from curate.pipeline import run_pipeline
@@ -156,16 +157,25 @@ class RankProbe(Stage):
 
     def _probe(self, _ctx: StageContext, _task: str, _workdir: Path) -> TaskOutput:
         time.sleep(1.0)  # long enough for both workers to take tasks
-        return TaskOutput(counts={"rank": worker_rank(), "pid": os.getpid()})
+        return TaskOutput(counts={"rank": worker_rank(), "pid": os.getpid(), "threads": task_threads()})
 
 
-def test_each_local_worker_process_takes_its_own_rank(tmp_path: Path) -> None:
+def test_each_local_worker_process_takes_its_own_rank_and_its_share_of_the_cores(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv(TASK_THREADS_ENV, raising=False)
     stage = RankProbe(config(tmp_path))
     ctx = StageContext(stage.config, RunLayout(tmp_path / "run"), "probe-print")
     reports = list(LocalExecutor().map_tasks(stage, ctx, "ranks", ["a", "b", "c", "d"], workers=2))
     rank_of = {report.stats.counts["pid"]: report.stats.counts["rank"] for report in reports}
     assert len(reports) == 4 and sorted(rank_of.values()) == [0, 1]  # two processes, ranks 0 and 1
     assert worker_rank() is None  # the driver is no pool worker
+    assert {report.stats.counts["threads"] for report in reports} == {max(1, host_cores() // 2)}
+
+    monkeypatch.setenv(TASK_THREADS_ENV, "3")  # the user's own setting wins
+    ctx = StageContext(stage.config, RunLayout(tmp_path / "run-3"), "probe-print")
+    reports = list(LocalExecutor().map_tasks(stage, ctx, "ranks", ["a", "b"], workers=2))
+    assert {report.stats.counts["threads"] for report in reports} == {3}
 
 
 # ---------------------------------------------------------------- the LocalCluster's GPU workers
@@ -178,11 +188,13 @@ def worker_view() -> dict[str, str | None]:
         "CUDA_VISIBLE_DEVICES": os.environ.get("CUDA_VISIBLE_DEVICES"),
         "MALLOC_TRIM_THRESHOLD_": os.environ.get("MALLOC_TRIM_THRESHOLD_"),
         "tick": str(dask.config.get("distributed.admin.tick.interval")),
+        "threads": str(task_threads()),
     }
 
 
 def test_the_local_cluster_plan_for_faked_gpus(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    monkeypatch.delenv(TASK_THREADS_ENV, raising=False)
     fake_gpus(monkeypatch, 0)
     assert plan_local_cluster(DaskConfig()) == ClusterPlan(None, ())  # no GPU: LocalCluster's own default
     assert plan_local_cluster(DaskConfig(n_workers=3)) == ClusterPlan(3, ())
@@ -192,8 +204,16 @@ def test_the_local_cluster_plan_for_faked_gpus(monkeypatch: pytest.MonkeyPatch) 
     assert plan_local_cluster(DaskConfig()).cpu_workers == max(1, (os.cpu_count() or 1) - 2)
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3,5")  # the driver's own selection is what the workers get
     assert plan_local_cluster(DaskConfig(n_workers=3)).gpus == ("3", "5")
-    assert ClusterPlan(3, ("3", "5")).cpu_worker_options() == {"env": {"CUDA_VISIBLE_DEVICES": ""}}  # no card
+    share = str(max(1, host_cores() // 5))  # 3 CPU workers and 2 GPU workers share the host's cores
+    assert ClusterPlan(3, ("3", "5")).cpu_worker_options() == {
+        "env": {TASK_THREADS_ENV: share, "CUDA_VISIBLE_DEVICES": ""}  # no card
+    }
+    assert ClusterPlan(3, ()).cpu_worker_options() == {"env": {TASK_THREADS_ENV: str(max(1, host_cores() // 3))}}
+    assert ClusterPlan(2, (), threads_per_worker=2).tasks_at_once() == 4
+    assert ClusterPlan(None, ()).tasks_at_once() == host_cores()  # LocalCluster's default: a worker per core
+    monkeypatch.setenv(TASK_THREADS_ENV, "2")  # set by the user: the workers inherit it
     assert ClusterPlan(3, ()).cpu_worker_options() == {}
+    monkeypatch.delenv(TASK_THREADS_ENV)
 
     template = {
         "cls": "Nanny",
@@ -208,7 +228,7 @@ def test_the_local_cluster_plan_for_faked_gpus(monkeypatch: pytest.MonkeyPatch) 
                 "host": "127.0.0.1",
                 "memory_limit": "4GiB",
                 "resources": {"GPU": 1},
-                "env": {"CUDA_VISIBLE_DEVICES": device},
+                "env": {TASK_THREADS_ENV: share, "CUDA_VISIBLE_DEVICES": device},
             },
         }
         for i, device in enumerate(("3", "5"))
@@ -216,7 +236,7 @@ def test_the_local_cluster_plan_for_faked_gpus(monkeypatch: pytest.MonkeyPatch) 
 
 
 def test_the_local_cluster_starts_one_gpu_worker_per_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
-    for key in ("CUDA_VISIBLE_DEVICES", "MALLOC_TRIM_THRESHOLD_"):
+    for key in ("CUDA_VISIBLE_DEVICES", "MALLOC_TRIM_THRESHOLD_", TASK_THREADS_ENV):
         monkeypatch.delenv(key, raising=False)
     fake_gpus(monkeypatch, 2)
     executor = DaskExecutor(DaskConfig(n_workers=1, dashboard_address=":0"))
@@ -235,6 +255,8 @@ def test_the_local_cluster_starts_one_gpu_worker_per_gpu(monkeypatch: pytest.Mon
         assert (resources, nthreads, view["CUDA_VISIBLE_DEVICES"]) == ({"GPU": 1}, 1, str(index))
     # every worker, GPU ones included, gets the LocalCluster's settings (malloc tuning, slower housekeeping)
     assert all(view["MALLOC_TRIM_THRESHOLD_"] is None and view["tick"] == "1s" for *_, view in by_name.values())
+    # three tasks at once on this host: each task's dedup threads are its share of the cores
+    assert {view["threads"] for *_, view in by_name.values()} == {str(max(1, host_cores() // 3))}
 
 
 # ---------------------------------------------------------------- validation runs ask for a GPU
@@ -350,3 +372,15 @@ def test_a_checkpoint_saved_with_two_gpus_resumes_on_a_machine_with_one(
     resumed = TrainState(model, torch.optim.AdamW(model.parameters()), torch.amp.GradScaler("cpu", enabled=False))
     restore_state(resumed, checkpoint)
     assert resumed.step == 3 and len(restored) == 2
+
+
+def test_a_task_outside_any_pool_takes_every_core_unless_the_environment_gives_its_share(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.delenv(TASK_THREADS_ENV, raising=False)
+    assert task_threads() == host_cores()
+    for unusable in ("0", "-2", "two", ""):
+        monkeypatch.setenv(TASK_THREADS_ENV, unusable)
+        assert task_threads() == host_cores()
+    monkeypatch.setenv(TASK_THREADS_ENV, " 5 ")
+    assert task_threads() == 5

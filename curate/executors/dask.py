@@ -35,6 +35,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from curate.config import ConfigError, DaskConfig
+from curate.cores import TASK_THREADS_ENV, host_cores, share_of
 from curate.executors import ShardMapping, execute_task, reported
 from curate.runner import ShardFailed, TaskReport
 from curate.stage import Stage, StageContext
@@ -72,10 +73,26 @@ class ClusterPlan:
 
     cpu_workers: int | None
     gpus: tuple[str, ...] = ()
+    threads_per_worker: int = 1
 
     def cpu_worker_options(self) -> dict[str, Any]:
-        """Extra LocalCluster worker options of the CPU workers: with GPU workers beside them, no GPU to see."""
-        return {"env": {"CUDA_VISIBLE_DEVICES": ""}} if self.gpus else {}
+        """Extra LocalCluster worker options of the CPU workers: each task's share of the host's cores (unless
+        the environment sets one) and, with GPU workers beside them, no GPU to see."""
+        env = self.core_share()
+        if self.gpus:
+            env["CUDA_VISIBLE_DEVICES"] = ""
+        return {"env": env} if env else {}
+
+    def core_share(self) -> dict[str, str]:
+        """The environment telling a worker each task's share of the host's cores; empty where it is set."""
+        if TASK_THREADS_ENV in os.environ:
+            return {}  # the workers inherit it
+        return {TASK_THREADS_ENV: str(share_of(self.tasks_at_once()))}
+
+    def tasks_at_once(self) -> int:
+        """Tasks the whole LocalCluster runs side by side (LocalCluster's default: one worker per core)."""
+        cpu_workers = self.cpu_workers if self.cpu_workers is not None else host_cores() // self.threads_per_worker
+        return max(1, cpu_workers) * self.threads_per_worker + len(self.gpus)
 
     def gpu_workers(self, template: dict[str, Any]) -> dict[str, dict[str, Any]]:
         """Worker specs for the GPU workers, from the LocalCluster's own worker template (same host, memory
@@ -86,7 +103,7 @@ class ClusterPlan:
                 **template["options"],
                 "nthreads": 1,
                 "resources": {"GPU": 1},
-                "env": {"CUDA_VISIBLE_DEVICES": device},
+                "env": {**self.core_share(), "CUDA_VISIBLE_DEVICES": device},
             }
             specs[f"gpu-{index}"] = {"cls": template["cls"], "options": options}
         return specs
@@ -111,10 +128,10 @@ def plan_local_cluster(cfg: DaskConfig, gpus: tuple[str, ...] | None = None) -> 
     workers; without, LocalCluster's workers exactly as configured."""
     gpus = visible_gpus() if gpus is None else gpus
     if not gpus:
-        return ClusterPlan(cfg.n_workers)
+        return ClusterPlan(cfg.n_workers, threads_per_worker=cfg.threads_per_worker)
     cores = os.cpu_count() or 1
     cpu_workers = cfg.n_workers if cfg.n_workers is not None else max(1, cores // cfg.threads_per_worker - len(gpus))
-    return ClusterPlan(cpu_workers, gpus)
+    return ClusterPlan(cpu_workers, gpus, cfg.threads_per_worker)
 
 
 class DaskExecutor(ShardMapping):

@@ -1,17 +1,20 @@
 """Run tasks in this process, or in a pool of spawned worker processes.
 
 Each pool process takes a rank (0, 1, ... in the order they start) before its first task; a stage's setup reads
-it with `worker_rank()` to pick its share of the machine (the embed stage: one GPU per worker).
+it with `worker_rank()` to pick its share of the machine (the embed stage: one GPU per worker). Each also learns
+its share of the host's cores (`curate.cores.task_threads`), unless the environment already sets one.
 """
 
 from __future__ import annotations
 
 import logging
 import multiprocessing
+import os
 from collections.abc import Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from typing import Any
 
+from curate.cores import TASK_THREADS_ENV, share_of
 from curate.executors import ConfigFailure, ShardMapping, execute_task, reported
 from curate.runner import ShardFailed, TaskReport
 from curate.stage import Stage, StageContext
@@ -26,9 +29,10 @@ def worker_rank() -> int | None:
     return _rank
 
 
-def _take_rank(counter: Any) -> None:
-    """Pool initializer: the next free rank of this pool."""
+def _take_rank(counter: Any, pool_size: int) -> None:
+    """Pool initializer: the next free rank of this pool, and this process's share of the cores."""
     global _rank
+    os.environ.setdefault(TASK_THREADS_ENV, str(share_of(pool_size)))
     with counter.get_lock():
         _rank = counter.value
         counter.value += 1
@@ -54,9 +58,8 @@ class LocalExecutor(ShardMapping):
         # spawn, not fork: img2dataset and torch are not fork-safe once threads exist
         context = multiprocessing.get_context("spawn")
         ranks = context.Value("i", 0)
-        pool = ProcessPoolExecutor(
-            max_workers=min(workers, len(tasks)), mp_context=context, initializer=_take_rank, initargs=(ranks,)
-        )
+        size = min(workers, len(tasks))
+        pool = ProcessPoolExecutor(max_workers=size, mp_context=context, initializer=_take_rank, initargs=(ranks, size))
         with pool:
             attempts = dict.fromkeys(tasks, 0)
             running: dict[Future[TaskReport | ConfigFailure], str] = {

@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
 
 import numpy as np
+
+from curate.cores import task_threads
 
 log = logging.getLogger(__name__)
 
@@ -27,15 +28,9 @@ COL_BLOCK = 8192
 SMALL_KMEANS = 10**9  # rows * centroids * dim below which faiss k-means runs on one thread
 
 
-def available_threads() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
-
-
 def resolve_threads(threads: int | None) -> int:
-    return max(1, threads if threads is not None else available_threads())
+    """`threads` as configured, or this task's share of the host's cores."""
+    return max(1, threads if threads is not None else task_threads())
 
 
 @contextlib.contextmanager
