@@ -25,7 +25,7 @@ dask-demo: $(STAMP)
 	$(BIN)/python -m examples.run_demo --out runs/dask-demo --executor dask
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -p no:cacheprovider
+	$(BIN)/python -m pytest -q -p no:cacheprovider --durations=25
 
 bench: $(STAMP)
 	$(BIN)/python -m benchmarks.run_all --out benchmarks/results.md

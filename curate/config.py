@@ -92,21 +92,20 @@ class InputConfig(Section):
     def _header_words(cls, value: Any) -> Any:
         return yes_no(value)
 
-    @model_validator(mode="after")
-    def _keepable_columns(self) -> InputConfig:
-        mapped = {self.url_col: "url_col", self.caption_col: "caption_col", self.uid_col: "uid_col"}
+    @field_validator("keep_columns")
+    @classmethod
+    def _keepable_columns(cls, value: list[str], info: ValidationInfo) -> list[str]:
+        mapped = {info.data.get(key): key for key in ("url_col", "caption_col", "uid_col") if info.data.get(key)}
         seen: set[str] = set()
-        for column in self.keep_columns:
+        for column in value:
             if column in seen:
-                raise ValueError(f"keep_columns: {column!r} is listed twice")
+                raise ValueError(f"{column!r} is listed twice")
             if column in mapped:
-                raise ValueError(f"keep_columns: {column!r} is already carried as input.{mapped[column]}")
+                raise ValueError(f"{column!r} is already carried as input.{mapped[column]}")
             if column in RESERVED_SAMPLE_FIELDS:
-                raise ValueError(
-                    f"keep_columns: {column!r} is a field curate or img2dataset writes itself; it cannot be kept"
-                )
+                raise ValueError(f"{column!r} is a field curate or img2dataset writes itself; it cannot be kept")
             seen.add(column)
-        return self
+        return value
 
     def paths(self) -> list[str]:
         return [self.path] if isinstance(self.path, str) else list(self.path)

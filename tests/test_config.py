@@ -358,3 +358,23 @@ def test_yes_no_settings_take_yaml_booleans(tmp_path: Path, spelling: str, heade
     assert "download.resize_mode: Input should be 'no'" in error_of(
         write(tmp_path, MINIMAL + "download:\n  resize_mode: yes\n")
     )
+
+
+@pytest.mark.parametrize(
+    ("columns", "expected"),
+    [
+        ("[similarity, similarity]", "input.keep_columns: 'similarity' is listed twice"),
+        ("[TEXT]", "input.keep_columns: 'TEXT' is already carried as input.caption_col"),
+        ("[key]", "input.keep_columns: 'key' is already carried as input.uid_col"),
+        ("[similarity, status]", "input.keep_columns: 'status' is a field curate or img2dataset writes itself"),
+        ("[width]", "input.keep_columns: 'width' is a field curate or img2dataset writes itself"),
+    ],
+)
+def test_keep_columns_that_cannot_be_kept_are_config_errors(tmp_path: Path, columns: str, expected: str) -> None:
+    message = error_of(write(tmp_path, FULL), [f"input.keep_columns={columns}"])
+    assert expected in message and "\n" not in message.strip()
+
+
+def test_keep_columns_that_can_be_kept_load(tmp_path: Path) -> None:
+    config = load_config(write(tmp_path, FULL), ["input.keep_columns=[similarity, punsafe, LICENSE]"])
+    assert config.input.keep_columns == ["similarity", "punsafe", "LICENSE"]
