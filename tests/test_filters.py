@@ -163,3 +163,23 @@ def test_clip_combine_chooses_the_cutoff(tmp_path: Path, combine: str, cutoff: f
     summary = json.loads((tmp_path / "filter" / "summary.json").read_text())
     assert summary["clip_cutoff"] == pytest.approx(cutoff)  # top 50% of 0.0 .. 0.9: 0.5
     assert (summary["clip_threshold"], summary["clip_top_fraction"]) == rule
+
+
+def test_score_bounds_keep_at_the_bound_and_a_sample_failing_several_filters_gets_the_first():
+    table = samples(
+        ["one", "three small words", "three small words", "three small words"], *[[300] * 4] * 2, [0.01, 0.1, 0.1, 0.1]
+    )
+    table = table.append_column("aesthetic", pa.array([9.0, 4.0, 4.5, 4.6], pa.float32()))
+    table = table.append_column("punsafe", pa.array([0.9, 0.9, 0.5, 0.2], pa.float32()))
+    cfg = FilterConfig(
+        caption_min_words=3, clip_threshold=0.05, min_scores={"aesthetic": 4.5}, max_scores={"punsafe": 0.5}
+    )
+    fates = apply_filters(table, build_filters(cfg, cfg.clip_threshold))
+    # row 0 fails the caption, clip_score and punsafe filters; row 1 both bounds: the first in order is the reason
+    assert decisions(fates) == [("dropped", "caption_words"), ("dropped", "aesthetic"), ("kept", None), ("kept", None)]
+    assert fates["detail"][1].as_py() == "aesthetic=4 (needs >= 4.5)"
+
+    cfg = FilterConfig(max_scores={"punsafe": 0.3})
+    fates = apply_filters(table, build_filters(cfg, None))
+    assert decisions(fates)[2:] == [("dropped", "punsafe"), ("kept", None)]
+    assert fates["detail"][2].as_py() == "punsafe=0.5000 (needs <= 0.3)"
