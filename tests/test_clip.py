@@ -188,3 +188,19 @@ def test_importing_the_factory_loads_neither_torch_nor_open_clip():
     code = "import sys, curate.clip; print(sorted({'torch', 'open_clip'} & set(sys.modules)))"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "[]"
+
+
+def test_random_weights_are_warned_of_except_when_training(caplog: pytest.LogCaptureFixture, tmp_path: Path):
+    clip.register_model_configs()
+    with caplog.at_level("WARNING", logger="curate.clip"):
+        load_clip(ClipSpec(MICRO, None, device="cpu", section="embed"))
+    assert [r.getMessage() for r in caplog.records if r.name == "curate.clip"] == [
+        f"embed: model {MICRO} has random weights (embed.pretrained is not set): its scores mean nothing"
+    ]
+    caplog.clear()
+    path = tmp_path / "micro.pt"
+    torch.save(open_clip.create_model(MICRO).state_dict(), path)
+    with caplog.at_level("WARNING", logger="curate.clip"):
+        load_clip(ClipSpec(MICRO, None, device="cpu"), train=True)  # a trainer starts from random weights
+        load_clip(ClipSpec(MICRO, str(path), device="cpu", section="embed"))
+    assert [r for r in caplog.records if r.name == "curate.clip"] == []
