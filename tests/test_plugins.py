@@ -5,6 +5,7 @@ ones, and a bad plugin is a config error before any work."""
 from __future__ import annotations
 
 import shutil
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -262,3 +263,38 @@ def test_plugins_follow_the_protocol_and_a_wrong_answer_names_the_plugin(
         PluginError, match=r"filter\.custom\.2 \(protocol_plugins:short_answer\) returned values of shape"
     ):
         apply_filters(table, [PluginFilter(short, short.build(), {})])
+
+
+def test_a_plugins_version_stands_for_its_source_in_the_fingerprint(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    folder = tmp_path / "versioned"
+    folder.mkdir()
+    source = folder / "versioned_plugin.py"
+    source.write_text('__version__ = "1.0"\n\ndef keep_all(table):\n    return [True] * table.num_rows\n')
+    (folder / "classy_plugin.py").write_text(
+        "import dataclasses\n\nclass Scored:\n    __version__ = '2.3'\n\n"
+        "    @dataclasses.dataclass\n    class Settings:\n        weights: str\n\n"
+        "    def __init__(self, settings):\n        self.settings = settings\n\n"
+        "    def __call__(self, table):\n        return [0.0] * table.num_rows\n"
+    )
+    weights = folder / "w.npz"
+    weights.write_bytes(b"first")
+    monkeypatch.syspath_prepend(str(folder))
+
+    plugin = resolve_plugin(PluginConfig(path="versioned_plugin:keep_all"), "filter.custom.0")
+    first = plugin.identity()
+    assert first["version"] == "1.0" and "source" not in first  # the module's __version__
+    source.write_text(source.read_text() + "# reformatted\n")
+    assert plugin.identity() == first  # same version: same computation, whatever the bytes
+    monkeypatch.setattr(sys.modules["versioned_plugin"], "__version__", "1.1")
+    assert plugin.identity()["version"] == "1.1"
+
+    head = resolve_plugin(PluginConfig(path="classy_plugin:Scored", weights=str(weights)), "embed.heads.0")
+    before = head.identity()
+    assert before["version"] == "2.3"  # the class's own __version__
+    weights.write_bytes(b"second")
+    assert head.identity()["files"] != before["files"]  # a file a setting names counts by its bytes
+
+    with pytest.raises(PluginError, match=r"filter\.custom\.1: 'math:sqrt' has neither a __version__ nor a Python"):
+        resolve_plugin(PluginConfig(path="math:sqrt"), "filter.custom.1").identity()
