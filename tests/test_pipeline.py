@@ -11,7 +11,8 @@ import webdataset as wds
 
 from curate.config import load_config
 from curate.ledger import read_ledger
-from curate.pipeline import run_pipeline
+from curate.pipeline import run_pipeline, stage_fingerprints
+from curate.stages import plan
 from curate.stages.materialize import uid_halves
 from examples.demo_world import input_table
 from tests.world_fixtures import ServedWorld, full_pipeline_overrides
@@ -83,3 +84,29 @@ def test_decisions_do_not_depend_on_shard_order_or_size(
     )
     pd.testing.assert_frame_equal(results[0][other], results[1][other])
     assert (results[0].reason.isin(["dup_exact", "dup_near"])).sum() > 0
+
+
+SPEED_ONLY_CHANGES = {
+    "input": ["batch_rows=1000", "task_rows=500", "hash_buckets=3", "workers=2"],
+    "download": ["threads=8", "processes=1", "per_host_connections=2"],
+    "embed": ["batch_size=7", "decode_workers=1", "workers=2", "device=cpu"],
+    "validate": ["device=cpu", "checkpoint_every=7", "decode_workers=1", "eval_batch_size=9"],
+}
+
+
+def test_settings_that_only_change_speed_keep_every_fingerprint(tmp_path: Path) -> None:
+    urls = [f"http://127.0.0.1:9/{i}.jpg" for i in range(8)]
+    pd.DataFrame({"url": urls, "caption": [f"a photo {i}" for i in range(8)]}).to_parquet(tmp_path / "urls.parquet")
+    pipeline = Path(__file__).resolve().parent.parent / "pipelines" / "demo.yaml"
+    base = [f"input.path={tmp_path / 'urls.parquet'}", f"output={tmp_path / 'run'}"]
+    config = load_config(pipeline, base)
+    stages = plan(config)
+    declared = {(stage.name, key) for stage in stages for key in stage.speed_only}
+    assert declared == {(section, c.split("=")[0]) for section, cs in SPEED_ONLY_CHANGES.items() for c in cs}
+
+    prints = stage_fingerprints(stages)
+    overrides = [f"{section}.{change}" for section, changes in SPEED_ONLY_CHANGES.items() for change in changes]
+    faster = load_config(pipeline, base + overrides)
+    assert faster != config and stage_fingerprints(plan(faster)) == prints
+    resized = stage_fingerprints(plan(load_config(pipeline, [*base, "download.image_size=48"])))
+    assert resized["input"] == prints["input"] and all(resized[s] != prints[s] for s in prints if s != "input")
