@@ -7,6 +7,7 @@ The public web is a server on 127.0.0.1 (reached through download.allow_hosts); 
 from __future__ import annotations
 
 import collections
+import concurrent.futures
 import contextlib
 import hashlib
 import io
@@ -672,3 +673,34 @@ def test_the_fetcher_obeys_rfc_robots_rules_for_its_token(tmp_path: Path):
     refused = outcomes["/b.png"]
     assert isinstance(refused, FetchFailure) and (refused.status.value, refused.reason) == ("dropped", "robots_txt")
     assert server.hits == {"/robots.txt": 1, "/a.jpg": 1}
+
+
+def test_at_most_per_host_connections_requests_reach_one_host_at_once(tmp_path: Path):
+    image = small_jpegs(1)[0]
+    in_flight, peak, lock = [0], [0], threading.Lock()
+
+    def serve(handler: _Handler, path: str) -> None:
+        with lock:
+            in_flight[0] += 1
+            peak[0] = max(peak[0], in_flight[0])
+        time.sleep(0.15)  # long enough for the other fetch threads to pile up on the host
+        with lock:
+            in_flight[0] -= 1
+        handler.send(200, image)
+
+    server = _WebServer("127.0.0.1", serve)
+    threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+    try:
+        config = DownloadConfig(
+            allow_hosts=[server.base_url.removeprefix("http://")], respect_robots_txt=False, per_host_connections=2
+        )
+        fetcher = GuardedFetcher(config)
+        with concurrent.futures.ThreadPoolExecutor(8) as pool:
+            outcomes = list(
+                pool.map(lambda i: fetcher.fetch_to_file(f"{server.base_url}/{i}.jpg", tmp_path / f"{i}"), range(12))
+            )
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert all(isinstance(outcome, Fetched) for outcome in outcomes)
+    assert peak[0] == 2  # 8 threads, 12 images: never more than 2 at once, and 2 were
