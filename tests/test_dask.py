@@ -9,7 +9,7 @@ from typing import ClassVar
 import pyarrow as pa
 import pytest
 
-from curate.config import DaskConfig, load_config, validate_config
+from curate.config import ConfigError, DaskConfig, load_config, validate_config
 from curate.executors.dask import DaskExecutor
 from curate.ledger import make_fates, read_ledger
 from curate.pipeline import run_pipeline
@@ -140,12 +140,13 @@ def test_a_stage_asking_for_a_gpu_runs_only_on_workers_that_offer_one(tmp_path: 
 
 
 class FailsOnOneShard(Stage):
-    """A stage whose `bad` shard raises on every attempt while `switch` exists; each attempt leaves a file."""
+    """A stage whose `bad` shard raises on every attempt while `switch` exists; each attempt leaves a file.
+    With `config_error` it raises a ConfigError (what a task finds that no retry can mend)."""
 
     name: ClassVar[str] = "flaky"
 
-    def __init__(self, bad: str, switch: Path, attempts: Path) -> None:
-        self.bad, self.switch, self.attempts = bad, switch, attempts
+    def __init__(self, bad: str, switch: Path, attempts: Path, config_error: bool = False) -> None:
+        self.bad, self.switch, self.attempts, self.config_error = bad, switch, attempts, config_error
 
     def setup(self) -> None:
         pass
@@ -156,6 +157,8 @@ class FailsOnOneShard(Stage):
     def process_shard(self, ctx: StageContext, shard: str, workdir: Path) -> pa.Table:
         if shard == self.bad and self.switch.exists():
             (self.attempts / f"{shard}.{os.getpid()}.{len(list(self.attempts.iterdir()))}").touch()
+            if self.config_error:
+                raise ConfigError(f"embed.device: cuda:3 is not on this worker (shard {shard})")
             raise ValueError(f"unreadable tar for shard {shard}")
         return make_fates([f"{shard}-0"], "kept")
 
@@ -178,8 +181,18 @@ def test_a_shard_that_keeps_failing_ends_the_run_naming_it_and_keeps_what_was_do
         done_after_failure = [s for s in shards if shard_state(ctx, "flaky", s) is ShardState.DONE]
         switch.unlink()  # the fault is mended; the next run does only what is left
         reports = list(executor.map_shards(stage, ctx, shards, workers=1))
+
+        switch.touch()  # a config error in a task: raised in the driver as itself, after one attempt
+        for tried in attempts.iterdir():
+            tried.unlink()
+        elsewhere = StageContext(config, RunLayout(tmp_path / "run-config"), "fp")
+        misconfigured = FailsOnOneShard("00005", switch, attempts, config_error=True)
+        with pytest.raises(ConfigError, match=r"^embed\.device: cuda:3 is not on this worker \(shard 00005\)$"):
+            list(executor.map_shards(misconfigured, elsewhere, shards, workers=1))
+        config_tries = len(list(attempts.iterdir()))
     finally:
         executor.close()
+    assert config_tries == 1  # not retried: dask.shard_retries is for faults a retry can mend
     assert tries == 3  # the first attempt and dask.shard_retries=2 more
     assert done_after_failure == shards[:5]  # one worker ran the shards in order: all others were committed
     assert sorted(r.shard for r in reports if r.skipped) == shards[:5]

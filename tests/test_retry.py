@@ -93,8 +93,8 @@ def flaky_server() -> Iterator[FlakyServer]:
 
 
 def crawl(served_world: ServedWorld, flaky: FlakyServer, path: Path) -> pd.DataFrame:
-    """Shard 00000: clean rows and 404s (nothing to retry). 00001: clean rows, two hanging URLs (timeouts) and
-    two URLs that fail once. 00002: three that fail once, one that fails twice, and more clean rows."""
+    """Shard 00000: clean rows, an opt-out and 404s (nothing to retry). 00001: clean rows, two hanging URLs
+    (timeouts) and two URLs that fail once. 00002: three that fail once, one that fails twice, and more clean rows."""
     table = pd.read_parquet(served_world.table)
     kinds = served_world.world.truth["kind"].to_numpy()
 
@@ -106,7 +106,8 @@ def crawl(served_world: ServedWorld, flaky: FlakyServer, path: Path) -> pd.DataF
         return pd.DataFrame({"url": urls, "caption": [f"a noisy square picture number {i}" for i in names]})
 
     parts = [
-        rows("clean", 6),
+        rows("clean", 5),
+        rows("opt_out", 1),
         rows("http_404", 2),
         rows("clean", 4, skip=6),
         rows("timeout", 2),
@@ -169,6 +170,8 @@ def test_retry_fetches_only_the_transient_failures_and_redoes_what_they_change(
     assert (before.loc[flaky_urls, "reason"] == "http_503").all() and (
         before.loc[hang_urls, "reason"] == "timeout"
     ).all()
+    opt_out_urls = [url for url in table.url if "/optout/" in url]
+    assert len(opt_out_urls) == 1 and (before.loc[opt_out_urls, "reason"] == "opt_out").all()
     kept_before = int((before.status == "kept").sum())
     hits, embedded, downloaded = (
         image_hits(served_world, flaky_server),
@@ -231,7 +234,8 @@ def test_retry_fetches_only_the_transient_failures_and_redoes_what_they_change(
     assert detail.startswith("fetched on retry 2 | retry 1: http_503 (") and "| first run: http_503" in detail
 
     hits = image_hits(served_world, flaky_server)
-    nothing = curate(capsys, "retry", str(run_dir), "--reasons", "http_503", "--no-progress")
+    # a drop is a decision, never a failure to cure: naming it fetches nothing
+    nothing = curate(capsys, "retry", str(run_dir), "--reasons", "http_503,opt_out,robots_txt", "--no-progress")
     assert nothing.returncode == 0 and "nothing fetched" in nothing.stdout and "timeout 2" in nothing.stdout
     assert image_hits(served_world, flaky_server) == hits
 
