@@ -30,11 +30,16 @@ def share_of(tasks_at_once: int) -> int:
 
 def task_threads() -> int:
     """This task's share of the cores (at least 1)."""
+    return assigned_share() or host_cores()
+
+
+def assigned_share() -> int | None:
+    """The share an executor gave this process, or a Dask worker's share of its host; None anywhere else."""
     share = os.environ.get(TASK_THREADS_ENV, "").strip()
     if share.isdigit() and int(share) > 0:
         return int(share)
     slots = dask_worker_slots()
-    return share_of(slots) if slots else host_cores()
+    return share_of(slots) if slots else None
 
 
 def dask_worker_slots() -> int | None:

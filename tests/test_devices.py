@@ -201,7 +201,7 @@ def test_the_local_cluster_plan_for_faked_gpus(monkeypatch: pytest.MonkeyPatch) 
 
     fake_gpus(monkeypatch, 2)
     assert plan_local_cluster(DaskConfig(n_workers=3)) == ClusterPlan(3, ("0", "1"))
-    assert plan_local_cluster(DaskConfig()).cpu_workers == max(1, (os.cpu_count() or 1) - 2)
+    assert plan_local_cluster(DaskConfig()).cpu_workers == max(1, host_cores() - 2)
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3,5")  # the driver's own selection is what the workers get
     assert plan_local_cluster(DaskConfig(n_workers=3)).gpus == ("3", "5")
     share = str(max(1, host_cores() // 5))  # 3 CPU workers and 2 GPU workers share the host's cores
@@ -384,3 +384,20 @@ def test_a_task_outside_any_pool_takes_every_core_unless_the_environment_gives_i
         assert task_threads() == host_cores()
     monkeypatch.setenv(TASK_THREADS_ENV, " 5 ")
     assert task_threads() == 5
+
+
+def test_the_embed_model_on_cpu_takes_the_share_its_executor_gave_and_otherwise_leaves_torch_alone(
+    tmp_path: Path, tiny_checkpoint: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    before = torch.get_num_threads()
+    stage = EmbedStage(config(tmp_path, embed={"model": "curate-tiny", "pretrained": str(tiny_checkpoint)}))
+    try:
+        torch.set_num_threads(2)
+        monkeypatch.delenv(TASK_THREADS_ENV, raising=False)
+        stage.setup()  # in the driver, no pool: torch keeps what it had
+        assert torch.get_num_threads() == 2
+        monkeypatch.setenv(TASK_THREADS_ENV, "1")  # as the local pool and curate's LocalCluster set it
+        stage.setup()
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)

@@ -129,8 +129,9 @@ def plan_local_cluster(cfg: DaskConfig, gpus: tuple[str, ...] | None = None) -> 
     gpus = visible_gpus() if gpus is None else gpus
     if not gpus:
         return ClusterPlan(cfg.n_workers, threads_per_worker=cfg.threads_per_worker)
-    cores = os.cpu_count() or 1
-    cpu_workers = cfg.n_workers if cfg.n_workers is not None else max(1, cores // cfg.threads_per_worker - len(gpus))
+    cpu_workers = (
+        cfg.n_workers if cfg.n_workers is not None else max(1, host_cores() // cfg.threads_per_worker - len(gpus))
+    )
     return ClusterPlan(cpu_workers, gpus, cfg.threads_per_worker)
 
 

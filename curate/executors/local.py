@@ -29,7 +29,7 @@ def worker_rank() -> int | None:
     return _rank
 
 
-def _take_rank(counter: Any, pool_size: int) -> None:
+def _join_pool(counter: Any, pool_size: int) -> None:
     """Pool initializer: the next free rank of this pool, and this process's share of the cores."""
     global _rank
     os.environ.setdefault(TASK_THREADS_ENV, str(share_of(pool_size)))
@@ -59,7 +59,7 @@ class LocalExecutor(ShardMapping):
         context = multiprocessing.get_context("spawn")
         ranks = context.Value("i", 0)
         size = min(workers, len(tasks))
-        pool = ProcessPoolExecutor(max_workers=size, mp_context=context, initializer=_take_rank, initargs=(ranks, size))
+        pool = ProcessPoolExecutor(max_workers=size, mp_context=context, initializer=_join_pool, initargs=(ranks, size))
         with pool:
             attempts = dict.fromkeys(tasks, 0)
             running: dict[Future[TaskReport | ConfigFailure], str] = {

@@ -18,7 +18,6 @@ torch and open_clip are imported inside functions: importing this module must st
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +35,7 @@ from curate.clip import embed_images as embed_images
 from curate.clip import embed_texts as embed_texts
 from curate.clip import register_model_configs as register_model_configs
 from curate.config import ConfigError, EmbedConfig
+from curate.cores import assigned_share
 from curate.ledger import Status, make_fates
 from curate.plugins import Plugin, head_scores, resolve_plugins
 from curate.stage import Stage, StageContext, StageOutputs
@@ -285,9 +285,10 @@ class EmbedStage(Stage):
         self.check_decode_device(str(self._loaded.device))
         if self.cfg.decode == "gpu":
             gpu_steps(self._loaded)  # a preprocess the GPU path cannot follow is a config error, before any shard
-        if self.cfg.workers > 1 and self._loaded.device.type == "cpu":
-            # several spawned workers share the cores: without this, each would start one torch thread per core
-            torch.set_num_threads(max(1, (os.cpu_count() or 1) // self.cfg.workers))
+        share = assigned_share()
+        if share and self._loaded.device.type == "cpu":
+            # tasks side by side on one host share its cores: without this, each would start one torch thread per core
+            torch.set_num_threads(share)
         self._heads = [(plugin, plugin.build()) for plugin in self.heads()]
         log.info("embed: loaded %s on %s", self._loaded.model_name, self._loaded.device)
 
