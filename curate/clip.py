@@ -37,6 +37,8 @@ if TYPE_CHECKING:
     import torch
     from PIL import Image
 
+    from curate.io.storage import Storage
+
 log = logging.getLogger(__name__)
 
 MODEL_CONFIG_DIR = Path(__file__).parent / "model_configs"
@@ -58,6 +60,8 @@ class ClipSpec:
     precision: str = "fp32"
     """auto, fp32, bf16 or fp16 (`resolve_precision`); fp32 here, as the callers that do not say want it."""
     section: str | None = None
+    storage: Storage | None = None
+    """How to read `pretrained` when it is a URL (s3://, gs://, ...); None: each protocol's defaults."""
 
 
 def config_key(section: str | None, name: str) -> str:
@@ -81,13 +85,14 @@ def register_model_configs(path: Path = MODEL_CONFIG_DIR) -> None:
     _registered_paths.add(path)
 
 
-def resolve_model(spec: ClipSpec) -> tuple[str, str | None]:
+def resolve_model(spec: ClipSpec, fetch: bool = False) -> tuple[str, str | None]:
     """(open_clip registry name, pretrained tag or absolute checkpoint path or None); raise ConfigError.
 
-    Cheap and offline: reads at most a model-config JSON and looks at the weights cache, never loads weights.
+    Cheap: reads at most a model-config JSON and looks at the weights cache, never loads weights. A checkpoint
+    at a URL is looked up (and stays a URL) unless `fetch`: then it is the path of its local copy.
     """
     name = resolve_model_name(spec.model, spec.section)
-    return name, resolve_pretrained(name, spec.pretrained, spec.section)
+    return name, resolve_pretrained(name, spec.pretrained, spec.section, spec.storage, fetch)
 
 
 def resolve_model_name(model: str, section: str | None = None) -> str:
@@ -138,14 +143,22 @@ def _register_config_file(path: Path, section: str | None) -> str:
     return name
 
 
-def resolve_pretrained(name: str, pretrained: str | None, section: str | None = None) -> str | None:
-    """An absolute checkpoint path, a tag of `name` whose weights are cached locally, or None."""
+def resolve_pretrained(
+    name: str, pretrained: str | None, section: str | None = None, storage: Storage | None = None, fetch: bool = False
+) -> str | None:
+    """An absolute checkpoint path (a URL's local copy when `fetch`, else the URL), a tag of `name` whose
+    weights are cached locally, or None."""
     import open_clip
+
+    from curate.io.storage import LOCAL, locate
 
     if pretrained is None:
         return None
     key = config_key(section, "pretrained")
-    path = Path(pretrained).expanduser()
+    location = locate(pretrained)
+    if isinstance(location, str):
+        return _remote_checkpoint(location, storage or LOCAL, key, fetch)
+    path = location
     if path.is_file():
         return str(path.resolve())
     if "/" in pretrained or os.sep in pretrained or pretrained.lower().endswith(CHECKPOINT_SUFFIXES):
@@ -166,6 +179,14 @@ def resolve_pretrained(name: str, pretrained: str | None, section: str | None = 
         f"{key}: {pretrained!r} is neither a file nor a pretrained tag of {name!r} "
         f"({hint}valid tags: {', '.join(tags)})"
     )
+
+
+def _remote_checkpoint(url: str, storage: Storage, key: str, fetch: bool) -> str:
+    from curate.io.local_copy import kind_of, local_copy
+
+    if kind_of(url, storage, key) != "file":
+        raise ConfigError(f"{key}: {url} is a folder, not a checkpoint file")
+    return str(local_copy(url, storage, key)) if fetch else url
 
 
 def _check_cached(name: str, tag: str, tag_cfg: dict[str, Any], key: str) -> None:
@@ -387,7 +408,7 @@ def load_clip(spec: ClipSpec, *, train: bool = False) -> LoadedClip:
     """
     import open_clip
 
-    name, pretrained = resolve_model(spec)
+    name, pretrained = resolve_model(spec, fetch=True)
     device = resolve_device(spec.device, spec.precision, spec.section)
     if pretrained is None and not train:
         log.warning(

@@ -271,9 +271,13 @@ class RunSearch:
             if self._model is None:
                 from curate.clip import ClipSpec, load_clip
                 from curate.config import load_config
+                from curate.io.storage import Storage
 
-                embed = load_config(self.layout.config_path).embed
-                self._model = load_clip(ClipSpec(embed.model, embed.pretrained, device="cpu", section="embed"))
+                config = load_config(self.layout.config_path)  # its storage.options without credentials
+                embed, storage = config.embed, Storage(config.storage.options)
+                self._model = load_clip(
+                    ClipSpec(embed.model, embed.pretrained, "cpu", section="embed", storage=storage)
+                )
             return self._model
 
     def text(self, query: str, k: int = 16) -> list[SearchHit]:

@@ -21,6 +21,7 @@ import pyarrow as pa
 
 if TYPE_CHECKING:
     from curate.config import PipelineConfig
+    from curate.io.storage import Storage
 
 FATE_PHASE = "shards"
 """The per-shard fate phase of a stage; its markers are `<stage>/_done/<shard>.json`."""
@@ -141,12 +142,19 @@ class Stage:
         """This stage's settings (less `speed_only`; a file they name counts by its bytes) and extras, chained
         to the upstream fingerprint."""
         settings = self.cfg.model_dump(mode="json", exclude=set(self.speed_only)) if self.cfg is not None else {}
-        payload = {"stage": self.name, "upstream": upstream, "settings": identify_paths(settings)}
+        payload = {"stage": self.name, "upstream": upstream, "settings": identify_paths(settings, self.storage)}
         return digest({**payload, **self.fingerprint_extras()})
 
     def fingerprint_extras(self) -> dict[str, Any]:
         """Content identities of files the settings name (a checkpoint's bytes, not its path)."""
         return {}
+
+    @property
+    def storage(self) -> Storage:
+        """How this run reads URLs (the config's `storage.options`)."""
+        from curate.io.storage import Storage
+
+        return Storage(self.config.storage.options)
 
     def resources(self) -> dict[str, float]:
         """Worker resources its tasks need, e.g. {"GPU": 1} for a model on cuda."""
@@ -220,20 +228,24 @@ def content_identity(path: str | Path, name: str | None = None) -> dict[str, Any
     return identity
 
 
-def identify_paths(value: Any) -> Any:
+def identify_paths(value: Any, storage: Storage | None = None) -> Any:
     """`value` (a settings tree) with every string that names an existing file replaced by the file's
     content identity, and every folder or glob by its files' (relative name and content): a checkpoint or an
     eval set moved elsewhere, or copied again, is the same setting. Only strings written like paths count (a
     "/", a suffix such as ".pt", a leading "~" or ".", a glob character): a bare word such as a model name
-    or the user-agent token "curate" is a name even when a folder of that name is in the working directory."""
+    or the user-agent token "curate" is a name even when a folder of that name is in the working directory.
+    With `storage`, a URL (s3://, gs://, ...; not http) counts as the file or folder it names, so weights
+    moved from a disk into a bucket are the same setting."""
     from glob import glob
 
     if isinstance(value, dict):
-        return {key: identify_paths(item) for key, item in value.items()}
+        return {key: identify_paths(item, storage) for key, item in value.items()}
     if isinstance(value, list):
-        return [identify_paths(item) for item in value]
+        return [identify_paths(item, storage) for item in value]
     if not isinstance(value, str) or not written_like_a_path(value):
         return value
+    if storage is not None and "://" in value:
+        return identify_url(value, storage)
     path = Path(value).expanduser()
     if path.is_file():
         return content_identity(path)
@@ -245,6 +257,30 @@ def identify_paths(value: Any) -> Any:
         if matches:
             return {"glob": [content_identity(m, m.name) for m in matches if m.is_file()]}
     return value
+
+
+def identify_url(url: str, storage: Storage) -> Any:
+    """What `identify_paths` gives the local copy of `url`; the URL itself for http(s) and for nothing there."""
+    from curate.io.local_copy import local_copy
+    from curate.io.storage import StorageError, locate, name_of, protocol_of
+
+    location = locate(url)
+    if isinstance(location, Path):
+        return identify_paths(str(location))
+    if protocol_of(url) in ("http", "https"):
+        return url
+    try:
+        if any(c in url for c in "*?["):
+            matches = [match for match, is_file in storage.glob(url) if is_file]
+            return {"glob": [storage.content_identity(m, name_of(m)) for m in matches]} if matches else url
+        info = storage.info(url)
+        if info is None:
+            return url  # the stage's preflight names the missing object
+        if info.get("type") == "directory":
+            return identify_paths(str(local_copy(url, storage, url)))
+        return storage.content_identity(url)
+    except (OSError, StorageError):
+        return url
 
 
 def written_like_a_path(value: str) -> bool:

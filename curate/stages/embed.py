@@ -56,6 +56,7 @@ from curate.stages.embed_input import (
 
 if TYPE_CHECKING:
     from curate.config import PipelineConfig
+    from curate.io.storage import Storage
 
 log = logging.getLogger(__name__)
 
@@ -75,16 +76,16 @@ RESERVED_COLUMNS = (*METADATA_SCHEMA.names, "width", "height")
 # The model: curate.clip is the one factory; these adapt an EmbedConfig to it
 
 
-def clip_spec(cfg: EmbedConfig) -> ClipSpec:
-    return ClipSpec(cfg.model, cfg.pretrained, cfg.device, cfg.precision, section="embed")
+def clip_spec(cfg: EmbedConfig, storage: Storage | None = None) -> ClipSpec:
+    return ClipSpec(cfg.model, cfg.pretrained, cfg.device, cfg.precision, section="embed", storage=storage)
 
 
-def resolve_model(cfg: EmbedConfig) -> tuple[str, str | None]:
-    """(open_clip registry name, pretrained tag or absolute checkpoint path or None); raise ConfigError.
+def resolve_model(cfg: EmbedConfig, storage: Storage | None = None) -> tuple[str, str | None]:
+    """(open_clip registry name, pretrained tag, absolute checkpoint path, URL or None); raise ConfigError.
 
-    Cheap and offline: reads at most a model-config JSON and looks at the weights cache, never loads weights.
+    Cheap: reads at most a model-config JSON and looks at the weights cache or the URL, never loads weights.
     """
-    return clip.resolve_model(clip_spec(cfg))
+    return clip.resolve_model(clip_spec(cfg, storage))
 
 
 def resolve_device(cfg: EmbedConfig) -> str:
@@ -92,9 +93,9 @@ def resolve_device(cfg: EmbedConfig) -> str:
     return str(clip.resolve_device(cfg.device, cfg.precision, section="embed"))
 
 
-def load_clip(cfg: EmbedConfig | None = None, /, **settings: Any) -> LoadedClip:
+def load_clip(cfg: EmbedConfig | None = None, /, storage: Storage | None = None, **settings: Any) -> LoadedClip:
     """Load the model an EmbedConfig names; keyword settings override it (`load_clip(model="curate-tiny")`)."""
-    return clip.load_clip(clip_spec(_with_settings(cfg, settings)))
+    return clip.load_clip(clip_spec(_with_settings(cfg, settings), storage))
 
 
 def _with_settings(cfg: EmbedConfig | None, settings: dict[str, Any]) -> EmbedConfig:
@@ -269,7 +270,7 @@ class EmbedStage(Stage):
 
     def preflight(self) -> None:
         """Name, file and tag checks in the driver, before anything runs; loads no weights."""
-        resolve_model(self.cfg)
+        resolve_model(self.cfg, self.storage)
         self.heads()  # imports each head's module and checks its settings
         on_this_machine = self.config.executor == "local" and (
             self.cfg.device.startswith("cuda") or self.cfg.decode == "gpu"
@@ -281,7 +282,7 @@ class EmbedStage(Stage):
         import torch
 
         device = self.worker_device()
-        self._loaded = load_clip(self.cfg, device=device)
+        self._loaded = load_clip(self.cfg, storage=self.storage, device=device)
         self.check_decode_device(str(self._loaded.device))
         if self.cfg.decode == "gpu":
             gpu_steps(self._loaded)  # a preprocess the GPU path cannot follow is a config error, before any shard

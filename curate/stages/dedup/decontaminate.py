@@ -18,6 +18,8 @@ from typing import Any, NamedTuple
 import numpy as np
 from PIL import Image
 
+from curate.io.local_copy import local_copy
+from curate.io.storage import LOCAL, Storage, has_magic, locate
 from curate.io.wds import IMAGE_EXTENSIONS, image_extension_of, iter_members
 from curate.stages.dedup.compute import as_matrix, nearest
 from curate.stages.dedup.decisions import Decisions, as_uids, canonical_order
@@ -88,13 +90,13 @@ def contamination_decisions(
 IMAGE_SUFFIXES = tuple(f".{extension}" for extension in IMAGE_EXTENSIONS)
 
 
-def load_eval_images(paths: Sequence[str]) -> tuple[list[Image.Image], list[str]]:
-    """Images of the evaluation sets: folders of image files and/or webdataset tars (globs allowed)."""
+def load_eval_images(paths: Sequence[str], storage: Storage = LOCAL) -> tuple[list[Image.Image], list[str]]:
+    """Images of the evaluation sets: folders of image files and/or webdataset tars (globs allowed), local or
+    at URLs (read from their local copies)."""
     images: list[Image.Image] = []
     ids: list[str] = []
     for pattern in paths:
-        matches = sorted(glob.glob(pattern)) or [pattern]
-        for match in map(Path, matches):
+        for match in _eval_paths(pattern, storage):
             if match.is_dir():
                 for file in sorted(p for p in match.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES):
                     images.append(_open_rgb(file.read_bytes()))
@@ -106,6 +108,14 @@ def load_eval_images(paths: Sequence[str]) -> tuple[list[Image.Image], list[str]
             else:
                 raise FileNotFoundError(f"dedup.eval_sets: {pattern!r} is not a folder of images or a .tar")
     return images, ids
+
+
+def _eval_paths(pattern: str, storage: Storage) -> list[Path]:
+    location = locate(pattern)
+    if isinstance(location, Path):
+        return [Path(match) for match in sorted(glob.glob(str(location)))] or [location]
+    urls = [url for url, _ in storage.glob(pattern)] if has_magic(pattern) else [pattern]
+    return [local_copy(url, storage, "dedup.eval_sets") for url in urls] or [Path(pattern)]
 
 
 def _tar_images(path: Path) -> tuple[list[Image.Image], list[str]]:
@@ -125,12 +135,12 @@ def _open_rgb(data: bytes) -> Image.Image:
         return image.convert("RGB")
 
 
-def embed_eval_sets(paths: Sequence[str], embed_cfg: Any) -> tuple[np.ndarray, list[str]]:
+def embed_eval_sets(paths: Sequence[str], embed_cfg: Any, storage: Storage = LOCAL) -> tuple[np.ndarray, list[str]]:
     """Embed the evaluation images with the run's own model, so similarities are comparable."""
     from curate.clip import embed_images, load_clip
     from curate.stages.embed import clip_spec
 
-    images, ids = load_eval_images(paths)
+    images, ids = load_eval_images(paths, storage)
     if not images:
         return np.zeros((0, 1), np.float32), []
-    return embed_images(load_clip(clip_spec(embed_cfg)), images), ids
+    return embed_images(load_clip(clip_spec(embed_cfg, storage)), images), ids

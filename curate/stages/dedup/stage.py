@@ -259,7 +259,7 @@ class DedupStage(Stage):
     def _embed_eval_sets(self, ctx: StageContext, _task: str, workdir: Path) -> TaskOutput:
         from curate.stages.dedup.decontaminate import embed_eval_sets
 
-        embeddings, ids = embed_eval_sets(self.cfg.eval_sets, self.config.embed)
+        embeddings, ids = embed_eval_sets(self.cfg.eval_sets, self.config.embed, self.storage)
         outputs = DedupOutputs(workdir)
         emb_path, ids_path = (workdir / p.relative_to(outputs.folder) for p in outputs.eval_paths())
         emb_path.parent.mkdir(parents=True, exist_ok=True)

@@ -37,7 +37,6 @@ import pyarrow.parquet as pq
 
 from curate.config import InputConfig
 from curate.io.fs import read_json, write_json_atomic
-from curate.io.storage import Storage
 from curate.ledger import Status, make_fates
 from curate.stage import (
     FATE_PHASE,
@@ -482,10 +481,6 @@ class InputStage(Stage):
     def settings_digest(cls, cfg: InputConfig, sources: list[SourceFile]) -> str:
         settings = cfg.model_dump(mode="json", exclude={"path", *cls.speed_only})
         return digest({"stage": cls.name, "settings": settings, "files": source_identities(cfg, sources)})
-
-    @property
-    def storage(self) -> Storage:
-        return Storage(self.config.storage.options)
 
     def workers(self) -> int:
         return self.cfg.workers

@@ -147,9 +147,10 @@ def contaminated_uids(config: PipelineConfig, layout: RunLayout, shards: Sequenc
     if dedup.eval_paths()[0].exists():
         eval_emb, _ = dedup.eval_embeddings()
     else:  # dedup ran without these eval sets
+        from curate.io.storage import Storage
         from curate.stages.dedup.decontaminate import embed_eval_sets
 
-        eval_emb, _ = embed_eval_sets(config.dedup.eval_sets, config.embed)
+        eval_emb, _ = embed_eval_sets(config.dedup.eval_sets, config.embed, Storage(config.storage.options))
     found: set[str] = set()
     embed = EmbedOutputs(layout)
     for shard in shards:

@@ -229,12 +229,33 @@ class ValidateStage(Stage):
 
     @property
     def cfg(self) -> ValidateConfig:
-        return self.config.validate
+        """The settings, with an eval set at a URL replaced by its local copy (fetched once per process)."""
+        from curate.io.local_copy import is_remote, local_copy
+
+        cfg = self.config.validate
+        if cfg.eval_set is None or not is_remote(cfg.eval_set):
+            return cfg
+        if getattr(self, "_local_cfg", None) is None:
+            self.check_remote_eval_set(cfg.eval_set)
+            local = local_copy(cfg.eval_set, self.storage, "validate.eval_set")
+            self._local_cfg = cfg.model_copy(update={"eval_set": str(local)})
+        return self._local_cfg
+
+    def check_remote_eval_set(self, url: str) -> None:
+        from curate.config import ConfigError
+
+        labels = f"{url.rstrip('/')}/labels.json"
+        try:
+            found = self.storage.info(labels)
+        except OSError as err:
+            raise ConfigError(f"validate.eval_set: cannot read {labels}: {err}") from None
+        if found is None:
+            raise ConfigError(f"validate.eval_set: {url!r} has no labels.json")
 
     def preflight(self) -> None:
         from curate.config import ConfigError
 
-        if self.cfg.eval_set is None:
+        if self.config.validate.eval_set is None:
             raise ConfigError("validate.eval_set: the validate stage needs a held-out eval set folder (labels.json)")
         if not (Path(self.cfg.eval_set) / "labels.json").is_file():
             raise ConfigError(f"validate.eval_set: {self.cfg.eval_set!r} has no labels.json")
