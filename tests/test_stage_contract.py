@@ -1,13 +1,15 @@
 """The stage contract on real runs: markers make a finished run a no-op (also moved, with a re-copied input),
-run-wide phases resume task by task after a SIGKILL, empty shards pass every stage, embed asks Dask for a GPU,
-and a new stage is one class plus one registry entry."""
+run-wide phases resume task by task after a SIGKILL (of the driver, or of one Dask worker), empty shards
+pass every stage, embed asks Dask for a GPU, and a new stage is one class plus one registry entry."""
 
 from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -18,7 +20,7 @@ import pytest
 
 import curate.stages
 from curate.config import ConfigError, DaskConfig, load_config
-from curate.executors.dask import DaskExecutor
+from curate.executors.dask import DaskExecutor, pre_spawn_keys
 from curate.ledger import Status, make_fates, read_ledger
 from curate.pipeline import RunResult, run_pipeline
 from curate.runner import ShardFailed
@@ -118,6 +120,82 @@ def test_a_run_killed_in_a_run_wide_phase_resumes_without_redoing_finished_tasks
     assert resumed.complete
     after = markers(run_dir)
     assert {m: after[m] for m in done_before} == done_before  # no finished task ran again
+    assert ledger_of(run_dir).equals(ledger_of(result.layout.root))
+    assert curated_uids(run_dir) == curated_uids(result.layout.root)
+    assert not (run_dir / stage / "_tmp").exists()
+
+
+def kill_a_worker_in_the_middle_of(
+    executor: DaskExecutor, run_dir: Path, stage: str, phase: str, tasks: int, stop: threading.Event, killed: dict
+) -> None:
+    """Once some but not all of the phase's tasks are committed, snapshots every marker of the run and SIGKILLs a
+    worker that holds the result of one of them: Dask runs that task again, with the ones the worker was running."""
+    pids = executor.client.run(os.getpid)
+    folder = RunLayout(run_dir).marker_dir(stage, phase)
+    while not stop.is_set():
+        committed = len(list(folder.glob("*.json")))
+        if committed >= tasks:
+            return
+        if committed:
+            held = executor.client.has_what()
+            holders = [pids[w] for w, keys in held.items() if any(str(k).startswith(f"{stage}-{phase}-") for k in keys)]
+            if holders:
+                killed["markers"] = {
+                    str(p.relative_to(run_dir)): p.read_bytes() for p in run_dir.rglob("_done/**/*.json")
+                }
+                os.kill(holders[0], signal.SIGKILL)
+                killed["pid"], killed["unfinished"] = holders[0], tasks - len(list(folder.glob("*.json")))
+                return
+        time.sleep(0.005)
+
+
+def is_daemon() -> bool:
+    import multiprocessing
+
+    return multiprocessing.current_process().daemon
+
+
+def test_a_dask_worker_killed_in_a_run_wide_dedup_phase_costs_only_its_tasks(
+    finished: tuple[Path, list[str], RunResult], tmp_path: Path
+) -> None:
+    from distributed import get_task_stream
+
+    environment = {key: os.environ.get(key) for key in pre_spawn_keys()}
+    pipeline, settings, result = finished
+    stage, phase = "dedup", "screen"
+    tasks = len(list(result.layout.marker_dir(stage, phase).glob("*.json")))
+    run_dir = copy_run(result, tmp_path / "run")
+    for name in ["dedup", "ledger", "materialize", "curated"]:
+        shutil.rmtree(run_dir / name)
+    (run_dir / "ledger.parquet").unlink()
+    config = load_config(pipeline, [*settings, f"output={run_dir}", "executor=dask"])
+
+    executor = DaskExecutor(DaskConfig(n_workers=2, shard_retries=3))
+    stop, killed = threading.Event(), {}
+    killer = threading.Thread(
+        target=kill_a_worker_in_the_middle_of, args=(executor, run_dir, stage, phase, tasks, stop, killed)
+    )
+    killer.start()
+    try:
+        with get_task_stream(executor.client) as stream:
+            run = run_pipeline(config, executor=executor)
+        survivors = executor.client.run(os.getpid)
+        daemonic = executor.client.run(is_daemon)
+    finally:
+        stop.set()
+        killer.join()
+        executor.close()
+    # the restarted worker can start processes like the others; the nanny's variables left this process at close
+    assert set(daemonic.values()) == {False} and len(daemonic) == 2
+    assert {key: os.environ.get(key) for key in pre_spawn_keys()} == environment
+    assert killed, f"no worker was killed: {stage}:{phase} finished before the killer saw one of its tasks committed"
+    assert killed["unfinished"] > 0 and killed["pid"] not in survivors.values()
+    assert any(m.startswith(f"{stage}/_done/{phase}/") for m in killed["markers"])
+    ran = [task["key"] for task in stream.data if task["key"].startswith(f"{stage}-{phase}-")]
+    assert len(ran) > len(set(ran)) == tasks  # a task the dead worker had finished ran again
+
+    assert run.complete
+    assert {m: (run_dir / m).read_bytes() for m in killed["markers"]} == killed["markers"]
     assert ledger_of(run_dir).equals(ledger_of(result.layout.root))
     assert curated_uids(run_dir) == curated_uids(result.layout.root)
     assert not (run_dir / stage / "_tmp").exists()

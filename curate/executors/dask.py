@@ -30,7 +30,7 @@ import os
 import sys
 import uuid
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -141,9 +141,11 @@ class DaskExecutor(ShardMapping):
 
         self.cfg = cfg
         self.cluster = None
+        self._lifetime = ExitStack()
         if scheduler:
             self.client = Client(scheduler)
         else:
+            self._lifetime.enter_context(while_the_cluster_runs())
             self.cluster, self.client = start_local_cluster(cfg, plan_local_cluster(cfg))
         log.info("dask dashboard: %s", self.dashboard_link)
 
@@ -202,9 +204,12 @@ class DaskExecutor(ShardMapping):
                 )
 
     def close(self) -> None:
-        self.client.close()
-        if self.cluster is not None:
-            self.cluster.close()
+        try:
+            self.client.close()
+            if self.cluster is not None:
+                self.cluster.close()
+        finally:
+            self._lifetime.close()
 
 
 def start_local_cluster(cfg: DaskConfig, plan: ClusterPlan) -> tuple[Any, Any]:
@@ -231,6 +236,35 @@ def start_local_cluster(cfg: DaskConfig, plan: ClusterPlan) -> tuple[Any, Any]:
 
 
 @contextmanager
+def while_the_cluster_runs() -> Iterator[None]:
+    """Held from the LocalCluster's start to its close. A nanny restarting a dead worker reads
+    `distributed.worker.daemon` again (a daemonic worker could not start the decode processes embed and
+    validation use) and writes the pre-spawn variables into this process again: they are put back at close."""
+    import dask
+
+    saved = {key: os.environ.get(key) for key in pre_spawn_keys()}
+    try:
+        with dask.config.set(WORKER_PROCESSES):
+            yield
+    finally:
+        put_back(saved)
+
+
+def pre_spawn_keys() -> set[str]:
+    import dask
+
+    return set(dask.config.get("distributed.nanny.pre-spawn-environ")) | {"PYTHONHASHSEED"}
+
+
+def put_back(saved: dict[str, str | None]) -> None:
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+
+
+@contextmanager
 def worker_environment(profiler: bool = False) -> Iterator[None]:
     """Start the LocalCluster inside: its workers get Dask's pre-spawn variables less `WORKER_ENV_UNSET`,
     Dask's statistical profiler only when `profiler` is true, and every server the `RUNTIME_INTERVALS`
@@ -239,20 +273,16 @@ def worker_environment(profiler: bool = False) -> Iterator[None]:
     A nanny writes the pre-spawn variables (OMP_NUM_THREADS=1, ...) into this process's own os.environ before
     it spawns its worker; they are put back as they were once the workers are up, so that processes this
     driver starts later (the local executor's pools) do not inherit them (a nanny restarting a dead worker
-    writes them again). A variable the user set in the environment reaches the workers unchanged.
+    writes them again, until `while_the_cluster_runs` ends). A variable the user set in the environment reaches
+    the workers unchanged.
     """
     import dask
 
-    keys = set(dask.config.get("distributed.nanny.pre-spawn-environ")) | {"PYTHONHASHSEED"}
-    saved = {key: os.environ.get(key) for key in keys}
+    saved = {key: os.environ.get(key) for key in pre_spawn_keys()}
     unset = {f"distributed.nanny.pre-spawn-environ.{key}": None for key in WORKER_ENV_UNSET}
     settings = {**unset, **RUNTIME_INTERVALS, **WORKER_PROCESSES, "distributed.worker.profile.enabled": profiler}
     try:
         with dask.config.set(settings):
             yield
     finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
+        put_back(saved)
