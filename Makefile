@@ -24,8 +24,10 @@ compare: $(STAMP)
 dask-demo: $(STAMP)
 	$(BIN)/python -m examples.run_demo --out runs/dask-demo --executor dask
 
+# two pytest workers, each test file on one of them (its module fixtures are built once); TEST_WORKERS=0: one process
+TEST_WORKERS ?= 2
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -p no:cacheprovider --durations=25
+	$(BIN)/python -m pytest -q -p no:cacheprovider --durations=25 -n $(TEST_WORKERS) --dist loadfile
 
 bench: $(STAMP)
 	$(BIN)/python -m benchmarks.run_all --out benchmarks/results.md

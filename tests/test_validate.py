@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -174,7 +175,12 @@ def test_demo_eval_set_is_labelled_and_readable_by_decontamination(eval_set: Pat
 
 @pytest.fixture(scope="module")
 def curated_run(served_world: ServedWorld, tmp_path_factory: pytest.TempPathFactory) -> CuratedRun:
-    return shared_curated_run(served_world, tmp_path_factory)
+    """A copy of the session's shared run: these tests write validate/ into it, which other files' tests of the
+    shared run (the report's "no validation" page) must not see, whatever order they run in."""
+    shared = shared_curated_run(served_world, tmp_path_factory)
+    root = tmp_path_factory.mktemp("validated-run") / "run"
+    shutil.copytree(shared.root, root, ignore=shutil.ignore_patterns("report", "search"))
+    return CuratedRun(root, shared.truth, shared.scorer)
 
 
 @pytest.fixture(scope="module")
@@ -186,6 +192,7 @@ def micro_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def with_validate(run: CuratedRun, dedup: dict[str, Any] | None = None, **settings: Any) -> PipelineConfig:
     raw = load_config(RunLayout(run.root).config_path).model_dump(mode="json")
+    raw["output"] = str(run.root)
     raw["validate"] = settings
     raw["dedup"].update(dedup or {})
     return validate_config(raw)
@@ -416,8 +423,6 @@ def test_validation_runs_are_dask_tasks_whose_trainer_starts_its_decode_workers(
 def test_curation_settings_are_compared_from_the_runs_saved_scores(
     curated_run: CuratedRun, micro_model: Path, eval_set: Path, tmp_path: Path
 ) -> None:
-    import shutil
-
     from curate.ledger import read_ledger
     from curate.report import write_report
     from curate.stages.filters import FilterOutputs
