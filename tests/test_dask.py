@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import pyarrow as pa
 import pytest
@@ -200,8 +200,9 @@ def test_a_shard_that_keeps_failing_ends_the_run_naming_it_and_keeps_what_was_do
     assert all(shard_state(ctx, "flaky", s) is ShardState.DONE for s in shards)
 
 
-def kill_one_worker_when_embedding_starts(executor: DaskExecutor, run_dir: Path, killed: list[int]) -> None:
-    """Waits for the first committed embed shard, then SIGKILLs one worker process."""
+def kill_one_worker_when_embedding_starts(executor: DaskExecutor, run_dir: Path, killed: dict[str, Any]) -> None:
+    """Waits for the first committed embed shard, then snapshots every marker of the run and SIGKILLs one worker
+    process."""
     import signal
     import time
 
@@ -210,8 +211,9 @@ def kill_one_worker_when_embedding_starts(executor: DaskExecutor, run_dir: Path,
     while time.monotonic() < deadline:
         if len(list((run_dir / "embed" / "_done").glob("*.json"))) >= 1:
             victim = sorted(pids.values())[0]
+            killed["markers"] = {str(p.relative_to(run_dir)): p.read_bytes() for p in run_dir.rglob("_done/**/*.json")}
             os.kill(victim, signal.SIGKILL)
-            killed.append(victim)
+            killed["pid"] = victim
             return
         time.sleep(0.02)
 
@@ -229,7 +231,7 @@ def test_a_worker_killed_during_embed_costs_only_its_shards(
         run_pipeline(dask_config, only_stage=stage)
 
     executor = DaskExecutor(DaskConfig(n_workers=2, shard_retries=3))
-    killed: list[int] = []
+    killed: dict[str, Any] = {}
     killer = threading.Thread(target=kill_one_worker_when_embedding_starts, args=(executor, dask_dir, killed))
     killer.start()
     try:
@@ -239,6 +241,9 @@ def test_a_worker_killed_during_embed_costs_only_its_shards(
         executor.close()
     assert killed, "no worker was killed: embed finished before the first marker was seen"
     assert result.complete
+    assert any(m.startswith("embed/_done/") for m in killed["markers"])
+    # what was committed before the kill (input, download, the first embed shards) was not redone
+    assert {m: (dask_dir / m).read_bytes() for m in killed["markers"]} == killed["markers"]
 
     ledger = read_ledger(dask_dir)
     assert len(ledger) == len(served_world.world.truth) and ledger.uid.is_unique

@@ -251,3 +251,59 @@ def test_retry_refuses_a_run_whose_download_is_not_finished(
     assert "download is not finished" in refused.stderr and "curate run" in refused.stderr
     bad = curate(capsys, "retry", str(tmp_path / "run"), "--reasons", "http 503")
     assert bad.returncode == 2 and "--reasons" in bad.stderr
+
+
+def test_an_interrupted_retry_leaves_a_run_that_the_next_curate_run_completes(
+    served_world: ServedWorld, tiny_checkpoint: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from curate.retry import RetryDownloadStage, retry
+    from curate.stages.materialize import uid_array
+
+    flaky = FlakyServer({f"n{i}.jpg": noise_jpeg(i) for i in range(6)})  # its own: GETs are counted per server
+    thread = threading.Thread(target=flaky.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    try:
+        table = crawl(served_world, flaky, tmp_path / "crawl.parquet")
+        hosts = [served_world.server.base_url.removeprefix("http://"), flaky.base_url.removeprefix("http://")]
+        pipeline = served_world.pipeline(tmp_path, output=tmp_path / "run", download={"allow_hosts": hosts})
+        settings = [
+            *full_pipeline_overrides(tiny_checkpoint),
+            f"input.path={tmp_path / 'crawl.parquet'}",
+            "download.processes=1",  # the retry tasks run in this process, where the interruption is planted
+        ]
+        assert run_pipeline(load_config(pipeline, settings)).complete
+        run_dir = tmp_path / "run"
+        kept_before = int((read_ledger(run_dir).status == "kept").sum())
+
+        committed: list[str] = []
+        real = RetryDownloadStage.process_shard
+
+        def interrupted_after_one_shard(stage: Any, ctx: Any, shard: str, workdir: Path) -> Any:
+            if committed:
+                raise KeyboardInterrupt  # Ctrl-C during the second retried shard
+            committed.append(shard)
+            return real(stage, ctx, shard, workdir)
+
+        monkeypatch.setattr(RetryDownloadStage, "process_shard", interrupted_after_one_shard)
+        with pytest.raises(KeyboardInterrupt):
+            retry(run_dir)
+        monkeypatch.undo()
+        layout = RunLayout(run_dir)
+        assert committed == ["00001"] and layout.marker_path("download", "00001").exists()
+        assert not layout.marker_path("download", "00002").exists()  # not committed: downloaded again in full
+
+        resumed = run_pipeline(load_config(pipeline, settings))
+        assert resumed.complete
+        after = ledger_by_url(run_dir)
+        assert len(after) == len(table) and after.uid.is_unique
+        # 00001's two rows came back on the retry; 00002's three rows that failed once now answer on its new
+        # download, and the one that fails twice fails again
+        assert int((after.status == "kept").sum()) == kept_before + 5
+        retried = [f"{flaky.base_url}/flaky1/n{i}.jpg" for i in (0, 1)]
+        assert all(detail.startswith("fetched on retry 1") for detail in after.loc[retried, "detail"])
+        assert after.loc[f"{flaky.base_url}/flaky2/n5.jpg", "status"] == "failed"
+        kept = after.loc[after.status == "kept", "uid"].tolist()
+        assert np.array_equal(np.load(CuratedOutputs(run_dir).uids_path), np.sort(uid_array(kept)))
+    finally:
+        flaky.shutdown()
+        flaky.server_close()

@@ -287,3 +287,23 @@ def test_calibrate_scores_a_trained_checkpoint(trained: TrainResult, data: tuple
     assert result["n_pairs"] == 2 * SAMPLES_PER_SHARD
     assert -1 <= result["suggested_threshold"] <= 1
     assert result["matched_quantiles"]["0.5"] > result["mismatched_quantiles"]["0.5"]
+
+
+def test_one_seed_starts_every_arm_from_the_same_weights_whatever_its_data(
+    data: tuple[Path, list[Path]], tmp_path: Path
+) -> None:
+    config, shards = data
+    # one step at a learning rate too small to move a weight: the checkpoint holds the initial weights
+    # (an update of ~1e-30 still shows on a weight initialised to exactly 0, hence the tolerance below)
+    frozen = {"samples_seen": 16, "warmup_steps": 0, "lr": 1e-30, "decode_workers": 0}
+    weights = {}
+    for arm, shard, seed in (("a", shards[0], 0), ("b", shards[1], 0), ("c", shards[0], 1)):
+        result = train_clip([shard], recipe(config, seed=seed, **frozen), tmp_path / arm)
+        weights[arm] = load_checkpoint(result.checkpoint)["state_dict"]
+
+    def largest_difference(one: dict[str, torch.Tensor], other: dict[str, torch.Tensor]) -> float:
+        assert one.keys() == other.keys()
+        return max(float((one[name] - other[name]).abs().max()) for name in one)
+
+    assert largest_difference(weights["a"], weights["b"]) < 1e-20  # same seed, other data: same start
+    assert largest_difference(weights["a"], weights["c"]) > 1e-3  # another seed: another start
