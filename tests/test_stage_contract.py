@@ -280,6 +280,33 @@ def test_the_real_embed_stage_on_cuda_runs_only_on_the_gpu_worker(
     assert "torch sees no CUDA device" not in str(failed.value)
 
 
+def test_a_gpu_worker_whose_torch_sees_no_cuda_device_stops_the_run_with_the_config_error_after_one_try(
+    finished: tuple[Path, list[str], RunResult], tmp_path: Path
+) -> None:
+    from distributed import Client, Nanny, Scheduler, SpecCluster, get_task_stream
+
+    config, run_dir = downloaded_run(finished, tmp_path, "dask.shard_retries=2")
+    cluster = SpecCluster(
+        scheduler={"cls": Scheduler, "options": {"dashboard_address": ":0", "host": "127.0.0.1"}},
+        workers={
+            "gpu-worker": {"cls": Nanny, "options": {"nthreads": 1, "host": "127.0.0.1", "resources": {"GPU": 1}}},
+        },
+    )
+    executor = DaskExecutor(config.dask, scheduler=cluster.scheduler_address)
+    try:
+        with get_task_stream(executor.client) as stream, pytest.raises(ConfigError) as error:
+            run_pipeline(config, executor=executor, only_stage="embed")
+        tries = [task["key"] for task in stream.data if task["key"].startswith("embed-")]
+    finally:
+        executor.close()
+        Client(cluster).close()
+        cluster.close()
+    # the real stage's model load on the worker found no device: one line, as on a machine without one
+    assert str(error.value).startswith("embed.device is 'cuda' but") and "\n" not in str(error.value)
+    assert len(tries) == len(set(tries)) >= 1  # a config error is not retried: dask.shard_retries is for faults
+    assert not list((run_dir / "embed").glob("_done/*.json"))
+
+
 def test_a_cluster_without_a_gpu_worker_fails_at_once_naming_the_resource(
     finished: tuple[Path, list[str], RunResult], tmp_path: Path
 ) -> None:
