@@ -156,6 +156,22 @@ def noop_shard(stage: Any, ctx: Any, shard: str) -> str:
     return shard
 
 
+def one_thread_workers(n: int) -> DaskExecutor:
+    """A LocalCluster of `n` workers whose tasks each use one thread: the arms differ only in worker count (left
+    to itself, curate would give a lone worker's embed task both cores)."""
+    from curate.cores import TASK_THREADS_ENV
+
+    before = os.environ.get(TASK_THREADS_ENV)
+    os.environ[TASK_THREADS_ENV] = "1"  # the workers inherit it when they start
+    try:
+        return DaskExecutor(DaskConfig(n_workers=n, threads_per_worker=1))
+    finally:
+        if before is None:
+            os.environ.pop(TASK_THREADS_ENV)
+        else:
+            os.environ[TASK_THREADS_ENV] = before
+
+
 def per_task_overhead(executor: DaskExecutor, pipeline: Path, tasks: int = 320) -> float:
     """Seconds per task of no-op tasks with a shard task's arguments, through the cluster (all workers busy)."""
     from curate.stage import RunLayout, StageContext
@@ -193,7 +209,7 @@ def run(
         for n in (1, 2):
             arm = f"dask_{n}_workers"
             started = time.perf_counter()
-            executors[arm] = DaskExecutor(DaskConfig(n_workers=n, threads_per_worker=1))
+            executors[arm] = one_thread_workers(n)
             startup[arm] = time.perf_counter() - started
             started = time.perf_counter()
             worker_threads[arm] = sorted(executors[arm].client.run(warm_imports).values())

@@ -335,6 +335,38 @@ def test_the_baseline_pool_leaves_out_downloads_close_to_the_eval_set(curated_ru
     assert validate_stage.baseline_pool(layout, shards, downloaded) == []
 
 
+def test_the_baseline_pool_leaves_out_a_planted_copy_of_an_eval_image_and_its_near_copies_only(
+    curated_run: CuratedRun, tmp_path: Path
+) -> None:
+    from curate.io.wds import iter_samples
+    from curate.stages.download import DownloadOutputs
+    from curate.stages.embed import EmbedOutputs
+
+    layout = RunLayout(curated_run.root)
+    shards = validate_stage.input_shards(layout)
+    embed = EmbedOutputs(layout)
+    vectors: dict[str, np.ndarray] = {}  # every embedded download's stored image embedding, normalised
+    for shard in (s for s in shards if embed.has(s)):
+        uids = embed.metadata(shard, columns=["uid"])["uid"].to_pylist()
+        for uid, vector in zip(uids, embed.image_embeddings(shard).astype(np.float32), strict=True):
+            vectors[uid] = vector / np.linalg.norm(vector)
+    shard = next(s for s in shards if embed.has(s))
+    target = next(s for s in iter_samples(DownloadOutputs(layout).tar_path(shard)) if s.uid in vectors)
+    held_out = tmp_path / "held-out"
+    held_out.mkdir()
+    (held_out / f"copy.{target.image_extension}").write_bytes(target.members[target.image_extension])
+
+    threshold = 0.9995  # the shared run's model has random weights: most images lie above 0.98 of each other
+    config = with_validate(curated_run, {"eval_sets": [str(held_out)], "contamination_threshold": threshold})
+    found = validate_stage.contaminated_uids(config, layout, shards)
+    similarity = {uid: float(vector @ vectors[target.uid]) for uid, vector in vectors.items()}
+    assert target.uid in found and len(found) < len(vectors) / 10
+    assert all(similarity[uid] > threshold - 3e-4 for uid in found)  # float16 storage: a small margin
+    assert all(similarity[uid] < threshold + 3e-4 for uid in set(vectors) - found)
+    downloaded = set(validate_stage.baseline_pool(layout, shards, set()))
+    assert set(validate_stage.baseline_pool(layout, shards, found)) == downloaded - found
+
+
 def test_demo_eval_set_can_be_labelled_by_colour(tmp_path: Path) -> None:
     from examples.demo_world import colors
 
