@@ -241,7 +241,7 @@ def add_view_commands(commands: Any) -> None:
         "train-scorer", help="train a CLIP on a run's curated shards and export it for embed.pretrained"
     )
     scorer.add_argument("output", type=Path, help="a finished run (its curated/ and validate recipe are used)")
-    scorer.add_argument("--out", type=Path, help="where to write the weights (default OUTPUT/scorer/scorer.pt)")
+    scorer.add_argument("--out", help="where to write the weights: a path or a URL (default OUTPUT/scorer/scorer.pt)")
     scorer.add_argument("--seed", type=int, default=0)
     scorer.add_argument(
         "--set",

@@ -27,6 +27,7 @@ from curate.stages.validate.simclr import nt_xent_loss, train_simclr
 from curate.stages.validate.stage import format_validation_table, input_shards, pair_names, run_validation
 from curate.stages.validate.train import TrainRecipe, load_checkpoint
 from tests.run_fixtures import CuratedRun, shared_curated_run
+from tests.s3_fixtures import S3Bucket
 from tests.world_fixtures import ServedWorld
 
 MICRO_CONFIG = {
@@ -401,6 +402,40 @@ def test_train_scorer_exports_weights_that_the_embed_stage_loads(
     trained = load_checkpoint(dest.with_name("scorer.train-seed0") / "checkpoint.pt")["state_dict"]
     for name, tensor in loaded.model.state_dict().items():
         torch.testing.assert_close(tensor, trained[name], msg=name)
+
+
+def test_train_scorer_writes_to_a_bucket_and_the_embed_stage_loads_it_from_there(
+    curated_run: CuratedRun,
+    micro_model: Path,
+    s3_bucket: S3Bucket,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from curate.io.storage import Storage
+    from curate.stages.embed import EmbedStage
+
+    monkeypatch.setenv("CURATE_CACHE_DIR", str(tmp_path / "cache"))
+    url = s3_bucket.url("models/scorer.pt")
+    settings = {"model": micro_model, "batch_size": 8, "samples_seen": 16, "warmup_steps": 1, "device": "cpu"}
+    overrides = [arg for key, value in settings.items() for arg in ("--set", f"validate.{key}={value}")]
+    overrides += ["--set", f"storage.options={json.dumps(s3_bucket.options)}"]
+    assert curate_main(["train-scorer", str(curated_run.root), "--out", url, "--no-progress", *overrides]) == 0
+    assert f"--set embed.pretrained={url}" in capsys.readouterr().out
+    info = json.loads(s3_bucket.fs.cat_file(url.removesuffix(".pt").removeprefix("s3://") + ".json"))
+    assert info["pretrained"] == url and info["steps"] == 2
+    assert not (curated_run.root / "scorer").exists()
+
+    options = {"output": str(tmp_path / "run"), "input": {"path": "crawl.parquet"}}
+    config = validate_config(
+        {**options, "storage": {"options": s3_bucket.options}, "embed": {"model": str(micro_model), "pretrained": url}}
+    )
+    stage = EmbedStage(config)
+    stage.setup()
+    assert stage.storage == Storage(s3_bucket.options) and stage._loaded is not None
+    weights = s3_bucket.fs.cat_file(url.removeprefix("s3://"))
+    [copy] = [p for p in (tmp_path / "cache").rglob("scorer.pt")]
+    assert copy.read_bytes() == weights
 
 
 def test_train_scorer_refuses_a_folder_that_is_not_a_run(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -1,6 +1,6 @@
 """Bootstrap a better scorer: train a CLIP on a run's curated shards and export it for `embed.pretrained`.
 
-    curate train-scorer runs/x [--out runs/x/scorer/scorer.pt] [--seed 0] [--set validate.samples_seen=N]
+    curate train-scorer runs/x [--out runs/x/scorer/scorer.pt | s3://...] [--seed 0] [--set validate.samples_seen=N]
 
 The recipe is the run's `validate` section (model, batch size, samples seen, lr, ...). The export holds
 open_clip-loadable weights; a later pipeline uses it with `embed.model: <validate.model>` and
@@ -9,13 +9,15 @@ open_clip-loadable weights; a later pipeline uses it with `embed.model: <validat
 
 from __future__ import annotations
 
+import tempfile
 from pathlib import Path
 from typing import Any
 
 from curate.clip import resolve_model_name
 from curate.config import PipelineConfig, load_config
 from curate.io.fs import write_json_atomic
-from curate.stage import RunLayout
+from curate.io.storage import Storage, locate, name_of
+from curate.stage import RunLayout, digest
 from curate.stages.validate.stage import count_samples, curated_shards, train_recipe
 from curate.stages.validate.train import Progress, export_model, train_clip
 
@@ -33,26 +35,36 @@ def load_run_config(run_dir: Path, overrides: list[str] | tuple[str, ...] = ()) 
 def train_scorer(
     run_dir: Path,
     config: PipelineConfig,
-    dest: Path | None = None,
+    dest: Path | str | None = None,
     seed: int = 0,
     progress: Progress | None = None,
 ) -> dict[str, Any]:
-    """Train on `run_dir`/curated with `config`'s validate recipe; write `dest` (weights) and `dest`.json."""
+    """Train on `run_dir`/curated with `config`'s validate recipe; write `dest` (weights) and `dest`.json.
+
+    `dest` may be a URL (s3://models/scorer.pt, read and written with `storage.options`): the training's
+    checkpoints then live in this machine's temp directory (an interrupted run resumes there), and the export
+    and its JSON are uploaded, the JSON last."""
     layout = RunLayout(Path(run_dir))
     cfg = config.validate  # type: ignore[attr-defined]
     if cfg.objective != "clip":
         raise ValueError("train-scorer needs validate.objective 'clip': a scorer embeds captions too")
     shards = curated_shards(layout)
     recipe = train_recipe(cfg, seed)
-    dest = Path(dest) if dest is not None else layout.root / SCORER_DIR / "scorer.pt"
-    dest.parent.mkdir(parents=True, exist_ok=True)
+    target = locate(dest) if dest is not None else layout.root / SCORER_DIR / "scorer.pt"
+    if isinstance(target, str):
+        storage = Storage(config.storage.options)
+        storage.filesystem(target)  # a protocol without its package is an error before any training
+        local = Path(tempfile.gettempdir()) / f"curate-scorer-{digest(target)}" / name_of(target)
+    else:
+        local = target
+    local.parent.mkdir(parents=True, exist_ok=True)
     # checkpoints (with optimizer state) beside the export, so an interrupted run resumes
-    result = train_clip(shards, recipe, dest.with_name(f"{dest.stem}.train-seed{seed}"), progress=progress)
-    export_model(result.checkpoint, dest)
+    result = train_clip(shards, recipe, local.with_name(f"{local.stem}.train-seed{seed}"), progress=progress)
+    export_model(result.checkpoint, local)
     info = {
         "model": resolve_model_name(cfg.model, section="validate"),
         "model_setting": cfg.model,
-        "pretrained": str(dest.resolve()),
+        "pretrained": target if isinstance(target, str) else str(local.resolve()),
         "recipe": recipe.to_dict(),
         "source_run": str(layout.root.resolve()),
         "curated_samples": count_samples(shards),
@@ -60,5 +72,18 @@ def train_scorer(
         "loss_first": result.losses[0] if result.losses else None,
         "loss_last": result.losses[-1] if result.losses else None,
     }
-    write_json_atomic(dest.with_suffix(".json"), info)
+    write_json_atomic(local.with_suffix(".json"), info)
+    if isinstance(target, str):
+        upload(storage, local, target)
+        upload(storage, local.with_suffix(".json"), target.removesuffix(local.suffix) + ".json")
     return info
+
+
+def upload(storage: Storage, local: Path, url: str) -> None:
+    fs, path = storage.filesystem(url)
+    try:
+        fs.put_file(str(local), path)
+    except OSError:
+        raise
+    except Exception as err:  # each filesystem has its own errors
+        raise OSError(f"cannot write {url}: {type(err).__name__}: {err}") from err
