@@ -11,6 +11,8 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +21,7 @@ import pyarrow as pa
 import pytest
 
 import curate.stages
-from curate.config import ConfigError, DaskConfig, load_config
+from curate.config import ConfigError, DaskConfig, PipelineConfig, load_config
 from curate.executors.dask import DaskExecutor, pre_spawn_keys
 from curate.ledger import Status, make_fates, read_ledger
 from curate.pipeline import RunResult, run_pipeline
@@ -250,31 +252,40 @@ def fake_a_cuda_device() -> None:
     torch.cuda.is_available = lambda: True
 
 
-def test_the_real_embed_stage_on_cuda_runs_only_on_the_gpu_worker(
-    finished: tuple[Path, list[str], RunResult], tmp_path: Path
-) -> None:
-    from distributed import Client, Nanny, Scheduler, SpecCluster, get_task_stream
+@contextmanager
+def spec_cluster(config: PipelineConfig, workers: dict[str, dict[str, float]]) -> Iterator[DaskExecutor]:
+    """An executor on a cluster of one-thread workers, each named and offering the resources given."""
+    from distributed import Client, Nanny, Scheduler, SpecCluster
 
-    config, _ = downloaded_run(finished, tmp_path, "dask.shard_retries=0")
     cluster = SpecCluster(
         scheduler={"cls": Scheduler, "options": {"dashboard_address": ":0", "host": "127.0.0.1"}},
         workers={
-            "cpu-worker": {"cls": Nanny, "options": {"nthreads": 1, "host": "127.0.0.1"}},
-            "gpu-worker": {"cls": Nanny, "options": {"nthreads": 1, "host": "127.0.0.1", "resources": {"GPU": 1}}},
+            name: {"cls": Nanny, "options": {"nthreads": 1, "host": "127.0.0.1", "resources": resources}}
+            for name, resources in workers.items()
         },
     )
     executor = DaskExecutor(config.dask, scheduler=cluster.scheduler_address)
     try:
+        yield executor
+    finally:
+        executor.close()
+        Client(cluster).close()
+        cluster.close()
+
+
+def test_the_real_embed_stage_on_cuda_runs_only_on_the_gpu_worker(
+    finished: tuple[Path, list[str], RunResult], tmp_path: Path
+) -> None:
+    from distributed import get_task_stream
+
+    config, _ = downloaded_run(finished, tmp_path, "dask.shard_retries=0")
+    with spec_cluster(config, {"cpu-worker": {}, "gpu-worker": {"GPU": 1}}) as executor:
         names = {addr: info["name"] for addr, info in executor.client.scheduler_info()["workers"].items()}
         gpu_address = next(addr for addr, name in names.items() if name == "gpu-worker")
         executor.client.run(fake_a_cuda_device, workers=[gpu_address])  # torch there says a GPU is present
         with get_task_stream(executor.client) as stream, pytest.raises(ShardFailed) as failed:
             run_pipeline(config, executor=executor, only_stage="embed")
         ran_on = {names[task["worker"]] for task in stream.data if task["key"].startswith("embed-")}
-    finally:
-        executor.close()
-        Client(cluster).close()
-        cluster.close()
     assert ran_on == {"gpu-worker"}
     # the model reached the (absent) device on the GPU worker; a CPU worker would have refused at once
     assert "torch sees no CUDA device" not in str(failed.value)
@@ -283,24 +294,13 @@ def test_the_real_embed_stage_on_cuda_runs_only_on_the_gpu_worker(
 def test_a_gpu_worker_whose_torch_sees_no_cuda_device_stops_the_run_with_the_config_error_after_one_try(
     finished: tuple[Path, list[str], RunResult], tmp_path: Path
 ) -> None:
-    from distributed import Client, Nanny, Scheduler, SpecCluster, get_task_stream
+    from distributed import get_task_stream
 
     config, run_dir = downloaded_run(finished, tmp_path, "dask.shard_retries=2")
-    cluster = SpecCluster(
-        scheduler={"cls": Scheduler, "options": {"dashboard_address": ":0", "host": "127.0.0.1"}},
-        workers={
-            "gpu-worker": {"cls": Nanny, "options": {"nthreads": 1, "host": "127.0.0.1", "resources": {"GPU": 1}}},
-        },
-    )
-    executor = DaskExecutor(config.dask, scheduler=cluster.scheduler_address)
-    try:
+    with spec_cluster(config, {"gpu-worker": {"GPU": 1}}) as executor:
         with get_task_stream(executor.client) as stream, pytest.raises(ConfigError) as error:
             run_pipeline(config, executor=executor, only_stage="embed")
         tries = [task["key"] for task in stream.data if task["key"].startswith("embed-")]
-    finally:
-        executor.close()
-        Client(cluster).close()
-        cluster.close()
     # the real stage's model load on the worker found no device: one line, as on a machine without one
     assert str(error.value).startswith("embed.device is 'cuda' but") and "\n" not in str(error.value)
     assert len(tries) == len(set(tries)) >= 1  # a config error is not retried: dask.shard_retries is for faults
