@@ -182,3 +182,31 @@ def test_a_validation_eval_set_in_a_bucket_is_read_from_its_local_copy_with_the_
     with pytest.raises(ConfigError) as error:
         gone.preflight()
     assert str(error.value) == f"validate.eval_set: {url!r} has no labels.json"
+
+
+def test_copies_fetched_at_once_by_several_threads_agree_and_a_changed_folder_is_fetched_again(
+    s3_bucket: S3Bucket, cache: Path, tmp_path: Path
+) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    from curate.io.local_copy import local_copy
+
+    storage = Storage(s3_bucket.options)
+    folder, tar_path = write_eval_sets(tmp_path / "evals")
+    s3_bucket.fs.put(str(folder), s3_bucket.url("evals/held-out").removeprefix("s3://"), recursive=True)
+    tar_url = s3_bucket.upload(tar_path, "evals/more.tar")
+    folder_url = s3_bucket.url("evals/held-out")
+    with ThreadPoolExecutor(4) as pool:
+        copies = list(pool.map(lambda url: local_copy(url, storage, "test"), [folder_url, tar_url] * 4))
+    assert set(copies[0::2]) == {copies[0]} and set(copies[1::2]) == {copies[1]}
+    assert copies[1].read_bytes() == tar_path.read_bytes()
+    assert sorted(p.relative_to(copies[0]) for p in copies[0].rglob("*") if p.is_file()) == [
+        Path("a.png"),
+        Path("sub/b.jpg"),
+    ]
+    assert not list(cache.rglob(".fetching-*"))  # no scratch left behind, whoever won each race
+
+    s3_bucket.fs.pipe(f"{folder_url.removeprefix('s3://')}/a.png", b"replaced")
+    again = local_copy(folder_url, storage, "test")
+    assert again != copies[0] and (again / "a.png").read_bytes() == b"replaced"
+    assert (copies[0] / "a.png").read_bytes() == (folder / "a.png").read_bytes()  # the old copy is untouched
