@@ -210,7 +210,7 @@ def remove_orphans(ctx: StageContext, stage: Stage, phase: Phase, tasks: list[st
                 (root / relative).unlink(missing_ok=True)
             marker.unlink()
     if phase.decides_fates:
-        fates = ctx.layout.stage_dir(stage.name) / "fates"
+        fates = ctx.layout.fates_dir(stage.name)
         if fates.exists():
             for path in fates.glob("*.parquet"):
                 if path.stem not in wanted:

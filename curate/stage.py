@@ -36,8 +36,11 @@ class RunLayout:
     def stage_dir(self, stage: str) -> Path:
         return self.root / stage
 
+    def fates_dir(self, stage: str) -> Path:
+        return self.stage_dir(stage) / "fates"
+
     def fates_path(self, stage: str, shard: str) -> Path:
-        return self.stage_dir(stage) / "fates" / f"{shard}.parquet"
+        return self.fates_dir(stage) / f"{shard}.parquet"
 
     def marker_path(self, stage: str, task: str, phase: str = FATE_PHASE) -> Path:
         folder = self.stage_dir(stage) / "_done"
@@ -309,6 +312,10 @@ class StageOutputs:
 
     def fates_path(self, shard: str) -> Path:
         return self.layout.fates_path(self.stage, shard)
+
+    def fate_shards(self) -> list[str]:
+        """The shards whose fate part this stage has written so far, in name order."""
+        return sorted(path.stem for path in self.layout.fates_dir(self.stage).glob("*.parquet"))
 
     def fates(self, shard: str, columns: list[str] | None = None) -> pa.Table:
         import pyarrow.parquet as pq

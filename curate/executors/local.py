@@ -16,6 +16,7 @@ from typing import Any
 
 from curate.cores import TASK_THREADS_ENV, share_of
 from curate.executors import ConfigFailure, ShardMapping, execute_task, reported
+from curate.processes import exit_with_parent
 from curate.runner import ShardFailed, TaskReport
 from curate.stage import Stage, StageContext
 
@@ -29,9 +30,11 @@ def worker_rank() -> int | None:
     return _rank
 
 
-def _join_pool(counter: Any, pool_size: int) -> None:
-    """Pool initializer: the next free rank of this pool, and this process's share of the cores."""
+def _join_pool(counter: Any, pool_size: int, driver: int) -> None:
+    """Pool initializer: the next free rank of this pool and this process's share of the cores; the process
+    ends with the driver."""
     global _rank
+    exit_with_parent(driver)
     os.environ.setdefault(TASK_THREADS_ENV, str(share_of(pool_size)))
     with counter.get_lock():
         _rank = counter.value
@@ -59,7 +62,9 @@ class LocalExecutor(ShardMapping):
         context = multiprocessing.get_context("spawn")
         ranks = context.Value("i", 0)
         size = min(workers, len(tasks))
-        pool = ProcessPoolExecutor(max_workers=size, mp_context=context, initializer=_join_pool, initargs=(ranks, size))
+        pool = ProcessPoolExecutor(
+            max_workers=size, mp_context=context, initializer=_join_pool, initargs=(ranks, size, os.getpid())
+        )
         with pool:
             attempts = dict.fromkeys(tasks, 0)
             running: dict[Future[TaskReport | ConfigFailure], str] = {

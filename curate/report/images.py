@@ -45,25 +45,30 @@ def scan_tar(tar_path: Path, wanted: set[str] | None = None) -> dict[str, ImageR
 
 def download_shards_of(layout: RunLayout, uids: Iterable[str]) -> dict[str, list[str]]:
     """download shard -> the given uids it downloaded, from the download stage's fate parts."""
+    from curate.stages.download import DownloadOutputs
+
+    download = DownloadOutputs(layout)
     remaining = set(uids)
     shards: dict[str, list[str]] = {}
-    for path in sorted((layout.stage_dir("download") / "fates").glob("*.parquet")):
+    for shard in download.fate_shards():
         if not remaining:
             break
-        fates = pq.read_table(path, columns=["uid", "status"])
+        fates = pq.read_table(download.fates_path(shard), columns=["uid", "status"])
         kept = fates.filter(pc.equal(fates["status"], "kept"))["uid"].to_pylist()
         found = remaining.intersection(kept)
         if found:
-            shards[path.stem] = sorted(found)
+            shards[shard] = sorted(found)
             remaining -= found
     return shards
 
 
 def locate_images(layout: RunLayout, uids: Iterable[str]) -> dict[str, ImageRef]:
     """uid -> ImageRef in the download tars, for the given uids that have a downloaded image."""
+    from curate.stages.download import DownloadOutputs
+
     refs: dict[str, ImageRef] = {}
     for shard, shard_uids in download_shards_of(layout, uids).items():
-        tar_path = layout.stage_dir("download") / f"{shard}.tar"
+        tar_path = DownloadOutputs(layout).tar_path(shard)
         if tar_path.exists():
             refs.update(scan_tar(tar_path, set(shard_uids)))
     return refs

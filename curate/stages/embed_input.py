@@ -243,13 +243,16 @@ _worker_spec: DecodeSpec | None = None
 _worker_files: TarFiles | None = None
 
 
-def _start_worker(spec: DecodeSpec) -> None:
+def _start_worker(spec: DecodeSpec, parent: int) -> None:
     """A decode worker's initializer: one torch thread (its work is per image), tensors returned via shared memory."""
     global _worker_spec, _worker_files
     import torch
     import torch.multiprocessing  # registers the reductions that pass tensors through shared memory
     from PIL import Image
 
+    from curate.processes import exit_with_parent
+
+    exit_with_parent(parent)
     torch.set_num_threads(1)
     Image.MAX_IMAGE_PIXELS = spec.max_pixels
     _worker_spec, _worker_files = spec, TarFiles()
@@ -276,7 +279,9 @@ class DecodeWorkers:
         if workers > 0:
             # spawn: torch and the model's threads are not fork-safe
             context = multiprocessing.get_context("spawn")
-            self._pool = ProcessPoolExecutor(workers, mp_context=context, initializer=_start_worker, initargs=(spec,))
+            self._pool = ProcessPoolExecutor(
+                workers, mp_context=context, initializer=_start_worker, initargs=(spec, os.getpid())
+            )
 
     def submit(self, job: BatchJob) -> Future[DecodedBatch]:
         if self._pool is None:

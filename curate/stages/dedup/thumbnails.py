@@ -31,7 +31,9 @@ def shard_thumbnail_features(layout: RunLayout, shard: str, uids: list[str]) -> 
     """One feature row per uid (in the given order), read from the shard's download tar."""
     if not uids:
         return np.zeros((0, 3 * THUMBNAIL_SIDE**2), np.float32)
-    tar_path = layout.stage_dir("download") / f"{shard}.tar"
+    from curate.stages.download import DownloadOutputs
+
+    tar_path = DownloadOutputs(layout).tar_path(shard)
     features: dict[str, np.ndarray] = {}
     for sample in iter_samples(tar_path, set(uids)):
         if sample.image is None:
