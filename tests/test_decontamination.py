@@ -81,3 +81,31 @@ def test_eval_set_images_in_a_folder_and_a_tar_are_dropped_as_contaminated(
     ledger = pq.read_table(result.layout.ledger_path).to_pandas().set_index("uid")
     assert (ledger.loc[list(expected), "reason"] == "contaminated").all()
     assert (ledger.loc[list(expected), "stage"] == "dedup").all()
+
+
+def test_an_eval_set_that_names_nothing_stops_the_run_before_anything_is_written(tmp_path: Path) -> None:
+    import pytest
+
+    from curate.config import ConfigError
+
+    table = tmp_path / "crawl.csv"
+    table.write_text("url,caption\nhttp://127.0.0.1:9/a.jpg,a red circle\n")
+    folder = tmp_path / "held-out"
+    folder.mkdir()
+    (tmp_path / "notes.txt").write_text("not an eval set")
+    cases = [
+        (str(tmp_path / "gone"), f"dedup.eval_sets: {str(tmp_path / 'gone')!r} is not a folder of images or a .tar"),
+        (str(tmp_path / "*.tar"), f"dedup.eval_sets: {str(tmp_path / '*.tar')!r} matches nothing"),
+        (str(tmp_path / "notes.txt"), f"dedup.eval_sets: {str(tmp_path / 'notes.txt')!r} is not a folder"),
+    ]
+    for entry, message in cases:
+        raw = {
+            "output": str(tmp_path / "run"),
+            "input": {"path": str(table)},
+            "embed": {"model": "curate-tiny"},
+            "dedup": {"eval_sets": [str(folder), entry]},
+        }
+        with pytest.raises(ConfigError) as error:
+            run_pipeline(validate_config(raw))
+        assert str(error.value).startswith(message) and "\n" not in str(error.value)
+        assert not (tmp_path / "run").exists()

@@ -110,6 +110,28 @@ def load_eval_images(paths: Sequence[str], storage: Storage = LOCAL) -> tuple[li
     return images, ids
 
 
+def check_eval_sets(paths: Sequence[str], storage: Storage = LOCAL) -> None:
+    """A ConfigError naming `dedup.eval_sets` and the entry when one names nothing usable (checked before any
+    work; a URL is looked up, not fetched)."""
+    from curate.config import ConfigError
+    from curate.io.local_copy import kind_of
+
+    for pattern in paths:
+        location = locate(pattern)
+        if isinstance(location, str):
+            if has_magic(pattern) and not storage.glob(pattern):
+                raise ConfigError(f"dedup.eval_sets: {pattern} matches nothing")
+            if not has_magic(pattern):
+                kind_of(location, storage, "dedup.eval_sets")
+            continue
+        matches = [Path(m) for m in sorted(glob.glob(str(location)))] if has_magic(pattern) else [location]
+        if not matches:
+            raise ConfigError(f"dedup.eval_sets: {pattern!r} matches nothing")
+        for match in matches:
+            if not (match.is_dir() or (match.suffix == ".tar" and match.is_file())):
+                raise ConfigError(f"dedup.eval_sets: {str(match)!r} is not a folder of images or a .tar")
+
+
 def _eval_paths(pattern: str, storage: Storage) -> list[Path]:
     location = locate(pattern)
     if isinstance(location, Path):

@@ -220,6 +220,12 @@ class DedupStage(Stage):
         """Whether any layer works on partitions (near or semantic)."""
         return self.cfg.near_threshold is not None or self.cfg.semantic_eps is not None
 
+    def preflight(self) -> None:
+        if self.cfg.eval_sets:
+            from curate.stages.dedup.decontaminate import check_eval_sets
+
+            check_eval_sets(self.cfg.eval_sets, self.storage)
+
     def phases(self) -> list[Phase]:
         phases = []
         if self.cfg.eval_sets:
