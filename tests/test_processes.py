@@ -1,5 +1,5 @@
 """Helper processes end with the process that started them: a SIGKILLed parent (a Dask worker, the driver)
-leaves no decode worker or local pool worker behind."""
+leaves no decode worker or local executor pool worker behind."""
 
 from __future__ import annotations
 
@@ -12,29 +12,50 @@ from pathlib import Path
 
 import pytest
 
+from curate.stage import Phase, Stage, StageContext, TaskOutput
+
 REPO = Path(__file__).resolve().parents[1]
 
-# A parent that starts two real decode workers (an empty batch job each) and a 2-process local executor pool,
-# prints their pids, and waits to be killed.
+
+class PidsThenWait(Stage):
+    """Each task writes its process's pid into the folder named by its task, then waits to be killed."""
+
+    name = "pids"
+    section = None
+    decides_fates = False
+
+    def phases(self) -> list[Phase]:
+        return [Phase("wait", lambda _ctx: [], self._wait)]
+
+    def _wait(self, _ctx: StageContext, task: str, _workdir: Path) -> TaskOutput:
+        (Path(task) / f"{os.getpid()}.pid").write_text("")
+        time.sleep(600)
+        return TaskOutput()
+
+
+# A parent that starts two real decode workers (an empty batch job each), then runs two waiting tasks on the
+# local executor's 2-process pool; the pids land in the folder it is given.
 PARENT = """
-import os, time
+import os, sys
+from pathlib import Path
+from curate.config import validate_config
+from curate.executors.local import LocalExecutor
+from curate.stage import RunLayout, StageContext
 from curate.stages.embed_input import BatchJob, DecodeSpec, decode_workers
+from tests.test_processes import PidsThenWait
 
 if __name__ == "__main__":
-    from concurrent.futures import ProcessPoolExecutor
-    import multiprocessing
-    from curate.executors.local import _join_pool
-
+    folder = Path(sys.argv[1])
     spec = DecodeSpec(tokenizer=str, steps=None, preprocess=None, normalize=False, draft_side=None)
     workers = decode_workers(spec, 2)
     for _ in range(2):
         workers.submit(BatchJob("none.tar", [], [], [], [])).result()
-    context = multiprocessing.get_context("spawn")
-    ranks = context.Value("i", 0)
-    pool = ProcessPoolExecutor(2, mp_context=context, initializer=_join_pool, initargs=(ranks, 2, os.getpid()))
-    list(pool.map(abs, range(4)))
-    print(*workers.pids(), *sorted(pool._processes), flush=True)
-    time.sleep(600)
+    for pid in workers.pids():
+        (folder / f"{pid}.pid").write_text("")
+    config = validate_config({"output": str(folder / "run"), "input": {"path": "unused.csv"}})
+    stage = PidsThenWait(config)
+    ctx = StageContext(config, RunLayout(folder / "run"), "print")
+    list(LocalExecutor().map_tasks(stage, ctx, "wait", [str(folder), str(folder)], workers=2))
 """
 
 
@@ -47,12 +68,14 @@ def alive(pid: int) -> bool:
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
-def test_decode_workers_and_pool_workers_exit_when_their_parent_is_killed() -> None:
-    parent = subprocess.Popen([sys.executable, "-c", PARENT], cwd=REPO, stdout=subprocess.PIPE, text=True)
+def test_decode_workers_and_pool_workers_exit_when_their_parent_is_killed(tmp_path: Path) -> None:
+    parent = subprocess.Popen([sys.executable, "-c", PARENT, str(tmp_path)], cwd=REPO)
     try:
-        assert parent.stdout is not None
-        children = [int(pid) for pid in parent.stdout.readline().split()]
-        assert len(children) >= 3 and all(alive(pid) for pid in children)
+        deadline = time.monotonic() + 120
+        while len(list(tmp_path.glob("*.pid"))) < 3 and time.monotonic() < deadline and parent.poll() is None:
+            time.sleep(0.1)
+        children = [int(path.stem) for path in tmp_path.glob("*.pid")]
+        assert len(children) >= 3 and all(alive(pid) for pid in children), children
     finally:
         os.kill(parent.pid, signal.SIGKILL)
         parent.wait()
