@@ -56,12 +56,11 @@ def _local_file(url: str, storage: Storage, key: str) -> Path:
     target = cache_root() / digest(identity) / name_of(url)
     if target.is_file() and target.stat().st_size == identity["size"]:
         return target
-    fs, path = storage.filesystem(url)
     target.parent.mkdir(parents=True, exist_ok=True)
     scratch = tempfile.mkdtemp(dir=target.parent, prefix=".fetching-")
     try:
         fetched = Path(scratch) / target.name
-        _fetch(fs, path, fetched, url, key)
+        _fetch(storage, url, fetched, key)
         os.replace(fetched, target)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
@@ -86,7 +85,7 @@ def _local_folder(url: str, storage: Storage, key: str) -> Path:
         for relative in files:
             destination = scratch / relative
             destination.parent.mkdir(parents=True, exist_ok=True)
-            _fetch(fs, f"{root}/{relative}", destination, url, key)
+            _fetch(storage, f"{url.rstrip('/')}/{relative}", destination, key)
         try:
             os.rename(scratch, target)
         except OSError:
@@ -104,12 +103,8 @@ def _version(info: dict[str, Any]) -> Any:
     return None
 
 
-def _fetch(fs: Any, path: str, destination: Path, url: str, key: str) -> None:
+def _fetch(storage: Storage, url: str, destination: Path, key: str) -> None:
     try:
-        fs.get_file(path, str(destination))
+        storage.download(url, destination)
     except FileNotFoundError:
         raise StorageError(f"{key}: {url} disappeared while it was being fetched") from None
-    except OSError:
-        raise
-    except Exception as err:  # each filesystem has its own errors
-        raise OSError(f"{key}: cannot fetch {url}: {type(err).__name__}: {err}") from err

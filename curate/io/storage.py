@@ -131,6 +131,27 @@ class Storage:
             return []
         return [(fs.unstrip_protocol(p), found[p].get("type") == "file") for p in sorted(found)]
 
+    def download(self, url: str, local: Path) -> None:
+        """Copy the object at `url` to the local file `local`. FileNotFoundError when nothing is there; any
+        other failure is an OSError naming the URL."""
+        fs, path = self.filesystem(url)
+        try:
+            fs.get_file(path, str(local))
+        except OSError:
+            raise
+        except Exception as err:  # each filesystem has its own errors
+            raise OSError(f"cannot read {url}: {type(err).__name__}: {err}") from err
+
+    def upload(self, local: Path, url: str) -> None:
+        """Copy the local file `local` to `url`; a failure is an OSError naming the URL."""
+        fs, path = self.filesystem(url)
+        try:
+            fs.put_file(str(local), path)
+        except OSError:
+            raise
+        except Exception as err:  # each filesystem has its own errors
+            raise OSError(f"cannot write {url}: {type(err).__name__}: {err}") from err
+
     def content_identity(self, location: Location, name: str | None = None) -> dict[str, Any]:
         """`curate.stage.content_identity` of a location: a URL and a local copy of it are the same."""
         if isinstance(location, Path):

@@ -74,16 +74,6 @@ def train_scorer(
     }
     write_json_atomic(local.with_suffix(".json"), info)
     if isinstance(target, str):
-        upload(storage, local, target)
-        upload(storage, local.with_suffix(".json"), target.removesuffix(local.suffix) + ".json")
+        storage.upload(local, target)
+        storage.upload(local.with_suffix(".json"), target.removesuffix(local.suffix) + ".json")
     return info
-
-
-def upload(storage: Storage, local: Path, url: str) -> None:
-    fs, path = storage.filesystem(url)
-    try:
-        fs.put_file(str(local), path)
-    except OSError:
-        raise
-    except Exception as err:  # each filesystem has its own errors
-        raise OSError(f"cannot write {url}: {type(err).__name__}: {err}") from err
