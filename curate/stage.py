@@ -265,7 +265,7 @@ def identify_paths(value: Any, storage: Storage | None = None) -> Any:
 def identify_url(url: str, storage: Storage) -> Any:
     """What `identify_paths` gives the local copy of `url`; the URL itself for http(s) and for nothing there."""
     from curate.io.local_copy import local_copy
-    from curate.io.storage import StorageError, locate, name_of, protocol_of
+    from curate.io.storage import StorageError, has_magic, locate, name_of, protocol_of
 
     location = locate(url)
     if isinstance(location, Path):
@@ -273,14 +273,14 @@ def identify_url(url: str, storage: Storage) -> Any:
     if protocol_of(url) in ("http", "https"):
         return url
     try:
-        if any(c in url for c in "*?["):
+        if has_magic(url):
             matches = [match for match, is_file in storage.glob(url) if is_file]
             return {"glob": [storage.content_identity(m, name_of(m)) for m in matches]} if matches else url
         info = storage.info(url)
         if info is None:
             return url  # the stage's preflight names the missing object
         if info.get("type") == "directory":
-            return identify_paths(str(local_copy(url, storage, url)))
+            return identify_paths(str(local_copy(url, storage, "a setting's folder")))
         return storage.content_identity(url)
     except (OSError, StorageError):
         return url
