@@ -288,7 +288,8 @@ class EmbedStage(Stage):
             gpu_steps(self._loaded)  # a preprocess the GPU path cannot follow is a config error, before any shard
         share = assigned_share()
         if share and self._loaded.device.type == "cpu":
-            # tasks side by side on one host share its cores: without this, each would start one torch thread per core
+            # the executor's share of the host's cores: otherwise a local pool's workers would each start one
+            # thread per core, and a Dask worker one thread (its nanny's OMP_NUM_THREADS=1) whatever its share
             torch.set_num_threads(share)
         self._heads = [(plugin, plugin.build()) for plugin in self.heads()]
         log.info("embed: loaded %s on %s", self._loaded.model_name, self._loaded.device)
