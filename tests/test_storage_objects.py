@@ -158,7 +158,13 @@ def test_eval_sets_in_a_bucket_give_the_images_ids_and_embeddings_they_give_on_d
     assert on_disk_stage.fingerprint("up") == in_bucket_stage.fingerprint("up")
     with pytest.raises(ConfigError, match=r"^dedup\.eval_sets: nothing at s3://.*/evals/gone$"):
         load_eval_images([s3_bucket.url("evals/gone")], storage)
-    for missing, message in [("evals/gone", "nothing at s3://"), ("evals/*.zip", "s3://.* matches nothing")]:
+    s3_bucket.fs.pipe(s3_bucket.url("evals/notes.txt").removeprefix("s3://"), b"not an eval set")
+    refused = [
+        ("evals/gone", "nothing at s3://"),
+        ("evals/*.zip", "s3://.* matches nothing"),
+        ("evals/notes.txt", "s3://.*/notes.txt is not a folder of images or a .tar"),
+    ]
+    for missing, message in refused:
         stage = DedupStage(config(tmp_path, storage, dedup={"eval_sets": [tar_url, s3_bucket.url(missing)]}))
         with pytest.raises(ConfigError, match=rf"^dedup\.eval_sets: {message}"):
             stage.preflight()  # before any work: looked up, not fetched

@@ -19,7 +19,7 @@ import numpy as np
 from PIL import Image
 
 from curate.io.local_copy import local_copy
-from curate.io.storage import LOCAL, Storage, has_magic, locate
+from curate.io.storage import LOCAL, Storage, has_magic, locate, name_of
 from curate.io.wds import IMAGE_EXTENSIONS, image_extension_of, iter_members
 from curate.stages.dedup.compute import as_matrix, nearest
 from curate.stages.dedup.decisions import Decisions, as_uids, canonical_order
@@ -121,8 +121,9 @@ def check_eval_sets(paths: Sequence[str], storage: Storage = LOCAL) -> None:
         if isinstance(location, str):
             if has_magic(pattern) and not storage.glob(pattern):
                 raise ConfigError(f"dedup.eval_sets: {pattern} matches nothing")
-            if not has_magic(pattern):
-                kind_of(location, storage, "dedup.eval_sets")
+            is_file = not has_magic(pattern) and kind_of(location, storage, "dedup.eval_sets") == "file"
+            if is_file and not name_of(location).endswith(".tar"):
+                raise ConfigError(f"dedup.eval_sets: {pattern} is not a folder of images or a .tar")
             continue
         matches = [Path(m) for m in sorted(glob.glob(str(location)))] if has_magic(pattern) else [location]
         if not matches:
