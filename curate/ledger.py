@@ -222,4 +222,8 @@ def add_kept_columns(ledger: pa.Table, kept: pa.Table | None) -> pa.Table:
 
 
 def read_ledger(run_dir: str | Path) -> pd.DataFrame:
-    return pq.read_table(Path(run_dir) / "ledger.parquet").to_pandas(types_mapper=_NULLABLE_DTYPES.get)
+    """The ledger of a run on disk or on a bucket (`s3://...`, read with the environment's credentials)."""
+    from curate.stage import RunLayout
+
+    layout = RunLayout.of(run_dir)
+    return pq.read_table(layout.fetch(layout.ledger_path)).to_pandas(types_mapper=_NULLABLE_DTYPES.get)

@@ -19,7 +19,6 @@ import pyarrow.parquet as pq
 from curate.config import PipelineConfig, dump_config
 from curate.executors import Executor
 from curate.executors.local import LocalExecutor
-from curate.io.fs import read_json, write_bytes_atomic, write_json_atomic
 from curate.io.lock import run_lock
 from curate.ledger import FateError, StageStats, Status
 from curate.runner import TaskReport, clear_scratch, marker_stats, remove_orphans, sweep_leftovers, task_state
@@ -63,7 +62,7 @@ def stage_fingerprints(stages: list[Stage], input_print: str | None = None) -> d
     upstream = ""
     for previous, stage in zip([None, *stages], stages, strict=False):
         if previous is not None and previous.shard_local and not stage.shard_local:
-            upstream = with_retries(upstream, RunLayout(Path(stage.config.output)))
+            upstream = with_retries(upstream, RunLayout.of_config(stage.config))
         if input_print is not None and isinstance(stage, InputStage):
             prints[stage.name] = upstream = input_print
         else:
@@ -87,12 +86,12 @@ def run_pipeline(
     among them) before writing anything when the config or an input file is unusable."""
     progress = progress or no_progress
     executor = executor or LocalExecutor()
-    layout = RunLayout(Path(config.output))
+    layout = RunLayout.of_config(config)
     stages = plan(config)
     for stage in stages:
         stage.preflight()  # ConfigError / InputError (unknown model, unusable file) before anything is written
     prints = stage_fingerprints(stages)
-    first_created = first_missing_ancestor(layout.root)
+    first_created = None if layout.remote else first_missing_ancestor(layout.root)
     tasks_run = 0
     try:
         with run_lock(layout.root):
@@ -108,9 +107,11 @@ def run_pipeline(
                     tasks_run += run_stage(stage, ctx, executor, progress)
                 if isinstance(stage, InputStage):
                     if not stage_done(stage, ctx):
-                        raise IncompleteRun(f"{layout.root}: the input stage is not done for this config; run it first")
+                        raise IncompleteRun(
+                            f"{layout.label}: the input stage is not done for this config; run it first"
+                        )
                     shards = tuple(InputOutputs(layout).shards())
-                    write_bytes_atomic(layout.config_path, dump_config(config).encode())
+                    layout.write_bytes(layout.config_path, dump_config(config).encode())
     except InputError:
         if first_created is not None:
             shutil.rmtree(first_created, ignore_errors=True)
@@ -246,7 +247,7 @@ def finalize_run(
         return result
     ledger = marker_stats(StageContext(config, layout, prints[LedgerStage.name]), LedgerStage.name, "all", "merge")
     check_run_invariants(ledger.counts["rows"], ledger.counts["kept"], stats, rows, fate_stages(config))
-    write_json_atomic(layout.stats_path, stats_document(stats, rows, prints, layout))
+    layout.write_json(layout.stats_path, stats_document(stats, rows, prints, layout))
     result.complete = True
     return result
 
@@ -270,19 +271,15 @@ def stats_document(
     for name, stage_stats in stats.items():
         stages[name] = {**stage_stats.to_json(), "fingerprint": prints[name]}
         summary = layout.stage_dir(name) / "summary.json"
-        if summary.exists():
-            stages[name]["summary"] = read_json(summary)
+        if layout.exists(summary):
+            stages[name]["summary"] = layout.read_json(summary)
     return {"input_rows": rows, "stages": stages}
 
 
-def run_status(run_dir: Path) -> dict[str, Any]:
+def run_status(run_dir: Path | str) -> dict[str, Any]:
     """Per-stage shard states and counts of an existing run, from its saved config and markers."""
-    from curate.config import load_config
-
-    layout = RunLayout(run_dir)
-    if not layout.config_path.exists():
-        raise FileNotFoundError(f"{run_dir}: not a curate run (no config.yaml)")
-    config = load_config(layout.config_path)
+    layout = RunLayout.of(run_dir)
+    config = saved_config(layout)
     manifest = InputOutputs(layout).manifest()
     if manifest is None:
         raise FileNotFoundError(f"{run_dir}: the input stage has not finished")
@@ -294,7 +291,9 @@ def run_status(run_dir: Path) -> dict[str, Any]:
         prints = stage_fingerprints(stages, input_print=InputOutputs(layout).recorded_fingerprint())
     shards = list(manifest["shards"])  # type: ignore[call-overload]
     stats, states = collect_stats(config, layout, prints, shards)
-    ledger_rows = pq.read_metadata(layout.ledger_path).num_rows if layout.ledger_path.exists() else None
+    ledger_rows = (
+        pq.read_metadata(layout.fetch(layout.ledger_path)).num_rows if layout.exists(layout.ledger_path) else None
+    )
     return {
         "run": str(run_dir),
         "input_rows": manifest["rows"],
@@ -303,6 +302,15 @@ def run_status(run_dir: Path) -> dict[str, Any]:
         "stages": {name: {"shards": states[name], **stats[name].to_json()} for name in fate_stages(config)},
         "top_failures": top_failures(layout, stats),
     }
+
+
+def saved_config(layout: RunLayout) -> PipelineConfig:
+    """The config a run was made with (its config.yaml); FileNotFoundError when it is not a curate run."""
+    from curate.config import load_config
+
+    if not layout.exists(layout.config_path):
+        raise FileNotFoundError(f"{layout.label}: not a curate run (no config.yaml)")
+    return load_config(layout.fetch(layout.config_path))
 
 
 def top_failures(layout: RunLayout, stats: dict[str, StageStats], limit: int = 8) -> list[dict[str, Any]]:

@@ -42,7 +42,7 @@ import pyarrow.parquet as pq
 from curate.config import ConfigError, PipelineConfig, load_config
 from curate.executors import Executor
 from curate.executors.local import LocalExecutor
-from curate.io.fs import read_json, write_json_atomic
+from curate.io.fs import write_json_atomic
 from curate.io.lock import run_lock
 from curate.io.wds import iter_members, iter_samples
 from curate.ledger import FATE_SCHEMA, Status
@@ -247,7 +247,7 @@ def retry(
         with progress(f"retry {attempt}", len(chosen)) as bar:
             for _ in executor.map_tasks(stage, ctx, FATE_PHASE, list(chosen), stage.workers(), stage.resources()):
                 bar.update(1)
-    after = {shard: read_json(layout.marker_path(download.name, shard))["counts"] for shard in chosen}
+    after = {shard: layout.marker(download.name, shard)["counts"] for shard in chosen}
     fetched = sum(after[s].get(Status.KEPT.value, 0) - counts[s].get(Status.KEPT.value, 0) for s in chosen)
     run = run_pipeline(config, executor=executor, progress=progress)
     return RetryResult(attempt, chosen, fetched, failed, run)
@@ -262,7 +262,7 @@ def finished_download_counts(download: Stage, ctx: StageContext) -> dict[str, di
             f"{ctx.layout.root}: the download is not finished ({len(missing)} of {len(ctx.shards)} shards, "
             f"e.g. {missing[0]}); run `curate run` first"
         )
-    return {s: dict(read_json(ctx.layout.marker_path(download.name, s))["counts"]) for s in ctx.shards}
+    return {s: dict(ctx.layout.marker(download.name, s)["counts"]) for s in ctx.shards}
 
 
 def matching(counts: dict[str, int], matches: Callable[[str], bool]) -> dict[str, int]:

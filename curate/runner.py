@@ -17,9 +17,7 @@ from curate.io.fs import (
     SCRATCH_SUFFIX,
     is_scratch_name,
     move_tree_into,
-    read_json,
     replace_dir,
-    write_json_atomic,
     write_parquet_atomic,
 )
 from curate.ledger import StageStats, check_fates, count_fates
@@ -59,7 +57,7 @@ def task_state(ctx: StageContext, stage: str, task: str, phase: Phase | str = FA
     phase_name = phase if isinstance(phase, str) else phase.name
     marker_path = ctx.layout.marker_path(stage, task, phase_name)
     try:
-        marker = read_json(marker_path)
+        marker = ctx.layout.read_json(marker_path)
     except FileNotFoundError:
         return ShardState.PENDING
     except ValueError:  # a marker cut short by a crash of an older version: not done
@@ -71,8 +69,9 @@ def task_state(ctx: StageContext, stage: str, task: str, phase: Phase | str = FA
         root = output_root(phase, ctx, stage)
         for relative, size in files.items():
             path = root / relative
-            if not path.exists() or path.stat().st_size != size:
-                log.warning("stage %s %s %s: %s is missing or damaged; redoing it", stage, phase_name, task, path)
+            if ctx.layout.size(path) != size:
+                where = ctx.layout.where(path)
+                log.warning("stage %s %s %s: %s is missing or damaged; redoing it", stage, phase_name, task, where)
                 return ShardState.DAMAGED
     return ShardState.DONE
 
@@ -82,7 +81,7 @@ def shard_state(ctx: StageContext, stage: str, shard: str) -> ShardState:
 
 
 def marker_stats(ctx: StageContext, stage: str, task: str, phase: str = FATE_PHASE) -> StageStats:
-    marker = read_json(ctx.layout.marker_path(stage, task, phase))
+    marker = ctx.layout.marker(stage, task, phase)
     return StageStats(Counter(marker["counts"]), marker["seconds"])
 
 
@@ -107,6 +106,11 @@ def run_shard(stage: Stage, ctx: StageContext, shard: str) -> TaskReport:
 
 def run_task(stage: Stage, ctx: StageContext, phase_name: str, task: str) -> TaskReport:
     """Idempotent: running it twice, or in two processes at once, leaves the same committed result."""
+    with ctx.layout.task_scope():
+        return _run_task(stage, ctx, phase_name, task)
+
+
+def _run_task(stage: Stage, ctx: StageContext, phase_name: str, task: str) -> TaskReport:
     phase = stage.phase(phase_name)
     if task_state(ctx, stage.name, task, phase) is ShardState.DONE:
         return TaskReport(stage.name, task, marker_stats(ctx, stage.name, task, phase_name), True, phase_name)
@@ -115,7 +119,7 @@ def run_task(stage: Stage, ctx: StageContext, phase_name: str, task: str) -> Tas
     layout = ctx.layout
     marker = layout.marker_path(stage.name, task, phase_name)
     if phase.commit != "replace":  # a replaced folder takes its old marker with it, and only on success
-        marker.unlink(missing_ok=True)
+        layout.delete(marker)
     root = output_root(phase, ctx, stage.name)
     workdir = scratch_workdir(ctx, stage.name, phase, root, task)
     started = time.perf_counter()
@@ -130,11 +134,12 @@ def run_task(stage: Stage, ctx: StageContext, phase_name: str, task: str) -> Tas
             write_parquet_atomic(output.fates, workdir / fates_path.relative_to(root))
             counts = count_fates(output.fates)
         files = commit(phase, workdir, root, output.files)
+        publish(layout, phase, root, files)
     finally:
         if phase.commit != "in_place":
             shutil.rmtree(workdir, ignore_errors=True)
     stats = StageStats(counts, time.perf_counter() - started)
-    write_json_atomic(
+    layout.write_json(  # last: for a run on a bucket, the marker is the only truth about the task's objects
         marker,
         {"fingerprint": ctx.fingerprint, "counts": dict(stats.counts), "seconds": stats.seconds, "files": files},
     )
@@ -167,6 +172,18 @@ def commit(phase: Phase, workdir: Path, root: Path, in_place: tuple[str, ...] = 
     return files
 
 
+def publish(layout: RunLayout, phase: Phase, root: Path, files: dict[str, int]) -> None:
+    """For a run on a bucket, upload the committed files under their final names; a replaced folder also
+    loses the objects the new one does not have (after the new ones are up, before the marker)."""
+    mirror = layout.mirror
+    if mirror is None:
+        return
+    layout.publish(*(root / name for name in files))
+    if phase.commit == "replace":
+        keep = {root / name for name in files}
+        mirror.delete([path for path in mirror.sizes(root) if path not in keep])
+
+
 def clear_scratch(ctx: StageContext, stage: str) -> None:
     """Remove leftovers of tasks that died before committing (the run lock makes sure none is running)."""
     shutil.rmtree(ctx.layout.scratch_dir(stage), ignore_errors=True)
@@ -196,22 +213,16 @@ def sweep_leftovers(layout: RunLayout) -> int:
 def remove_orphans(ctx: StageContext, stage: Stage, phase: Phase, tasks: list[str]) -> None:
     """Forget markers (and the files they list) and fate parts of tasks that are no longer part of the run."""
     wanted = set(tasks)
-    folder = ctx.layout.marker_dir(stage.name, phase.name)
-    if folder.exists():
-        root = output_root(phase, ctx, stage.name)
-        for marker in folder.glob("*.json"):
-            if marker.stem in wanted:
-                continue
-            try:
-                listed = read_json(marker).get("files") or {}
-            except ValueError:
-                listed = {}
-            for relative in listed:
-                (root / relative).unlink(missing_ok=True)
-            marker.unlink()
+    layout = ctx.layout
+    root = output_root(phase, ctx, stage.name)
+    for marker in layout.glob(layout.marker_dir(stage.name, phase.name), "*.json"):
+        if marker.stem in wanted:
+            continue
+        try:
+            listed = layout.read_json(marker).get("files") or {}
+        except ValueError:
+            listed = {}
+        layout.delete(marker, *(root / relative for relative in listed))
     if phase.decides_fates:
-        fates = ctx.layout.fates_dir(stage.name)
-        if fates.exists():
-            for path in fates.glob("*.parquet"):
-                if path.stem not in wanted:
-                    path.unlink()
+        orphans = [p for p in layout.glob(layout.fates_dir(stage.name), "*.parquet") if p.stem not in wanted]
+        layout.delete(*orphans)

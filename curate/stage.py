@@ -12,15 +12,17 @@ import hashlib
 import json
 import os
 from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import IO, TYPE_CHECKING, Any, ClassVar
 
 import pyarrow as pa
 
 if TYPE_CHECKING:
     from curate.config import PipelineConfig
+    from curate.io.run_store import RunMirror
     from curate.io.storage import Storage
 
 FATE_PHASE = "shards"
@@ -29,9 +31,139 @@ FATE_PHASE = "shards"
 
 @dataclass(frozen=True)
 class RunLayout:
-    """Where a run keeps each stage's outputs, fate parts and done-markers."""
+    """Where a run keeps each stage's outputs, fate parts and done-markers, and how they are read and written.
 
-    root: Path
+    `location` is a local folder, or an fsspec URL (`s3://bucket/run`) read and written with `storage_options`.
+    For a URL, `root` is this process's mirror of the run (`curate.io.run_store`): stage code reads the paths
+    below it after `fetch`, and everything written under it reaches the bucket through `publish` (the runner
+    does that for every task's outputs, done-marker last). For a local folder, `fetch` and `publish` do nothing.
+    """
+
+    location: Path | str
+    storage_options: dict[str, Any] = field(default_factory=dict, compare=False)
+
+    @classmethod
+    def of(cls, output: str | Path, storage_options: dict[str, Any] | None = None) -> RunLayout:
+        """The layout of a run directory as a user names it (a path, `~/runs/x`, `file://...` or a URL)."""
+        from curate.io.storage import locate
+
+        return cls(locate(output), dict(storage_options or {}))
+
+    @classmethod
+    def of_config(cls, config: PipelineConfig) -> RunLayout:
+        return cls.of(config.output, config.storage.options)
+
+    @property
+    def remote(self) -> bool:
+        return isinstance(self.location, str)
+
+    @property
+    def mirror(self) -> RunMirror | None:
+        if not isinstance(self.location, str):
+            return None
+        from curate.io.run_store import mirror_of
+        from curate.io.storage import Storage
+
+        return mirror_of(self.location, Storage(self.storage_options))
+
+    @property
+    def root(self) -> Path:
+        return self.location if isinstance(self.location, Path) else self.mirror.root  # type: ignore[union-attr]
+
+    @property
+    def label(self) -> str:
+        """The run as the user named it, for messages."""
+        return str(self.location)
+
+    def where(self, path: Path) -> str:
+        """A path of the run as a user finds it: the local path, or the object's URL."""
+        mirror = self.mirror
+        return str(path) if mirror is None else mirror.url_of(path)
+
+    # -- reading --------------------------------------------------------------------------------------------
+
+    def fetch(self, path: Path) -> Path:
+        """`path`, ready to be read like any local file (for a run on a bucket: the object's current bytes)."""
+        mirror = self.mirror
+        return path if mirror is None else mirror.fetch(path)
+
+    def exists(self, path: Path) -> bool:
+        mirror = self.mirror
+        return path.exists() if mirror is None else mirror.info(path) is not None
+
+    def size(self, path: Path) -> int | None:
+        """The file's size in bytes, None when it is not there."""
+        mirror = self.mirror
+        if mirror is None:
+            return path.stat().st_size if path.is_file() else None
+        info = mirror.info(path)
+        return None if info is None or info.get("type") == "directory" else int(info.get("size") or 0)
+
+    def glob(self, folder: Path, pattern: str) -> list[Path]:
+        """The files in `folder` matching `pattern` (no `**`), in name order; nothing is fetched."""
+        mirror = self.mirror
+        if mirror is None:
+            return sorted(p for p in folder.glob(pattern) if p.is_file())
+        return mirror.glob(folder, pattern)
+
+    def open(self, path: Path) -> IO[bytes]:
+        """A seekable binary stream of the file; on a bucket read by ranges, not fetched whole (for a few
+        record batches of a large Arrow file)."""
+        mirror = self.mirror
+        return open(path, "rb") if mirror is None else mirror.open(path)
+
+    def read_bytes(self, path: Path) -> bytes:
+        mirror = self.mirror
+        return path.read_bytes() if mirror is None else mirror.read_bytes(path)
+
+    def read_json(self, path: Path) -> Any:
+        return json.loads(self.read_bytes(path))
+
+    def marker(self, stage: str, task: str, phase: str = FATE_PHASE) -> dict[str, Any]:
+        """A task's done-marker: its fingerprint, counts, seconds and files."""
+        return dict(self.read_json(self.marker_path(stage, task, phase)))
+
+    # -- writing --------------------------------------------------------------------------------------------
+
+    def publish(self, *paths: Path) -> None:
+        """Put files written under `root` in the run (for a run on a bucket: upload them, in this order)."""
+        mirror = self.mirror
+        if mirror is not None:
+            for path in paths:
+                mirror.upload(path)
+
+    def write_bytes(self, path: Path, data: bytes) -> None:
+        from curate.io.fs import write_bytes_atomic
+
+        write_bytes_atomic(path, data)
+        self.publish(path)
+
+    def write_json(self, path: Path, payload: Any) -> None:
+        self.write_bytes(path, (json.dumps(payload, indent=2, sort_keys=True) + "\n").encode())
+
+    def delete(self, *paths: Path) -> None:
+        mirror = self.mirror
+        if mirror is None:
+            for path in paths:
+                path.unlink(missing_ok=True)
+        else:
+            mirror.delete(list(paths))
+
+    def delete_tree(self, folder: Path) -> None:
+        import shutil
+
+        mirror = self.mirror
+        if mirror is None:
+            shutil.rmtree(folder, ignore_errors=True)
+        else:
+            mirror.delete_tree(folder)
+
+    def task_scope(self) -> AbstractContextManager[None]:
+        """For a run on a bucket, what a task fetches and writes leaves this process's mirror when it ends."""
+        mirror = self.mirror
+        return nullcontext() if mirror is None else mirror.task_scope()
+
+    # -- the run's places -----------------------------------------------------------------------------------
 
     def stage_dir(self, stage: str) -> Path:
         return self.root / stage
@@ -304,7 +436,7 @@ class StageOutputs:
     stage: ClassVar[str]
 
     def __init__(self, layout: RunLayout | Path | str) -> None:
-        self.layout = layout if isinstance(layout, RunLayout) else RunLayout(Path(layout))
+        self.layout = layout if isinstance(layout, RunLayout) else RunLayout.of(layout)
 
     @property
     def folder(self) -> Path:
@@ -315,14 +447,14 @@ class StageOutputs:
 
     def fate_shards(self) -> list[str]:
         """The shards whose fate part this stage has written so far, in name order."""
-        return sorted(path.stem for path in self.layout.fates_dir(self.stage).glob("*.parquet"))
+        return [path.stem for path in self.layout.glob(self.layout.fates_dir(self.stage), "*.parquet")]
 
     def fates(self, shard: str, columns: list[str] | None = None) -> pa.Table:
         import pyarrow.parquet as pq
 
         from curate.ledger import FATE_SCHEMA
 
-        table = pq.read_table(self.fates_path(shard), schema=FATE_SCHEMA)
+        table = pq.read_table(self.layout.fetch(self.fates_path(shard)), schema=FATE_SCHEMA)
         return table.select(columns) if columns else table
 
     def kept_uids(self, shard: str) -> pa.Array:
@@ -334,7 +466,7 @@ def kept_uids(layout: RunLayout, stage: str, shard: str) -> pa.Array:
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
-    fates = pq.read_table(layout.fates_path(stage, shard), columns=["uid", "status"])
+    fates = pq.read_table(layout.fetch(layout.fates_path(stage, shard)), columns=["uid", "status"])
     return fates.filter(pc.equal(fates["status"], "kept"))["uid"].combine_chunks().cast(pa.string())
 
 

@@ -112,9 +112,10 @@ class DownloadOutputs(StageOutputs):
 
     def retry_attempts(self) -> list[dict[str, Any]]:
         """The `curate retry` attempts made on this run's download, oldest first (see curate.retry)."""
-        if not self.retries_path.exists():
+        try:
+            return list(self.layout.read_json(self.retries_path)["attempts"])
+        except FileNotFoundError:
             return []
-        return list(json.loads(self.retries_path.read_text())["attempts"])
 
 
 class DownloadStage(Stage):

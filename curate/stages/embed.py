@@ -186,14 +186,13 @@ def read_embeddings(
     run_dir: str | Path, shards: Sequence[str] | None = None, dtype: type = np.float32
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, pa.Table]:
     """(uids, image embeddings, text embeddings, metadata) of the given shards (default: all), row-aligned."""
-    root = Path(run_dir) / "embed"
-    if shards is None:
-        shards = sorted(p.stem.removeprefix("metadata_") for p in (root / "metadata").glob("metadata_*.parquet"))
+    outputs = EmbedOutputs(run_dir)
+    root = outputs.folder
+    shards = outputs.shards() if shards is None else shards
     tables, images, texts = [METADATA_SCHEMA.empty_table()], [], []
     for shard in shards:
-        img_path, text_path, meta_path = embedding_paths(root, shard)
-        table = pq.read_table(meta_path, schema=METADATA_SCHEMA)
-        image, text = np.load(img_path), np.load(text_path)
+        table = outputs.metadata(shard)
+        image, text = outputs.image_embeddings(shard), outputs.text_embeddings(shard)
         if not len(image) == len(text) == table.num_rows:
             raise ValueError(f"{root}: shard {shard} has {len(image)} image, {len(text)} text, {table.num_rows} rows")
         tables.append(table)
@@ -220,25 +219,26 @@ class EmbedOutputs(StageOutputs):
 
     def metadata(self, shard: str, columns: list[str] | None = None) -> pa.Table:
         """METADATA_SCHEMA's columns (or those named); `metadata_with_scores` adds the heads' scores."""
-        return pq.read_table(self.paths(shard)[2], columns=columns, schema=None if columns else METADATA_SCHEMA)
+        path = self.layout.fetch(self.paths(shard)[2])
+        return pq.read_table(path, columns=columns, schema=None if columns else METADATA_SCHEMA)
 
     def metadata_with_scores(self, shard: str) -> pa.Table:
         """Every column: METADATA_SCHEMA's, then one float32 score per `embed.heads` plugin."""
-        return pq.read_table(self.paths(shard)[2])
+        return pq.read_table(self.layout.fetch(self.paths(shard)[2]))
 
-    def image_embeddings(self, shard: str) -> np.ndarray:
-        return np.load(self.paths(shard)[0])
+    def image_embeddings(self, shard: str, mmap_mode: str | None = None) -> np.ndarray:
+        return np.load(self.layout.fetch(self.paths(shard)[0]), mmap_mode=mmap_mode)  # type: ignore[call-overload]
 
     def text_embeddings(self, shard: str) -> np.ndarray:
-        return np.load(self.paths(shard)[1])
+        return np.load(self.layout.fetch(self.paths(shard)[1]))
 
     def has(self, shard: str) -> bool:
-        return self.paths(shard)[0].exists()
+        return self.layout.exists(self.paths(shard)[0])
 
     def shards(self) -> list[str]:
-        """Every shard with embeddings on disk (for readers of a finished run)."""
-        folder = self.folder / "metadata"
-        return sorted(p.stem.removeprefix("metadata_") for p in folder.glob("metadata_*.parquet"))
+        """Every shard with embeddings written (for readers of a finished run)."""
+        found = self.layout.glob(self.folder / "metadata", "metadata_*.parquet")
+        return [p.stem.removeprefix("metadata_") for p in found]
 
 
 class EmbedStage(Stage):
@@ -323,7 +323,7 @@ class EmbedStage(Stage):
         results: list[EmbeddedBatch] = []
         failures: list[tuple[str, str, str]] = []
         if expected:
-            tar_path = DownloadOutputs(ctx.layout).tar_path(shard)
+            tar_path = ctx.layout.fetch(DownloadOutputs(ctx.layout).tar_path(shard))
             jobs = batch_jobs(tar_path, set(expected), self.cfg.batch_size)
             batches = decoded_batches(self.decoders(), jobs, pin=loaded.device.type == "cuda")
             for batch, copy in pipelined(self._with_failures(batches, failures), self._start_encoding):

@@ -23,7 +23,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from curate.config import ConfigError, FilterConfig
-from curate.io.fs import read_json, write_json_atomic
+from curate.io.fs import write_json_atomic
 from curate.ledger import Status, make_fates
 from curate.plugins import Plugin, PluginFilter, plugin_inputs, resolve_plugins
 from curate.stage import Phase, Stage, StageContext, StageOutputs, TaskOutput, run_shards, single_task
@@ -171,7 +171,7 @@ class FilterOutputs(StageOutputs):
         return self.folder / "sketch" / "plan.json"
 
     def summary(self) -> dict[str, Any]:
-        return read_json(self.summary_path)
+        return self.layout.read_json(self.summary_path)
 
 
 class FilterStage(Stage):
@@ -239,10 +239,11 @@ class FilterStage(Stage):
 
     def _first_pass(self, ctx: StageContext) -> FirstPass:
         outputs = FilterOutputs(ctx.layout)
-        return FirstPass.merge(FirstPass.from_arrays(load_arrays(outputs.sketch_path("counts", s))) for s in ctx.shards)
+        counts = (load_arrays(ctx.layout.fetch(outputs.sketch_path("counts", s))) for s in ctx.shards)
+        return FirstPass.merge(FirstPass.from_arrays(arrays) for arrays in counts)
 
     def _read_plan(self, ctx: StageContext) -> Plan:
-        raw = read_json(FilterOutputs(ctx.layout).plan_path())
+        raw = ctx.layout.read_json(FilterOutputs(ctx.layout).plan_path())
         hist_range = tuple(raw["hist_range"]) if raw["hist_range"] is not None else None
         return Plan(tuple(raw["refine"]), tuple(raw["thresholds"]), raw["hist_bins"], hist_range)  # type: ignore[arg-type]
 
@@ -250,7 +251,8 @@ class FilterStage(Stage):
         """Run-wide step: the score distribution, and the cutoff a top fraction implies (merged sketches)."""
         outputs, plan = FilterOutputs(ctx.layout), self._read_plan(ctx)
         first = self._first_pass(ctx)
-        parts = (SecondPass.from_arrays(load_arrays(outputs.sketch_path("refine", s)), plan) for s in ctx.shards)
+        refined = (load_arrays(ctx.layout.fetch(outputs.sketch_path("refine", s))) for s in ctx.shards)
+        parts = (SecondPass.from_arrays(arrays, plan) for arrays in refined)
         threshold, fraction = self.cfg.clip_rules()  # clip_combine: both (the higher cutoff) or one of them
         sketch = summarize(first, SecondPass.merge(parts, plan), plan, fraction)
         cutoffs = []

@@ -14,7 +14,7 @@ from typing import Any
 
 import pyarrow.parquet as pq
 
-from curate.io.fs import read_json, write_json_atomic
+from curate.io.fs import write_json_atomic
 from curate.ledger import (
     FateError,
     Status,
@@ -50,7 +50,10 @@ class LedgerOutputs(StageOutputs):
 
     def details(self) -> dict[str, Any] | None:
         """{"stage/status/reason": {"rows": n, "details": {detail: rows, ...}}} of the finished ledger."""
-        return read_json(self.details_path) if self.details_path.exists() else None
+        try:
+            return self.layout.read_json(self.details_path)
+        except FileNotFoundError:
+            return None
 
 
 class LedgerStage(Stage):
@@ -70,7 +73,8 @@ class LedgerStage(Stage):
         from curate.stages.input import InputOutputs
 
         stages = fate_stage_names(self.config.stages)
-        ledger = merge_ledger([(name, read_fate_parts([ctx.layout.fates_path(name, shard)])) for name in stages])
+        parts = [(name, read_fate_parts([ctx.layout.fetch(ctx.layout.fates_path(name, shard))])) for name in stages]
+        ledger = merge_ledger(parts)
         outputs = LedgerOutputs(ctx.layout)
         target = workdir / outputs.part_path(shard).relative_to(outputs.folder)
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -90,11 +94,11 @@ class LedgerStage(Stage):
         schema = ledger_schema(InputOutputs(ctx.layout).kept_columns_schema())
         with pq.ParquetWriter(workdir / ctx.layout.ledger_path.name, schema) as writer:
             for shard in ctx.shards:
-                part = pq.read_table(outputs.part_path(shard), schema=schema)
+                part = pq.read_table(ctx.layout.fetch(outputs.part_path(shard)), schema=schema)
                 writer.write_table(part)
                 rows += part.num_rows
                 kept += int((part["status"].to_numpy(zero_copy_only=False) == Status.KEPT.value).sum())
-                add_details(details, read_json(outputs.part_details_path(shard)))
+                add_details(details, ctx.layout.read_json(outputs.part_details_path(shard)))
         input_rows = int(InputOutputs(ctx.layout).manifest()["rows"])  # type: ignore[index]
         if rows != input_rows:
             raise FateError(f"ledger has {rows} rows for {input_rows} input rows")

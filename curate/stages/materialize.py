@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from curate.config import MaterializeConfig
-from curate.io.fs import read_json, write_json_atomic
+from curate.io.fs import write_json_atomic
 from curate.io.wds import Sample, count_samples, iter_samples
 from curate.ledger import FATE_SCHEMA, FateError
 from curate.stage import Phase, RunLayout, Stage, StageContext, StageOutputs, TaskOutput, run_shards, single_task
@@ -74,7 +74,7 @@ class CuratedOutputs(StageOutputs):
         return self.curated_dir / f"{index:05d}.tar"
 
     def shards(self) -> list[Path]:
-        return sorted(self.curated_dir.glob("*.tar"))
+        return self.layout.glob(self.curated_dir, "*.tar")
 
     @property
     def uids_path(self) -> Path:
@@ -94,7 +94,10 @@ class CuratedOutputs(StageOutputs):
         return self.curated_dir / "_done.json"
 
     def marker(self) -> dict[str, Any] | None:
-        return read_json(self.marker_path) if self.marker_path.exists() else None
+        try:
+            return self.layout.read_json(self.marker_path)
+        except FileNotFoundError:
+            return None
 
     def is_done(self, fingerprint: str | None = None) -> bool:
         marker = self.marker()
@@ -103,7 +106,7 @@ class CuratedOutputs(StageOutputs):
     def fingerprint(self) -> str:
         marker = self.marker()
         if marker is None:
-            raise FileNotFoundError(f"{self.layout.root}: curated/ is not materialized; run the pipeline through it")
+            raise FileNotFoundError(f"{self.layout.label}: curated/ is not materialized; run the pipeline through it")
         return str(marker["fingerprint"])
 
 
@@ -111,7 +114,7 @@ def kept_rows(layout: RunLayout, last_stage: str, shard: str) -> dict[str, dict[
     """uid -> fate row for the samples kept by the last deciding stage in this shard."""
     import pyarrow.parquet as pq
 
-    fates = pq.read_table(layout.fates_path(last_stage, shard), schema=FATE_SCHEMA).to_pylist()
+    fates = pq.read_table(layout.fetch(layout.fates_path(last_stage, shard)), schema=FATE_SCHEMA).to_pylist()
     return {row["uid"]: row for row in fates if row["status"] == "kept"}
 
 
@@ -141,7 +144,7 @@ class MaterializeStage(Stage):
     def kept_counts(self, ctx: StageContext) -> np.ndarray:
         """Kept samples per input shard, from the last deciding stage's markers (no row is read)."""
         last = self.last_stage()
-        return np.array([read_json(ctx.layout.marker_path(last, s))["counts"].get("kept", 0) for s in ctx.shards])
+        return np.array([ctx.layout.marker(last, s)["counts"].get("kept", 0) for s in ctx.shards])
 
     def _output_shards(self, ctx: StageContext) -> list[str]:
         total = int(self.kept_counts(ctx).sum())
@@ -164,7 +167,7 @@ class MaterializeStage(Stage):
                     continue
                 kept = kept_rows(ctx.layout, last, shard)
                 chosen = sorted(kept)[lo - offsets[i] : hi - offsets[i]]
-                tar_path = DownloadOutputs(ctx.layout).tar_path(shard)
+                tar_path = ctx.layout.fetch(DownloadOutputs(ctx.layout).tar_path(shard))
                 found = {sample.uid: sample for sample in iter_samples(tar_path, set(chosen))}
                 missing = [uid for uid in chosen if uid not in found]
                 if missing:
@@ -200,7 +203,7 @@ class MaterializeStage(Stage):
         low, high = bucket_bounds(int(bucket, 16), bits)
         parts = []
         for shard in ctx.shards:
-            halves = np.load(self.uid_part_path(ctx, shard), mmap_mode="r")
+            halves = np.load(ctx.layout.fetch(self.uid_part_path(ctx, shard)), mmap_mode="r")
             first = halves["f0"]
             start = int(np.searchsorted(first, np.uint64(low)))
             stop = len(first) if high >= 1 << 64 else int(np.searchsorted(first, np.uint64(high)))
@@ -211,9 +214,9 @@ class MaterializeStage(Stage):
 
     def _write_index(self, ctx: StageContext, _task: str, workdir: Path) -> TaskOutput:
         last, curated = self.last_stage(), CuratedOutputs(ctx.layout)
-        buckets = [np.load(self.bucket_path(ctx, b), mmap_mode="r") for b in self._buckets(ctx)]
+        buckets = [np.load(ctx.layout.fetch(self.bucket_path(ctx, b)), mmap_mode="r") for b in self._buckets(ctx)]
         kept = sum(len(b) for b in buckets)
-        markers = {s: read_json(ctx.layout.marker_path(self.name, s, "shards")) for s in self._output_shards(ctx)}
+        markers = {s: ctx.layout.marker(self.name, s, "shards") for s in self._output_shards(ctx)}
         sizes = {curated.shard_path(int(s)).name: int(m["counts"]["samples"]) for s, m in markers.items()}
         if sum(sizes.values()) != kept:
             raise FateError(f"curated/ holds {sum(sizes.values())} samples but {last} kept {kept}")
@@ -242,7 +245,7 @@ def bucket_bounds(bucket: int, bits: int) -> tuple[int, int]:
 def wids_index(curated: CuratedOutputs, sizes: dict[str, int]) -> dict[str, object]:
     """A wids shard index (`wids.ShardListDataset("curated/shardindex.json")`); urls are relative to it."""
     shards = [
-        {"url": name, "nsamples": n, "filesize": (curated.curated_dir / name).stat().st_size}
+        {"url": name, "nsamples": n, "filesize": curated.layout.size(curated.curated_dir / name)}
         for name, n in sizes.items()
     ]
     return {"__kind__": "wids-shard-index-v1", "wids_version": 1, "name": "curated", "shardlist": shards}
@@ -269,4 +272,4 @@ def curated_sample(
 
 def count_curated_samples(layout: RunLayout) -> int:
     """Samples actually present in curated/*.tar (read back, not taken from the marker)."""
-    return sum(count_samples(path) for path in CuratedOutputs(layout).shards())
+    return sum(count_samples(layout.fetch(path)) for path in CuratedOutputs(layout).shards())

@@ -33,7 +33,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from curate.config import DedupConfig
-from curate.io.fs import read_json, write_json_atomic, write_parquet_atomic
+from curate.io.fs import write_json_atomic, write_parquet_atomic
 from curate.io.partitioned import (
     column_vectors,
     read_keyed,
@@ -101,10 +101,13 @@ class DedupOutputs(StageOutputs):
     def decisions(self, shard: str | None = None) -> pa.Table:
         """One shard's decisions, or (None) the run's, read part by part."""
         if shard is not None:
-            return pq.read_table(self.decisions_path(shard), schema=DECISION_SCHEMA)
-        parts = sorted((self.folder / "decisions").glob("*.parquet"))
+            return pq.read_table(self.layout.fetch(self.decisions_path(shard)), schema=DECISION_SCHEMA)
+        parts = self.layout.glob(self.folder / "decisions", "*.parquet")
         return pa.concat_tables(
-            [DECISION_SCHEMA.empty_table(), *(pq.read_table(p, schema=DECISION_SCHEMA) for p in parts)]
+            [
+                DECISION_SCHEMA.empty_table(),
+                *(pq.read_table(self.layout.fetch(p), schema=DECISION_SCHEMA) for p in parts),
+            ]
         )
 
     def eval_paths(self) -> tuple[Path, Path]:
@@ -112,14 +115,14 @@ class DedupOutputs(StageOutputs):
 
     def eval_embeddings(self) -> tuple[np.ndarray, list[str]]:
         embeddings, ids = self.eval_paths()
-        return np.load(embeddings), read_json(ids)
+        return np.load(self.layout.fetch(embeddings)), self.layout.read_json(ids)
 
     @property
     def plan_path(self) -> Path:
         return self.folder / "plan.json"
 
     def plan(self) -> DedupPlan:
-        return DedupPlan(**read_json(self.plan_path))
+        return DedupPlan(**self.layout.read_json(self.plan_path))
 
     def contaminated_path(self, shard: str) -> Path:
         return self.folder / "screen" / "contaminated" / f"{shard}.parquet"
@@ -173,7 +176,7 @@ class DedupOutputs(StageOutputs):
         plan = self.plan()
         tasks = {"dup_exact": plan.buckets, "dup_near": 1, "dup_semantic": plan.partitions}[reason]
         paths = [self.largest_path(reason, t) for t in range(tasks if reason in plan.layers else 0)]
-        return merge_largest(pq.read_table(p) for p in paths if p.exists())
+        return merge_largest(pq.read_table(p) for p in map(self.layout.fetch, paths) if p.exists())
 
 
 def read_drops(path: Path) -> pa.Table:
@@ -246,7 +249,10 @@ class DedupStage(Stage):
 
     def _plan_of(self, ctx: StageContext) -> DedupPlan | None:
         outputs = DedupOutputs(ctx.layout)
-        return outputs.plan() if outputs.plan_path.exists() else None
+        try:
+            return outputs.plan()
+        except FileNotFoundError:
+            return None
 
     def _buckets(self, ctx: StageContext) -> list[str]:
         plan = self._plan_of(ctx)
@@ -277,7 +283,7 @@ class DedupStage(Stage):
         from curate.stages.dedup.partitions import partition_count
 
         upstream = self.upstream_name()
-        samples = sum(read_json(ctx.layout.marker_path(upstream, s))["counts"].get("kept", 0) for s in ctx.shards)
+        samples = sum(ctx.layout.marker(upstream, s)["counts"].get("kept", 0) for s in ctx.shards)
         partitions = partition_count(samples, self.cfg.partition_rows)
         layers = {"dup_exact": self.cfg.exact, "dup_near": self.cfg.near_threshold is not None}
         layers["dup_semantic"] = self.cfg.semantic_eps is not None
@@ -340,7 +346,9 @@ class DedupStage(Stage):
         from curate.stages.dedup.exact import exact_duplicates
 
         outputs = DedupOutputs(ctx.layout)
-        keys = read_partition_of_all([outputs.keys_path(s) for s in ctx.shards], int(task), KEY_SCHEMA)
+        keys = read_partition_of_all(
+            [ctx.layout.fetch(outputs.keys_path(s)) for s in ctx.shards], int(task), KEY_SCHEMA
+        )
         uids = np.array(keys["uid"].to_pylist(), dtype=object)
         found = exact_duplicates(
             uids, np.array(keys["sha256"].to_pylist(), dtype=object), keys["clip_score"].to_numpy(zero_copy_only=False)
@@ -355,7 +363,7 @@ class DedupStage(Stage):
         from curate.stages.dedup.partitions import Partitioning
 
         outputs, plan = DedupOutputs(ctx.layout), DedupOutputs(ctx.layout).plan()
-        parts = [pq.read_table(outputs.sample_path(s)) for s in ctx.shards]
+        parts = [pq.read_table(ctx.layout.fetch(outputs.sample_path(s))) for s in ctx.shards]
         sample = pa.concat_tables(parts).sort_by("uid")
         vectors = self._vectors(sample, "vector", normalise=self._clip_near)
         partitioning = Partitioning.train(vectors, plan.partitions, spill=self.params.spill, seed=self.cfg.seed)
@@ -371,16 +379,16 @@ class DedupStage(Stage):
         rows = self._shard_rows(ctx, shard)
         dropped = set()
         if self.cfg.eval_sets:  # a file left by an earlier run with eval sets does not count
-            dropped.update(read_drops(outputs.contaminated_path(shard))["uid"].to_pylist())
+            dropped.update(read_drops(ctx.layout.fetch(outputs.contaminated_path(shard)))["uid"].to_pylist())
         if self.cfg.exact:
             position = ctx.shards.index(shard)
             for bucket in range(plan.buckets):
-                exact = read_drops_of_shard(outputs.exact_path(bucket), position)
+                exact = read_drops_of_shard(ctx.layout.fetch(outputs.exact_path(bucket)), position)
                 dropped.update(exact["uid"].to_pylist())
         uids = rows["uid"].to_pylist()
         rows = rows.filter(pa.array([u not in dropped for u in uids], pa.bool_()))
         if plan.partitions > 1:
-            with np.load(outputs.partitioning_path) as arrays:
+            with np.load(ctx.layout.fetch(outputs.partitioning_path)) as arrays:
                 partitioning = Partitioning.from_arrays(dict(arrays))
         else:
             partitioning = Partitioning.single()
@@ -428,7 +436,9 @@ class DedupStage(Stage):
         from curate.stages.dedup.groups import components, survivors
 
         outputs, plan = DedupOutputs(ctx.layout), DedupOutputs(ctx.layout).plan()
-        pairs = pa.concat_tables([pq.read_table(outputs.pairs_path(p)) for p in range(plan.partitions)])
+        pairs = pa.concat_tables(
+            [pq.read_table(ctx.layout.fetch(outputs.pairs_path(p))) for p in range(plan.partitions)]
+        )
         sides = [
             pairs.select([f"{name}_{side}" for name in PAIR_COLUMNS]).rename_columns(list(PAIR_COLUMNS))
             for side in ("a", "b")
@@ -453,9 +463,7 @@ class DedupStage(Stage):
         write_drops_by_shard(drops, _in(workdir, outputs.near_path, ctx), ctx.shards)
         primary = nodes["primary"].to_numpy(zero_copy_only=False)[rows]
         write_keyed(_in(workdir, outputs.near_by_partition_path, ctx), drops, primary)
-        entering = sum(
-            read_json(ctx.layout.marker_path(self.name, s, "assign"))["counts"].get("samples", 0) for s in ctx.shards
-        )
+        entering = sum(ctx.layout.marker(self.name, s, "assign")["counts"].get("samples", 0) for s in ctx.shards)
         write_json_atomic(_in(workdir, outputs.near_summary_path, ctx), {"samples": entering, "dropped": len(rows)})
         write_parquet_atomic(largest_groups(drops), _in(workdir, outputs.largest_path("dup_near", 0), ctx))
         return TaskOutput(counts={"pairs": len(pairs), "dup_near": len(rows)})
@@ -467,14 +475,12 @@ class DedupStage(Stage):
         members = self._partition_rows(ctx, partition)
         members = members.filter(pc.equal(members["primary"], partition))
         if self.cfg.near_threshold is not None:
-            near = read_keyed(outputs.near_by_partition_path, partition)["uid"]
+            near = read_keyed(ctx.layout.fetch(outputs.near_by_partition_path), partition)["uid"]
             members = members.filter(pc.invert(pc.is_in(members["uid"], near)))
-            summary = read_json(outputs.near_summary_path)
+            summary = ctx.layout.read_json(outputs.near_summary_path)
             total = summary["samples"] - summary["dropped"]
         else:
-            total = sum(
-                read_json(ctx.layout.marker_path(self.name, s, "assign"))["counts"]["samples"] for s in ctx.shards
-            )
+            total = sum(ctx.layout.marker(self.name, s, "assign")["counts"]["samples"] for s in ctx.shards)
         column = "vector" if self._clip_near else "embedding"
         x = self._vectors(members, column, normalise=True)
         uids = np.array(members["uid"].to_pylist(), dtype=object)
@@ -500,11 +506,15 @@ class DedupStage(Stage):
         outputs, plan = DedupOutputs(ctx.layout), DedupOutputs(ctx.layout).plan()
         position, near = ctx.shards.index(shard), self.cfg.near_threshold is not None
         layers = {
-            "contaminated": [read_drops(outputs.contaminated_path(shard))] if self.cfg.eval_sets else [],
-            "dup_exact": [read_drops_of_shard(outputs.exact_path(b), position) for b in range(plan.buckets)],
-            "dup_near": [read_drops_of_shard(outputs.near_path, position)] if near else [],
+            "contaminated": [read_drops(ctx.layout.fetch(outputs.contaminated_path(shard)))]
+            if self.cfg.eval_sets
+            else [],
+            "dup_exact": [
+                read_drops_of_shard(ctx.layout.fetch(outputs.exact_path(b)), position) for b in range(plan.buckets)
+            ],
+            "dup_near": [read_drops_of_shard(ctx.layout.fetch(outputs.near_path), position)] if near else [],
             "dup_semantic": [
-                read_drops_of_shard(outputs.semantic_path(p), position)
+                read_drops_of_shard(ctx.layout.fetch(outputs.semantic_path(p)), position)
                 for p in range(plan.partitions if self.cfg.semantic_eps is not None else 0)
             ],
         }
@@ -538,7 +548,9 @@ class DedupStage(Stage):
         row in the embed stage's arrays."""
         upstream = self.upstream_name()
         wanted = kept_uids(ctx.layout, upstream, shard)
-        fates = pq.read_table(ctx.layout.fates_path(upstream, shard), schema=FATE_SCHEMA).select(["uid", "clip_score"])
+        fates = pq.read_table(ctx.layout.fetch(ctx.layout.fates_path(upstream, shard)), schema=FATE_SCHEMA).select(
+            ["uid", "clip_score"]
+        )
         hashes = DownloadOutputs(ctx.layout).fates(shard, ["uid", "sha256"])
         metadata = EmbedOutputs(ctx.layout).metadata(shard, columns=["uid"])
         positions = pa.table({"uid": metadata["uid"], "row": pa.array(np.arange(len(metadata), dtype=np.int32))})
@@ -552,7 +564,7 @@ class DedupStage(Stage):
 
     def _embeddings(self, ctx: StageContext, shard: str, rows: pa.Table, raw: bool = False) -> np.ndarray:
         # mapped, so a task wanting a few rows of a shard (the groups task's chains) reads only those
-        stored = np.load(EmbedOutputs(ctx.layout).paths(shard)[0], mmap_mode="r")
+        stored = EmbedOutputs(ctx.layout).image_embeddings(shard, mmap_mode="r")
         stored = np.asarray(stored[rows["row"].to_numpy(zero_copy_only=False)])
         return stored if raw else normalised(stored)
 
@@ -565,7 +577,11 @@ class DedupStage(Stage):
         if self._clip_near:
             return self._embeddings(ctx, shard, picked_rows, raw=True)
         outputs = DedupOutputs(ctx.layout)
-        path = _in(workdir, outputs.features_path(shard), ctx) if workdir else outputs.features_path(shard)
+        path = (
+            _in(workdir, outputs.features_path(shard), ctx)
+            if workdir
+            else ctx.layout.fetch(outputs.features_path(shard))
+        )
         saved = read_partition(path, 0)
         features = column_vectors(saved["vector"], saved.schema.field("vector").type.list_size)
         position = {u: k for k, u in enumerate(saved["uid"].to_pylist())}
@@ -573,7 +589,7 @@ class DedupStage(Stage):
 
     def _partition_rows(self, ctx: StageContext, partition: int) -> pa.Table:
         outputs = DedupOutputs(ctx.layout)
-        paths = [outputs.rows_path(s) for s in ctx.shards]
+        paths = [ctx.layout.fetch(outputs.rows_path(s)) for s in ctx.shards]
         schema = pa.ipc.open_file(pa.memory_map(str(paths[0]))).schema if paths else None
         if schema is None:
             raise ValueError("dedup: no shards to read partitions from")

@@ -33,7 +33,7 @@ def shard_thumbnail_features(layout: RunLayout, shard: str, uids: list[str]) -> 
         return np.zeros((0, 3 * THUMBNAIL_SIDE**2), np.float32)
     from curate.stages.download import DownloadOutputs
 
-    tar_path = DownloadOutputs(layout).tar_path(shard)
+    tar_path = layout.fetch(DownloadOutputs(layout).tar_path(shard))
     features: dict[str, np.ndarray] = {}
     for sample in iter_samples(tar_path, set(uids)):
         if sample.image is None:

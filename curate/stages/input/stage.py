@@ -36,7 +36,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from curate.config import InputConfig
-from curate.io.fs import read_json, write_json_atomic
+from curate.io.fs import write_json_atomic
 from curate.ledger import Status, make_fates
 from curate.stage import (
     FATE_PHASE,
@@ -151,6 +151,7 @@ def split_position(pos: int) -> tuple[int, int]:
 @dataclass(frozen=True)
 class InputWork:
     folder: Path
+    layout: RunLayout
 
     def task_dir(self, task: str) -> Path:
         return self.folder / "files" / task
@@ -189,7 +190,7 @@ class InputWork:
 
 
 def work_of(layout: RunLayout) -> InputWork:
-    return InputWork(layout.stage_dir(STAGE) / WORK)
+    return InputWork(layout.stage_dir(STAGE) / WORK, layout)
 
 
 def relative(path: Path, layout: RunLayout) -> Path:
@@ -337,34 +338,38 @@ def earliest_repeated_uid(uids: pa.Table) -> dict[str, object] | None:
 # ---------------------------------------------------------------- the stage's outputs
 
 
-def read_manifest(stage_dir: Path) -> dict[str, object] | None:
-    path = stage_dir / "manifest.json"
-    return json.loads(path.read_text()) if path.exists() else None
+def read_manifest(layout: RunLayout | Path) -> dict[str, object] | None:
+    layout = layout if isinstance(layout, RunLayout) else RunLayout(layout.parent)
+    try:
+        return layout.read_json(layout.stage_dir(STAGE) / "manifest.json")
+    except FileNotFoundError:
+        return None
 
 
-def read_shard_rows(stage_dir: Path, shard: str) -> pa.Table:
-    return pq.read_table(stage_dir / "shards" / f"{shard}.parquet", schema=SHARD_SCHEMA)
+def read_shard_rows(layout: RunLayout, shard: str) -> pa.Table:
+    path = layout.fetch(layout.stage_dir(STAGE) / "shards" / f"{shard}.parquet")
+    return pq.read_table(path, schema=SHARD_SCHEMA)
 
 
 class InputOutputs(StageOutputs):
     stage = STAGE
 
     def manifest(self) -> dict[str, object] | None:
-        return read_manifest(self.folder)
+        return read_manifest(self.layout)
 
     def recorded_fingerprint(self) -> str:
         """The fingerprint the finished input stage recorded (its last phase's marker), for readers of a run
         whose input files they cannot reach."""
-        return read_json(self.layout.marker_path(STAGE, "all", "manifest"))["fingerprint"]
+        return self.layout.read_json(self.layout.marker_path(STAGE, "all", "manifest"))["fingerprint"]
 
     def shards(self) -> list[str]:
         manifest = self.manifest()
         if manifest is None:
-            raise FileNotFoundError(f"{self.layout.root}: the input stage has not finished")
+            raise FileNotFoundError(f"{self.layout.label}: the input stage has not finished")
         return list(manifest["shards"])  # type: ignore[call-overload]
 
     def rows(self, shard: str) -> pa.Table:
-        return read_shard_rows(self.folder, shard)
+        return read_shard_rows(self.layout, shard)
 
     def kept_columns_path(self, shard: str) -> Path:
         return self.folder / "columns" / f"{shard}.parquet"
@@ -372,13 +377,13 @@ class InputOutputs(StageOutputs):
     def kept_columns(self, shard: str) -> pa.Table | None:
         """uid and the `input.keep_columns` of every input row of the shard (None when none are kept). A
         column whose field metadata says `is_json_text` holds JSON text: its files disagreed on its type."""
-        path = self.kept_columns_path(shard)
+        path = self.layout.fetch(self.kept_columns_path(shard))
         return pq.read_table(path) if path.exists() else None
 
     def kept_columns_schema(self) -> pa.Schema | None:
         """The schema of every shard's kept columns (the input stage stores each column as one type)."""
         shards = self.shards()
-        path = self.kept_columns_path(shards[0]) if shards else None
+        path = self.layout.fetch(self.kept_columns_path(shards[0])) if shards else None
         return pq.read_schema(path) if path is not None and path.exists() else None
 
 
@@ -398,10 +403,10 @@ def discard_unfinished(layout: RunLayout) -> None:
     On Dask, a task that was already running when the error came may still commit its working files after
     this; they carry this input's fingerprint, so a later run redoes or removes them (orphans)."""
     stage_dir = layout.stage_dir(STAGE)
-    shutil.rmtree(stage_dir / WORK, ignore_errors=True)
+    layout.delete_tree(stage_dir / WORK)
     shutil.rmtree(layout.scratch_dir(STAGE), ignore_errors=True)
     for phase in WORK_PHASES:
-        shutil.rmtree(layout.marker_dir(STAGE, phase), ignore_errors=True)
+        layout.delete_tree(layout.marker_dir(STAGE, phase))
     for folder in (layout.marker_dir(STAGE), stage_dir):
         if folder.exists() and not any(folder.iterdir()):
             folder.rmdir()
@@ -429,8 +434,9 @@ class Plan:
 
     @classmethod
     def load(cls, work: InputWork) -> Plan:
-        stat = work.plan_path.stat()
-        data = _read_plan(str(work.plan_path), stat.st_size, stat.st_mtime_ns)
+        path = work.layout.fetch(work.plan_path)
+        stat = path.stat()
+        data = _read_plan(str(path), stat.st_size, stat.st_mtime_ns)
         tasks = data["tasks"]
         return cls(
             [t["name"] for t in tasks],
@@ -506,7 +512,7 @@ class InputStage(Stage):
         """The manifest and every shard are done for this fingerprint: the working phases have nothing to do."""
         if task_state_of(ctx, self.phase("manifest"), "all") is not ShardState.DONE:
             return False
-        manifest = read_manifest(ctx.layout.stage_dir(STAGE)) or {}
+        manifest = read_manifest(ctx.layout) or {}
         shards = self.phase(FATE_PHASE)
         return all(task_state_of(ctx, shards, shard) is ShardState.DONE for shard in manifest.get("shards", []))
 
@@ -532,11 +538,11 @@ class InputStage(Stage):
         return [] if self.finished(ctx) else Plan.load(work_of(ctx.layout)).tasks
 
     def _shard_tasks(self, ctx: StageContext) -> list[str]:
-        manifest = read_manifest(ctx.layout.stage_dir(STAGE))
+        manifest = read_manifest(ctx.layout)
         if task_state_of(ctx, self.phase("manifest"), "all") is ShardState.DONE and manifest is not None:
             return list(manifest["shards"])  # type: ignore[call-overload]
         work = work_of(ctx.layout)
-        return Plan.load(work).shards if work.plan_path.exists() else []
+        return Plan.load(work).shards if ctx.layout.exists(work.plan_path) else []
 
     # ------------------------------------------------------------ tasks
 
@@ -571,7 +577,7 @@ class InputStage(Stage):
         tasks, total = [], 0
         kept_fields: dict[str, list[pa.Field]] = {name: [] for name in cfg.keep_columns}
         for spec in plan_file_tasks(cfg, sources):
-            summary = read_json(work.summary_path(spec.name))
+            summary = ctx.layout.read_json(work.summary_path(spec.name))
             tasks.append(
                 {
                     "name": spec.name,
@@ -583,7 +589,8 @@ class InputStage(Stage):
             )
             total += summary["rows"]
             for segment in range(len(summary["kept_segments"])):
-                schema = pa.ipc.open_file(pa.memory_map(str(work.kept_path(spec.name, segment)))).schema
+                with ctx.layout.open(work.kept_path(spec.name, segment)) as stream:
+                    schema = pa.ipc.open_file(stream).schema
                 for name in cfg.keep_columns:
                     kept_fields[name].append(schema.field(name))
         shards = [shard_name(i) for i in range(math.ceil(total / cfg.shard_size))]
@@ -601,11 +608,11 @@ class InputStage(Stage):
         pairs, uids = [], []
         plan = Plan.load(work)
         for name in plan.tasks:
-            chunks = int(read_json(work.summary_path(name))["chunks"])
+            chunks = int(ctx.layout.read_json(work.summary_path(name))["chunks"])
             for chunk in range(chunks):
-                pairs.append(_bucket_batch(work.pairs_path(name, chunk), bucket))
+                pairs.append(_bucket_batch(ctx.layout, work.pairs_path(name, chunk), bucket))
                 if self.cfg.uid_col:
-                    uids.append(_bucket_batch(work.uids_path(name, chunk), bucket))
+                    uids.append(_bucket_batch(ctx.layout, work.uids_path(name, chunk), bucket))
         table = pa.Table.from_batches(pairs, schema=PAIR_SCHEMA)
         repeats = first_occurrences(table)
         target = workdir / relative(work.repeats_path(task), ctx.layout)
@@ -619,7 +626,7 @@ class InputStage(Stage):
 
     def _check_uids(self, ctx: StageContext, _task: str, _workdir: Path) -> TaskOutput:
         work = work_of(ctx.layout)
-        found = [read_json(p) for p in sorted(work.folder.glob("buckets/*/uid_repeat.json"))]
+        found = [ctx.layout.read_json(p) for p in ctx.layout.glob(work.folder, "buckets/*/uid_repeat.json")]
         if found:
             first = min(found, key=lambda f: f["places"][0])
             sources = resolve_sources(self.cfg, self.storage)
@@ -639,8 +646,10 @@ class InputStage(Stage):
         low = int(position(plan.files[index], plan.first_rows[index]))
         high = low + plan.rows[index]
         parts = [
-            pq.read_table(path, filters=[("pos", ">=", low), ("pos", "<", high)], schema=REPEAT_SCHEMA)
-            for path in sorted(work.folder.glob("buckets/*/repeats.parquet"))
+            pq.read_table(
+                ctx.layout.fetch(path), filters=[("pos", ">=", low), ("pos", "<", high)], schema=REPEAT_SCHEMA
+            )
+            for path in ctx.layout.glob(work.folder, "buckets/*/repeats.parquet")
         ]
         repeats = pa.concat_tables(parts) if parts else REPEAT_SCHEMA.empty_table()
         repeats = repeats.sort_by("pos")
@@ -649,7 +658,7 @@ class InputStage(Stage):
         owner, row = plan.task_of(first_pos)
         for holder in np.unique(owner):
             here = owner == holder
-            uids = read_arrow(work.rows_path(plan.tasks[holder]))["uid"]
+            uids = read_arrow(ctx.layout.fetch(work.rows_path(plan.tasks[holder])))["uid"]
             first_uids[here] = uids.take(pa.array(row[here])).to_numpy(zero_copy_only=False)
         resolved = pa.table(
             [pa.array(repeats["pos"].to_numpy() - low), pa.array(first_uids, pa.string())], schema=RESOLVED_SCHEMA
@@ -664,16 +673,17 @@ class InputStage(Stage):
 
     def _expected_uids(self, ctx: StageContext, shard: str) -> pa.Array:
         work = work_of(ctx.layout)
-        parts = [read_arrow(work.rows_path(t))["uid"].slice(b, e - b) for t, b, e in self._shard_parts(ctx, shard)]
+        rows = [(ctx.layout.fetch(work.rows_path(t)), b, e) for t, b, e in self._shard_parts(ctx, shard)]
+        parts = [read_arrow(path)["uid"].slice(b, e - b) for path, b, e in rows]
         return pa.chunked_array(parts, pa.string()).combine_chunks()
 
     def _write_shard(self, ctx: StageContext, shard: str, workdir: Path) -> pa.Table:
         work = work_of(ctx.layout)
-        kept_schema = read_arrow(work.kept_schema_path).schema if self.cfg.keep_columns else None
+        kept_schema = read_arrow(ctx.layout.fetch(work.kept_schema_path)).schema if self.cfg.keep_columns else None
         staged_parts, kept_parts = [], []
         for task, begin, end in self._shard_parts(ctx, shard):
-            staged = read_arrow(work.rows_path(task)).slice(begin, end - begin)
-            resolved = read_arrow(work.resolved_path(task))
+            staged = read_arrow(ctx.layout.fetch(work.rows_path(task))).slice(begin, end - begin)
+            resolved = read_arrow(ctx.layout.fetch(work.resolved_path(task)))
             rows = resolved["row"].to_numpy()
             lo, hi = np.searchsorted(rows, [begin, end])
             if hi > lo:
@@ -710,14 +720,14 @@ class InputStage(Stage):
         self, work: InputWork, task: str, begin: int, end: int, uids: pa.ChunkedArray, schema: pa.Schema
     ) -> pa.Table:
         """uid and the kept columns of rows [begin, end) of a file task, each stored as `schema` says."""
-        summary = read_json(work.summary_path(task))
+        summary = work.layout.read_json(work.summary_path(task))
         bounds = [*summary["kept_segments"], summary["rows"]]
         columns: dict[str, list[pa.Array]] = {name: [] for name in schema.names[1:]}
         for segment, (first, stop) in enumerate(itertools.pairwise(bounds)):
             lo, hi = max(begin, first), min(end, stop)
             if lo >= hi:
                 continue
-            part = read_arrow(work.kept_path(task, segment)).slice(lo - first, hi - lo)
+            part = read_arrow(work.layout.fetch(work.kept_path(task, segment))).slice(lo - first, hi - lo)
             for name in columns:
                 columns[name].append(as_kept_field(part[name], part.schema.field(name), schema.field(name)))
         arrays = [uids.combine_chunks(), *(pa.concat_arrays(parts) for parts in columns.values())]
@@ -733,19 +743,23 @@ class InputStage(Stage):
             "shard_size": plan.shard_size,
         }
         if self.cfg.keep_columns:
-            fields = list(read_arrow(work.kept_schema_path).schema)[1:]
+            fields = list(read_arrow(ctx.layout.fetch(work.kept_schema_path)).schema)[1:]
             manifest["keep_columns"] = {f.name: "json" if is_json_text(f) else str(f.type) for f in fields}
         write_json_atomic(workdir / "manifest.json", manifest)
         # The working files are not needed once the shards are written; the markers of their phases go with
         # them (those phases list no tasks once this one is done).
-        shutil.rmtree(work.folder, ignore_errors=True)
+        ctx.layout.delete_tree(work.folder)
         for phase in WORK_PHASES:
-            shutil.rmtree(ctx.layout.marker_dir(STAGE, phase), ignore_errors=True)
+            ctx.layout.delete_tree(ctx.layout.marker_dir(STAGE, phase))
         return TaskOutput(counts={"rows": plan.total, "shards": len(plan.shards)})
 
 
-def _bucket_batch(path: Path, bucket: int) -> pa.RecordBatch:
-    return pa.ipc.open_file(pa.memory_map(str(path))).get_batch(bucket)
+def _bucket_batch(layout: RunLayout, path: Path, bucket: int) -> pa.RecordBatch:
+    """One bucket's batch of a file task's pairs (on a bucket: read by range, not the whole file)."""
+    if not layout.remote:
+        return pa.ipc.open_file(pa.memory_map(str(path))).get_batch(bucket)
+    with layout.open(path) as stream:
+        return pa.ipc.open_file(stream).get_batch(bucket)
 
 
 def task_state_of(ctx: StageContext, phase: Phase, task: str) -> ShardState:
