@@ -178,7 +178,9 @@ def publish(layout: RunLayout, phase: Phase, root: Path, files: dict[str, int]) 
     mirror = layout.mirror
     if mirror is None:
         return
-    layout.publish(*(root / name for name in files))
+    # a `_done.json` a task writes among its files (curated/_done.json) goes up last, just before the marker
+    last = sorted(files, key=lambda name: (Path(name).name == "_done.json", name))
+    layout.publish(*(root / name for name in last))
     if phase.commit == "replace":
         keep = {root / name for name in files}
         mirror.delete([path for path in mirror.sizes(root) if path not in keep])

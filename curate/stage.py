@@ -446,8 +446,9 @@ class StageOutputs:
         return self.layout.fates_path(self.stage, shard)
 
     def fate_shards(self) -> list[str]:
-        """The shards whose fate part this stage has written so far, in name order."""
-        return [path.stem for path in self.layout.glob(self.layout.fates_dir(self.stage), "*.parquet")]
+        """The shards this stage has finished so far (those with a done-marker), in name order. Only a marker
+        vouches for a task's files: on a bucket, a task killed while uploading leaves objects without one."""
+        return [path.stem for path in self.layout.glob(self.layout.marker_dir(self.stage), "*.json")]
 
     def fates(self, shard: str, columns: list[str] | None = None) -> pa.Table:
         import pyarrow.parquet as pq

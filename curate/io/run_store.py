@@ -31,7 +31,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from curate.io.storage import Storage
+from curate.io.storage import Storage, fresh
 
 MIRROR_GB_ENV = "CURATE_MIRROR_GB"
 _MIRRORS: dict[tuple[str, str], RunMirror] = {}
@@ -47,6 +47,27 @@ def mirror_of(url: str, storage: Storage) -> RunMirror:
         if key not in _MIRRORS:
             _MIRRORS[key] = RunMirror(key[0], storage)
         return _MIRRORS[key]
+
+
+MIRROR_PREFIX = "curate-run-"
+
+
+def remove_mirrors_of_dead_processes(folder: Path) -> None:
+    """Mirrors left by processes that were killed (a SIGKILL skips the exit hook that removes them)."""
+    for mirror in folder.glob(f"{MIRROR_PREFIX}*-*"):
+        pid = mirror.name.removeprefix(MIRROR_PREFIX).split("-")[0]
+        if pid.isdigit() and not process_alive(int(pid)):
+            shutil.rmtree(mirror, ignore_errors=True)
+
+
+def process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 def worker_scratch() -> str | None:
@@ -66,8 +87,9 @@ class RunMirror:
         self.url = url
         self.fs, self.base = storage.filesystem(url)
         self.base = self.base.rstrip("/")
-        self.root = Path(tempfile.mkdtemp(prefix="curate-run-", dir=worker_scratch()))
+        self.root = Path(tempfile.mkdtemp(prefix=f"{MIRROR_PREFIX}{os.getpid()}-", dir=worker_scratch()))
         atexit.register(shutil.rmtree, self.root, True)
+        remove_mirrors_of_dead_processes(self.root.parent)
         self._versions: dict[Path, tuple[Any, ...]] = {}
         self._used: dict[Path, tuple[float, int]] = {}
         """Files in the mirror: when last used, and their size."""
@@ -91,10 +113,11 @@ class RunMirror:
 
     # -- reading ------------------------------------------------------------------------------------------
 
+    def _fresh(self, key: str) -> str:
+        return fresh(self.fs, key)
+
     def info(self, path: Path) -> dict[str, Any] | None:
-        key = self.key(path)
-        self.fs.invalidate_cache(key.rsplit("/", 1)[0])  # another process may have written since the last look
-        self.fs.invalidate_cache(key)
+        key = self._fresh(self.key(path))
         try:
             return self.fs.info(key)
         except FileNotFoundError:
@@ -119,7 +142,7 @@ class RunMirror:
         path.parent.mkdir(parents=True, exist_ok=True)
         part = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
         try:
-            self.fs.get_file(self.key(path), str(part))
+            self.fs.get_file(self._fresh(self.key(path)), str(part))
             os.replace(part, path)
         except FileNotFoundError:
             part.unlink(missing_ok=True)
@@ -134,13 +157,13 @@ class RunMirror:
     def open(self, path: Path) -> Any:
         """The object as a seekable binary stream read by ranges (a few record batches of a large file)."""
         try:
-            return self.fs.open(self.key(path), "rb")
+            return self.fs.open(self._fresh(self.key(path)), "rb")
         except FileNotFoundError:
             raise FileNotFoundError(self.url_of(path)) from None
 
     def read_bytes(self, path: Path) -> bytes:
         try:
-            return self.fs.cat_file(self.key(path))
+            return self.fs.cat_file(self._fresh(self.key(path)))
         except FileNotFoundError:
             raise FileNotFoundError(self.url_of(path)) from None
         except OSError:
@@ -183,6 +206,7 @@ class RunMirror:
 
     def delete(self, paths: list[Path]) -> None:
         keys = [self.key(p) for p in paths]
+
         for path in paths:
             self._forget(path)
         if keys:
@@ -190,6 +214,7 @@ class RunMirror:
                 self.fs.rm(keys)
 
     def delete_tree(self, folder: Path) -> None:
+
         for path in [p for p in self._versions if p.is_relative_to(folder)]:
             self._forget(path)
         shutil.rmtree(folder, ignore_errors=True)

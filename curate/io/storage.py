@@ -90,7 +90,7 @@ class Storage:
         if isinstance(location, Path):
             return open(location, "rb")
         fs, path = self.filesystem(location)
-        return fs.open(path, "rb")
+        return fs.open(fresh(fs, path), "rb")
 
     def info(self, location: Location) -> dict[str, Any] | None:
         """`{"type": "file" | "directory" | ..., "size": bytes}`, or None when nothing is there. Any other
@@ -136,7 +136,7 @@ class Storage:
         other failure is an OSError naming the URL."""
         fs, path = self.filesystem(url)
         try:
-            fs.get_file(path, str(local))
+            fs.get_file(fresh(fs, path), str(local))
         except OSError:
             raise
         except Exception as err:  # each filesystem has its own errors
@@ -167,6 +167,14 @@ class Storage:
         if name is not None:
             identity["name"] = name
         return identity
+
+
+def fresh(fs: Any, path: str) -> str:
+    """`path`, with the filesystem's cached listings of it and its folder dropped: s3fs answers `open` and
+    `cat` from a listing cached earlier in this process, so an object written since by another would be missing."""
+    fs.invalidate_cache(path.rsplit("/", 1)[0])
+    fs.invalidate_cache(path)
+    return path
 
 
 LOCAL = Storage()

@@ -236,9 +236,8 @@ class EmbedOutputs(StageOutputs):
         return self.layout.exists(self.paths(shard)[0])
 
     def shards(self) -> list[str]:
-        """Every shard with embeddings written (for readers of a finished run)."""
-        found = self.layout.glob(self.folder / "metadata", "metadata_*.parquet")
-        return [p.stem.removeprefix("metadata_") for p in found]
+        """Every shard whose embeddings are done (for readers of a finished run)."""
+        return self.fate_shards()
 
 
 class EmbedStage(Stage):

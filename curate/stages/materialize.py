@@ -74,7 +74,12 @@ class CuratedOutputs(StageOutputs):
         return self.curated_dir / f"{index:05d}.tar"
 
     def shards(self) -> list[Path]:
-        return self.layout.glob(self.curated_dir, "*.tar")
+        """The curated tars: those sizes.json lists once the index is written (it is written after every
+        shard is done), else those found."""
+        try:
+            return [self.curated_dir / name for name in self.layout.read_json(self.sizes_path)]
+        except FileNotFoundError:
+            return self.layout.glob(self.curated_dir, "*.tar")
 
     @property
     def uids_path(self) -> Path:

@@ -102,13 +102,9 @@ class DedupOutputs(StageOutputs):
         """One shard's decisions, or (None) the run's, read part by part."""
         if shard is not None:
             return pq.read_table(self.layout.fetch(self.decisions_path(shard)), schema=DECISION_SCHEMA)
-        parts = self.layout.glob(self.folder / "decisions", "*.parquet")
-        return pa.concat_tables(
-            [
-                DECISION_SCHEMA.empty_table(),
-                *(pq.read_table(self.layout.fetch(p), schema=DECISION_SCHEMA) for p in parts),
-            ]
-        )
+        parts = [self.layout.fetch(self.decisions_path(shard)) for shard in self.fate_shards()]
+        tables = [pq.read_table(path, schema=DECISION_SCHEMA) for path in parts]
+        return pa.concat_tables([DECISION_SCHEMA.empty_table(), *tables])
 
     def eval_paths(self) -> tuple[Path, Path]:
         return self.folder / "eval" / "embeddings.npy", self.folder / "eval" / "ids.json"
