@@ -50,7 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
     for stage in stage_names():
         add_pipeline_command(stage, f"run only the {stage} stage (its upstream must be done)")
     status = commands.add_parser("status", help="per-stage progress and counts of a run")
-    status.add_argument("output", type=Path)
+    status.add_argument("output", help="the run directory: a path or a URL (s3://...)")
     status.add_argument("--json", action="store_true", help="machine-readable output")
     add_retry_command(commands)
     add_view_commands(commands)
@@ -200,7 +200,7 @@ def format_stage_line(name: str, stats: StageStats | dict[str, Any]) -> str:
     return f"  {name:<10} {rows:>8} in -> {kept:>8} kept" + (f"   ({losses})" if losses else "")
 
 
-def print_status(run_dir: Path, as_json: bool) -> int:
+def print_status(run_dir: Path | str, as_json: bool) -> int:
     status = run_status(run_dir)
     if as_json:
         print(json.dumps(status, indent=2))

@@ -25,7 +25,7 @@ from curate.executors.dask import DaskExecutor
 from curate.io.local_copy import CACHE_ENV
 from curate.io.run_store import MIRROR_GB_ENV
 from curate.ledger import read_ledger
-from curate.pipeline import run_pipeline, stage_fingerprints
+from curate.pipeline import run_pipeline, run_status, stage_fingerprints
 from curate.runner import task_state
 from curate.stage import RunLayout, ShardState, StageContext
 from curate.stages import plan
@@ -114,6 +114,9 @@ def test_a_run_in_a_bucket_gives_the_run_on_disk_and_a_rerun_does_no_work(
 
     again = run_pipeline(load_config(pipeline, overrides))
     assert again.complete and again.tasks_run == 0
+    status = run_status(run)  # as `curate status s3://...` reopens it: credentials from the environment
+    assert status["ledger_rows"] == remote.rows
+    assert all(stage["shards"]["done"] == status["shards"] for stage in status["stages"].values())
 
 
 def test_a_run_killed_while_uploading_a_task_leaves_nothing_a_reader_trusts_and_the_next_run_redoes_only_it(
