@@ -31,7 +31,7 @@ from curate.stage import RunLayout, ShardState, StageContext
 from curate.stages import plan
 from curate.stages.embed import EmbedOutputs, EmbedStage
 from curate.stages.materialize import CuratedOutputs
-from tests.s3_fixtures import S3Bucket
+from tests.s3_fixtures import S3Bucket, stop
 from tests.world_fixtures import ServedWorld, full_pipeline_overrides
 
 pytestmark = pytest.mark.timeout(400)
@@ -179,12 +179,7 @@ def workers_of_their_own(count: int, folder: Path) -> Iterator[DaskExecutor]:
             executor.close()
     finally:
         for process, log in workers:
-            process.terminate()
-            try:
-                process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+            stop(process, timeout=30)
             log.close()
         cluster.close()
 
