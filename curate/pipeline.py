@@ -6,6 +6,7 @@ second run of a finished pipeline reads markers and does no stage work.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import shutil
 from collections.abc import Callable
@@ -271,7 +272,7 @@ def stats_document(
     for name, stage_stats in stats.items():
         stages[name] = {**stage_stats.to_json(), "fingerprint": prints[name]}
         summary = layout.stage_dir(name) / "summary.json"
-        if layout.exists(summary):
+        with contextlib.suppress(FileNotFoundError):
             stages[name]["summary"] = layout.read_json(summary)
     return {"input_rows": rows, "stages": stages}
 
@@ -291,9 +292,8 @@ def run_status(run_dir: Path | str) -> dict[str, Any]:
         prints = stage_fingerprints(stages, input_print=InputOutputs(layout).recorded_fingerprint())
     shards = list(manifest["shards"])  # type: ignore[call-overload]
     stats, states = collect_stats(config, layout, prints, shards)
-    ledger_rows = (
-        pq.read_metadata(layout.fetch(layout.ledger_path)).num_rows if layout.exists(layout.ledger_path) else None
-    )
+    ledger = layout.fetch(layout.ledger_path)
+    ledger_rows = pq.read_metadata(ledger).num_rows if ledger.exists() else None
     return {
         "run": str(run_dir),
         "input_rows": manifest["rows"],
@@ -308,9 +308,10 @@ def saved_config(layout: RunLayout) -> PipelineConfig:
     """The config a run was made with (its config.yaml); FileNotFoundError when it is not a curate run."""
     from curate.config import load_config
 
-    if not layout.exists(layout.config_path):
+    path = layout.fetch(layout.config_path)  # on a bucket, one request whether or not it is there
+    if not path.exists():
         raise FileNotFoundError(f"{layout.label}: not a curate run (no config.yaml)")
-    return load_config(layout.fetch(layout.config_path))
+    return load_config(path)
 
 
 def top_failures(layout: RunLayout, stats: dict[str, StageStats], limit: int = 8) -> list[dict[str, Any]]:

@@ -1,9 +1,10 @@
 """The one stage contract: a stage describes itself (name, config, resources, phases, outputs) in one place.
 
 A stage is a list of phases; a phase is a set of tasks (one per shard, one per partition, or a single one),
-each committed by `curate.runner.run_task` like a shard: scratch directory, check, rename into place, done-marker
-last with the stage's fingerprint inside. A fate phase (`Phase.decides_fates`) returns exactly one fate for every
-uid it was given; other phases only write outputs. The pipeline is one loop over stages and their phases.
+each committed by `curate.runner.run_task` like a shard: scratch directory, check, rename into place (on a bucket:
+upload under the final names), done-marker last with the stage's fingerprint inside. A fate phase
+(`Phase.decides_fates`) returns exactly one fate for every uid it was given; other phases only write outputs. The
+pipeline is one loop over stages and their phases.
 """
 
 from __future__ import annotations

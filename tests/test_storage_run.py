@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import pytest
+import s3fs
 
 from curate.config import DaskConfig, load_config
 from curate.executors.dask import DaskExecutor
@@ -52,11 +53,15 @@ def curated_of(layout: RunLayout) -> dict[str, Any]:
 
 
 @pytest.fixture
-def env_credentials(s3_bucket: S3Bucket, monkeypatch: pytest.MonkeyPatch) -> None:
+def env_credentials(s3_bucket: S3Bucket, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     """What a user's shell holds: the reopening commands read the run with the environment's credentials."""
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
     monkeypatch.setenv("AWS_ENDPOINT_URL", s3_bucket.endpoint)
+    # A filesystem cached by an earlier test in this process resolved its credentials without these.
+    s3fs.S3FileSystem.clear_instance_cache()
+    yield
+    s3fs.S3FileSystem.clear_instance_cache()
 
 
 def bucket_pipeline(world: ServedWorld, bucket: S3Bucket, tmp_path: Path, checkpoint: Path) -> tuple[str, list[str]]:
