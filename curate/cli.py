@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -54,7 +55,29 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--json", action="store_true", help="machine-readable output")
     add_retry_command(commands)
     add_view_commands(commands)
+    cat = commands.add_parser(
+        "cat",
+        help="write files or objects to stdout, one after another (a trainer's `pipe:curate cat s3://...` URL)",
+    )
+    cat.add_argument("locations", nargs="+", metavar="LOCATION", help="a path or a URL (s3://...)")
+    cat.add_argument(
+        "--storage-options",
+        type=json_object,
+        default={},
+        metavar="JSON",
+        help="fsspec options of the URLs' filesystem, as storage.options in a pipeline (default: from the environment)",
+    )
     return parser
+
+
+def json_object(text: str) -> dict[str, Any]:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise argparse.ArgumentTypeError(f"not JSON: {err}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError("not a JSON object")
+    return value
 
 
 def add_retry_command(commands: Any) -> None:
@@ -64,7 +87,7 @@ def add_retry_command(commands: Any) -> None:
         "retry",
         help="fetch again the rows of a finished download that failed for these reasons, then redo what changed",
     )
-    retry.add_argument("output", type=Path, help="the run directory")
+    retry.add_argument("output", help="the run directory")
     retry.add_argument(
         "--reasons",
         default=",".join(DEFAULT_REASONS),
@@ -83,10 +106,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "status":
             return print_status(args.output, as_json=args.json)
+        if args.command in LOCAL_RUN_COMMANDS:
+            args.output = local_run_dir(args.output, args.command)
         if args.command in VIEW_COMMANDS:
             return VIEW_COMMANDS[args.command](args)
         if args.command == "retry":
             return retry_command(args)
+        if args.command == "cat":
+            return cat_command(args)
         return run_command(args)
     except (ConfigError, InputError) as err:
         print(f"curate: error: {err}", file=sys.stderr)
@@ -98,6 +125,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         forget_unhandled_keyboard_interrupt()
         print("curate: interrupted; run the same command again to resume", file=sys.stderr)
         return 130
+
+
+LOCAL_RUN_COMMANDS = ("retry", "report", "search", "serve", "train-scorer")
+"""Commands that read a run directory on local disk only (not yet one on a bucket)."""
+
+
+def local_run_dir(text: str, command: str) -> Path:
+    from curate.io.storage import locate
+
+    location = locate(text)
+    if not isinstance(location, Path):
+        raise ConfigError(
+            f"{text}: `curate {command}` reads a run directory on local disk only; "
+            "a run on a bucket is read by `curate status` and `curate.ledger.read_ledger`"
+        )
+    return location
 
 
 def forget_unhandled_keyboard_interrupt() -> None:
@@ -169,6 +212,19 @@ def retry_command(args: argparse.Namespace) -> int:
     return finish_run(outcome.run, config)
 
 
+def cat_command(args: argparse.Namespace) -> int:
+    from curate.io.storage import Storage, locate
+
+    storage, out = Storage(args.storage_options), sys.stdout.buffer
+    try:
+        for location in args.locations:
+            storage.copy_to(locate(location), out)
+        out.flush()
+    except BrokenPipeError:  # the reader stopped early (a trainer at the end of its steps): not an error here
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # or the flush at exit raises it again
+    return 0
+
+
 def make_executor(config: Any) -> Any:
     if config.executor == "dask":
         require("distributed", "dask", "the dask executor")
@@ -229,9 +285,9 @@ def print_status(run_dir: Path | str, as_json: bool) -> int:
 
 def add_view_commands(commands: Any) -> None:
     report = commands.add_parser("report", help="(re)build OUTPUT/report/index.html and report/stats.json")
-    report.add_argument("output", type=Path)
+    report.add_argument("output", help="the run directory")
     search = commands.add_parser("search", help="CLIP search over the curated images of a run")
-    search.add_argument("output", type=Path)
+    search.add_argument("output", help="the run directory")
     search.add_argument("query", nargs="?", help="text to search for (or --image)")
     search.add_argument("-k", type=int, default=16, help="results (default 16)")
     search.add_argument("--image", type=Path, help="search by this image instead of text")
@@ -240,7 +296,7 @@ def add_view_commands(commands: Any) -> None:
     scorer = commands.add_parser(
         "train-scorer", help="train a CLIP on a run's curated shards and export it for embed.pretrained"
     )
-    scorer.add_argument("output", type=Path, help="a finished run (its curated/ and validate recipe are used)")
+    scorer.add_argument("output", help="a finished run (its curated/ and validate recipe are used)")
     scorer.add_argument("--out", help="where to write the weights: a path or a URL (default OUTPUT/scorer/scorer.pt)")
     scorer.add_argument("--seed", type=int, default=0)
     scorer.add_argument(
@@ -253,7 +309,7 @@ def add_view_commands(commands: Any) -> None:
     )
     scorer.add_argument("--no-progress", action="store_true", help="no progress bar")
     serve = commands.add_parser("serve", help="a search page for a run's curated images on localhost")
-    serve.add_argument("output", type=Path)
+    serve.add_argument("output", help="the run directory")
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--host", default="127.0.0.1")
 

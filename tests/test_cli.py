@@ -95,3 +95,12 @@ def test_a_stage_whose_upstream_is_not_done_refuses_and_writes_nothing_for_it(tm
     assert finished.returncode == 1
     assert finished.stderr == "curate: error: stage 'embed' needs 'download', which is not done\n"
     assert not (tmp_path / "run" / "embed").exists() and not (tmp_path / "run" / "download").exists()
+
+
+def test_commands_that_read_only_local_runs_refuse_a_url_in_one_line(tmp_path: Path) -> None:
+    for command in (["report"], ["search", "", "a dog"], ["serve"], ["retry"], ["train-scorer"]):
+        args = [command[0], "s3://bucket/runs/demo", *command[2:]]
+        failed = curate(*args)
+        lines = failed.stderr.strip().splitlines()
+        assert failed.returncode == 2 and len(lines) == 1, (command, failed.stderr)
+        assert lines[0].startswith("curate: error: s3://bucket/runs/demo: ") and f"curate {command[0]}" in lines[0]

@@ -4,6 +4,7 @@ same bytes read the same and identify the same wherever they lie; unusable URLs 
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -142,3 +143,36 @@ def test_the_saved_config_leaves_out_credentials_at_any_depth(tmp_path: Path) ->
         "config_kwargs": {"proxies": [{"host": "proxy"}]},
     }
     assert config.storage.options == options  # the run itself still has them
+
+
+def test_curate_cat_streams_objects_in_order_and_names_a_missing_one(s3_bucket: S3Bucket, tmp_path: Path) -> None:
+    first, second = os.urandom(BLOCK + 7), b"second"
+    (tmp_path / "a.bin").write_bytes(first)
+    (tmp_path / "b.bin").write_bytes(second)
+    urls = [s3_bucket.upload(tmp_path / "a.bin"), s3_bucket.upload(tmp_path / "b.bin")]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
+    env |= {"AWS_ENDPOINT_URL": s3_bucket.endpoint, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "x"}
+    command = [sys.executable, "-m", "curate", "cat"]
+    done = subprocess.run([*command, *urls, str(tmp_path / "b.bin")], capture_output=True, env=env)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == first + second + second
+
+    missing = s3_bucket.url("no/such.tar")
+    failed = subprocess.run([*command, urls[1], missing], capture_output=True, env=env, text=False)
+    lines = failed.stderr.decode().strip().splitlines()
+    assert failed.returncode == 1 and failed.stdout == second
+    assert lines == [f"curate: error: {missing}: no such file or object"]
+
+
+def test_curate_cat_stops_quietly_when_its_reader_closes_the_pipe(tmp_path: Path) -> None:
+    (tmp_path / "big.bin").write_bytes(os.urandom(8 * BLOCK))
+    cat = subprocess.Popen(
+        [sys.executable, "-m", "curate", "cat", str(tmp_path / "big.bin")],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    assert cat.stdout is not None and cat.stderr is not None
+    assert len(cat.stdout.read(1000)) == 1000
+    cat.stdout.close()  # a trainer that has read enough
+    assert cat.wait(timeout=60) == 0
+    assert cat.stderr.read() == b""

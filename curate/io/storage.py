@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 from dataclasses import dataclass, field
 from glob import glob
 from pathlib import Path, PurePosixPath
@@ -91,6 +92,14 @@ class Storage:
             return open(location, "rb")
         fs, path = self.filesystem(location)
         return fs.open(fresh(fs, path), "rb")
+
+    def copy_to(self, location: Location, out: IO[bytes]) -> None:
+        """The file's bytes written to `out`, a block at a time."""
+        try:
+            with self.open(location) as source:
+                shutil.copyfileobj(source, out, BLOCK)
+        except FileNotFoundError:
+            raise FileNotFoundError(f"{location}: no such file or object") from None
 
     def info(self, location: Location) -> dict[str, Any] | None:
         """`{"type": "file" | "directory" | ..., "size": bytes}`, or None when nothing is there. Any other
