@@ -12,6 +12,7 @@ from curate.config import PipelineConfig, validate_config
 from tests.browser import chromium  # noqa: F401  (session fixture)
 from tests.run_fixtures import curated_run  # noqa: F401  (session fixtures)
 from tests.s3_fixtures import s3_bucket, s3_endpoint  # noqa: F401  (a moto S3 server on loopback)
+from tests.storage_runs import disk_run, env_credentials  # noqa: F401  (bucket-run tests: the run on disk, AWS_* env)
 from tests.world_fixtures import served_world, tiny_checkpoint  # noqa: F401
 
 

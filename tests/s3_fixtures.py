@@ -11,6 +11,7 @@ import time
 import urllib.request
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -40,12 +41,9 @@ def wait_until_up(endpoint: str, server: subprocess.Popen[bytes], timeout: float
     raise RuntimeError(f"moto_server did not answer on {endpoint} within {timeout:.0f} s")
 
 
-@pytest.fixture(scope="session")
-def s3_endpoint() -> Iterator[str]:
-    """The URL of a moto S3 server on 127.0.0.1, started for the session and stopped after it."""
-    for module in ("moto", "s3fs"):
-        if importlib.util.find_spec(module) is None:
-            pytest.skip(f"{module} is not installed (pip install -e '.[dev]')")
+@contextmanager
+def moto_server() -> Iterator[str]:
+    """The URL of a moto S3 server on 127.0.0.1, running until the block ends."""
     port = free_port()
     endpoint = f"http://127.0.0.1:{port}"
     command = [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)]
@@ -55,6 +53,16 @@ def s3_endpoint() -> Iterator[str]:
         yield endpoint
     finally:
         stop(server, timeout=10)
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint() -> Iterator[str]:
+    """A moto S3 server for the session."""
+    for module in ("moto", "s3fs"):
+        if importlib.util.find_spec(module) is None:
+            pytest.skip(f"{module} is not installed (pip install -e '.[dev]')")
+    with moto_server() as endpoint:
+        yield endpoint
 
 
 def stop(process: subprocess.Popen[bytes], timeout: float) -> None:

@@ -1,0 +1,77 @@
+"""What the bucket-run tests share: the pipeline with its crawl, model and run directory in a bucket, the same
+run on local disk to compare with, and the environment a user's shell would give the reopening commands."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from curate.config import load_config
+from curate.ledger import read_ledger
+from curate.pipeline import run_pipeline
+from curate.stage import RunLayout
+from curate.stages.materialize import CuratedOutputs
+from tests.s3_fixtures import S3Bucket
+from tests.world_fixtures import ServedWorld, full_pipeline_overrides
+
+REPO = Path(__file__).resolve().parent.parent
+
+LEDGER_COLUMNS = ["uid", "status", "stage", "reason", "sha256", "width", "height", "clip_score"]
+
+
+def ledger_of(run: str | Path) -> pd.DataFrame:
+    return read_ledger(run)[LEDGER_COLUMNS].sort_values("uid").reset_index(drop=True)
+
+
+def curated_of(layout: RunLayout) -> dict[str, Any]:
+    curated = CuratedOutputs(layout)
+    uids = np.load(layout.fetch(curated.uids_path))
+    sizes = layout.read_json(curated.sizes_path)
+    return {"uids": uids.tolist(), "sizes": sizes, "tars": [p.name for p in curated.shards()]}
+
+
+@pytest.fixture
+def env_credentials(s3_bucket: S3Bucket, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """What a user's shell holds: the reopening commands read the run with the environment's credentials."""
+    import s3fs
+
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3_bucket.endpoint)
+    # A filesystem cached by an earlier test in this process resolved its credentials without these.
+    s3fs.S3FileSystem.clear_instance_cache()
+    yield
+    s3fs.S3FileSystem.clear_instance_cache()
+
+
+def bucket_pipeline(world: ServedWorld, bucket: S3Bucket, tmp_path: Path, checkpoint: Path) -> tuple[str, list[str]]:
+    """The world's crawl and the model in the bucket, the run directory in it too."""
+    crawl = bucket.upload(world.table, f"crawl/{world.table.name}")  # generated uids hash the file name
+    model = bucket.upload(checkpoint, "models/tiny.pt")
+    run = bucket.url("runs/demo")
+    path = world.pipeline(tmp_path / "bucket", output=tmp_path / "unused")
+    overrides = [
+        *full_pipeline_overrides(checkpoint),
+        f"input.path={crawl}",
+        f"output={run}",
+        f"embed.pretrained={model}",
+    ]
+    overrides += [f"storage.options={json.dumps(bucket.options)}"]
+    return str(path), overrides
+
+
+@pytest.fixture(scope="module")
+def disk_run(served_world: ServedWorld, tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The same pipeline with its crawl, model and run directory on local disk."""
+    folder = tmp_path_factory.mktemp("disk")
+    result = run_pipeline(
+        load_config(served_world.pipeline(folder, output=folder / "run"), full_pipeline_overrides(tiny_checkpoint))
+    )
+    assert result.complete and result.rows > 0
+    return folder / "run"
