@@ -26,6 +26,7 @@ from benchmarks import (
     bench_input,
     bench_near_dup,
     bench_scale,
+    bench_storage,
     bench_train,
 )
 
@@ -49,6 +50,7 @@ def benchmarks(quick: bool, work: Path) -> list[tuple[str, Callable[[], dict[str
             "scale",
             lambda: bench_scale.run(sizes=(100_000, 400_000) if quick else (1_000_000, 4_000_000), work=work),
         ),
+        ("storage", lambda: bench_storage.run(images=256 if quick else 512, repeats=2, work=work)),
         ("train", lambda: bench_train.run(steps=3 if quick else 8, repeats=3, n_base=300 if quick else 600, work=work)),
         # last: its workers are extra processes, and it compares wall times that other load would skew
         ("dask", lambda: bench_dask.run(shards=8, shard_size=8 if quick else 24, work=work)),
