@@ -91,6 +91,8 @@ def run_pipeline(
     stages = plan(config)
     for stage in stages:
         stage.preflight()  # ConfigError / InputError (unknown model, unusable file) before anything is written
+    if layout.mirror is not None:
+        layout.mirror.check_writable()
     prints = stage_fingerprints(stages)
     first_created = None if layout.remote else first_missing_ancestor(layout.root)
     tasks_run = 0

@@ -176,3 +176,18 @@ def test_curate_cat_stops_quietly_when_its_reader_closes_the_pipe(tmp_path: Path
     cat.stdout.close()  # a trainer that has read enough
     assert cat.wait(timeout=60) == 0
     assert cat.stderr.read() == b""
+
+
+def test_an_output_in_a_missing_bucket_is_a_config_error_before_any_work(s3_bucket: S3Bucket, tmp_path: Path) -> None:
+    from curate.pipeline import run_pipeline
+
+    (tmp_path / "crawl.csv").write_text("url,caption\nhttp://127.0.0.1:9/a.jpg,a dog on grass\n")
+    missing = f"s3://{s3_bucket.name}-missing/runs/demo"
+    raw = {"output": missing, "stages": ["input"], "input": {"path": str(tmp_path / "crawl.csv")}}
+    config = validate_config({**raw, "storage": {"options": s3_bucket.options}})
+    with pytest.raises(ConfigError) as raised:
+        run_pipeline(config)
+    assert str(raised.value).splitlines() == [
+        f"output: {missing}: cannot write there: FileNotFoundError: The specified bucket does not exist"
+    ]
+    assert not s3_bucket.fs.exists(f"{s3_bucket.name}-missing")

@@ -31,7 +31,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from curate.io.storage import Storage, fresh
+from curate.io.storage import Storage, StorageError, fresh
 
 MIRROR_GB_ENV = "CURATE_MIRROR_GB"
 _MIRRORS: dict[tuple[str, str], RunMirror] = {}
@@ -192,6 +192,16 @@ class RunMirror:
         return {self._path_of(key): int(info.get("size") or 0) for key, info in found.items()}
 
     # -- writing ------------------------------------------------------------------------------------------
+
+    def check_writable(self) -> None:
+        """Write one empty object under the run and remove it: a missing bucket, or no permission to write,
+        is a config error before any work (else the first task would find it, after fetching)."""
+        probe = f"{self.base}/.curate-write-check-{os.getpid()}"
+        try:
+            self.fs.pipe_file(probe, b"")
+            self.fs.rm_file(probe)
+        except Exception as err:
+            raise StorageError(f"output: {self.url}: cannot write there: {type(err).__name__}: {err}") from None
 
     def upload(self, path: Path) -> None:
         """Put the mirror file `path` in the bucket under its final name."""
