@@ -1,10 +1,12 @@
 """A run directory on a bucket (moto's S3 server on loopback): `input.path` and `output` both on s3:// give the
-same ledger, fates and curated shards as the run on disk; nothing is renamed in the bucket, and a task's objects
-count only once its done-marker (uploaded last) is there: a run killed while uploading leaves nothing a reader
-trusts, and the next run redoes just that task; a re-run of a finished run does no work."""
+same ledger, fates and curated shards as the run on disk, and the validate stage trains on them; nothing is
+renamed in the bucket, and a task's objects count only once its done-marker (uploaded last) is there: a run
+killed while uploading leaves nothing a reader trusts, and the next run redoes just that task; a re-run of a
+finished run does no work."""
 
 from __future__ import annotations
 
+import json
 import signal
 import subprocess
 import sys
@@ -20,8 +22,11 @@ from curate.runner import task_state
 from curate.stage import RunLayout, ShardState, StageContext
 from curate.stages import plan
 from curate.stages.embed import EmbedOutputs, EmbedStage
+from curate.stages.validate.evalsets import make_demo_eval_set
+from curate.stages.validate.stage import ValidateOutputs
 from tests.s3_fixtures import S3Bucket
 from tests.storage_runs import REPO, bucket_pipeline, curated_of, ledger_of
+from tests.test_validate import MICRO_CONFIG
 from tests.world_fixtures import ServedWorld
 
 pytestmark = pytest.mark.timeout(400)
@@ -81,3 +86,21 @@ def test_a_bucket_run_killed_mid_upload_trusts_nothing_of_that_task_then_complet
     status = run_status(run)  # as `curate status s3://...` reopens it: credentials from the environment
     assert status["ledger_rows"] == remote.rows
     assert all(stage["shards"]["done"] == status["shards"] for stage in status["stages"].values())
+
+    validating = [*overrides, *validate_overrides(tmp_path)]  # the finished run's shards train the small CLIPs
+    validated = run_pipeline(load_config(pipeline, validating), only_stage="validate")
+    metrics = ValidateOutputs(layout).metrics()
+    assert validated.complete and sorted(metrics["runs"]) == ["baseline", "curated"]
+    assert all(run["steps"] == 3 and run["samples_seen"] == 24 for runs in metrics["runs"].values() for run in runs)
+    assert run_pipeline(load_config(pipeline, validating), only_stage="validate").tasks_run == 0
+
+
+def validate_overrides(folder: Path) -> list[str]:
+    """The validate stage at its smallest: one seed of a micro CLIP per arm, 24 samples seen."""
+    model = folder / "micro.json"
+    model.write_text(json.dumps(MICRO_CONFIG))
+    eval_set = make_demo_eval_set(folder / "eval", n=24, seed=2024, image_size=64)
+    settings = {"model": str(model), "eval_set": str(eval_set), "batch_size": 8, "samples_seen": 24, "seeds": 1}
+    settings |= {"warmup_steps": 1, "device": "cpu", "decode_workers": 0, "shuffle_buffer": 16}
+    stages = "stages=[input,download,embed,filter,dedup,materialize,validate]"
+    return [stages, *(f"validate.{key}={value}" for key, value in settings.items())]

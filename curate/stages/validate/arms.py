@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from curate.io.fs import read_json, write_json_atomic
+from curate.io.fs import write_json_atomic
 from curate.io.wds import iter_samples
 from curate.stage import RunLayout, StageContext, digest
 from curate.stages.download import DownloadOutputs
@@ -90,13 +90,14 @@ def subset_fingerprint(config: PipelineConfig, arm: str, upstream: str) -> str:
 def read_subset(layout: RunLayout, arm: str, fingerprint: str) -> Subset | None:
     """The arm's written subset, when its marker holds `fingerprint`."""
     folder = data_folder(layout, arm)
-    marker = folder / "_done.json"
-    if not marker.exists():
+    try:
+        done = layout.read_json(folder / "_done.json")
+    except FileNotFoundError:
         return None
-    done = read_json(marker)
     if done["fingerprint"] != fingerprint:
         return None
-    return Subset(sorted(folder.glob("*.tar")), int(done["samples"]), int(done["pool"]), fingerprint)
+    shards = [layout.fetch(tar) for tar in layout.glob(folder, "*.tar")]
+    return Subset(shards, int(done["samples"]), int(done["pool"]), fingerprint)
 
 
 def ensure_subset(config: PipelineConfig, ctx: StageContext, arm: str, n_curated: int, upstream: str) -> Subset:
@@ -144,7 +145,7 @@ def contaminated_uids(config: PipelineConfig, layout: RunLayout, shards: Sequenc
     from curate.stages.dedup.stage import DedupOutputs
 
     dedup = DedupOutputs(layout)
-    if dedup.eval_paths()[0].exists():
+    if layout.exists(dedup.eval_paths()[0]):
         eval_emb, _ = dedup.eval_embeddings()
     else:  # dedup ran without these eval sets
         from curate.io.storage import Storage
@@ -209,7 +210,9 @@ def write_subset(layout: RunLayout, arm: str, shards: Sequence[str], chosen: set
         with wds.ShardWriter(str(scratch / "%05d.tar"), maxcount=10_000, verbose=0) as writer:
             for shard in shards:
                 tar_path = DownloadOutputs(layout).tar_path(shard)
-                found = {s.uid: s for s in iter_samples(tar_path, chosen)} if tar_path.exists() else {}
+                if not layout.exists(tar_path):  # a shard with no downloaded image
+                    continue
+                found = {s.uid: s for s in iter_samples(layout.fetch(tar_path), chosen)}
                 for uid in sorted(found):
                     writer.write({"__key__": uid_hex(uid), **found[uid].members})  # a key never holds a dot
         write_json_atomic(scratch / "_done.json", marker)

@@ -107,10 +107,11 @@ def settings(cfg: ValidateConfig, exclude: frozenset[str] = frozenset()) -> dict
 
 
 def curated_shards(layout: RunLayout) -> list[Path]:
+    """The curated shards, ready to read (on a bucket: fetched into this process's mirror)."""
     shards = CuratedOutputs(layout).shards()
     if not shards:
-        raise FileNotFoundError(f"{layout.root}/curated holds no shards to train on")
-    return shards
+        raise FileNotFoundError(f"{layout.where(layout.stage_dir('curated'))} holds no shards to train on")
+    return [layout.fetch(shard) for shard in shards]
 
 
 def input_shards(layout: RunLayout) -> list[str]:
@@ -210,7 +211,7 @@ class ValidateOutputs(StageOutputs):
         return self.folder / "metrics.json"
 
     def metrics(self) -> dict[str, Any]:
-        return read_json(self.metrics_path)
+        return dict(self.layout.read_json(self.metrics_path))
 
     def run_dir(self, arm: str, seed: int) -> Path:
         return self.folder / f"{arm}-seed{seed}"
@@ -294,8 +295,9 @@ class ValidateStage(Stage):
     def _subset(self, ctx: StageContext, arm: str, _workdir: Path) -> TaskOutput:
         n_curated = count_samples(curated_shards(ctx.layout))
         subset = ensure_subset(self.config, ctx, arm, n_curated, CuratedOutputs(ctx.layout).fingerprint())
-        marker = f"{data_folder(ctx.layout, arm).name}/_done.json"
-        return TaskOutput(counts={"samples": subset.samples, "pool": subset.pool}, files=(marker,))
+        folder = data_folder(ctx.layout, arm).name  # its tars, then the marker (a bucket gets them in this order)
+        files = (*(f"{folder}/{tar.name}" for tar in subset.shards), f"{folder}/_done.json")
+        return TaskOutput(counts={"samples": subset.samples, "pool": subset.pool}, files=files)
 
     def _arm_data(self, layout: RunLayout, arm: str) -> Subset:
         """An arm's training shards, sample count and data fingerprint (the subsets phase wrote them for every
@@ -333,7 +335,9 @@ class ValidateStage(Stage):
             counts[f"{arm}_samples"] = data.samples
             if arm != "curated":
                 counts[f"{arm}_pool"] = data.pool
-            runs[arm] = [read_json(outputs.run_dir(arm, seed) / "result.json") for seed in range(self.cfg.seeds)]
+            runs[arm] = [
+                ctx.layout.read_json(outputs.run_dir(arm, seed) / "result.json") for seed in range(self.cfg.seeds)
+            ]
         upstream = CuratedOutputs(ctx.layout).fingerprint()
         metrics = metrics_document(self.cfg, runs, upstream, self._eval_print(), counts)
         write_json_atomic(workdir / outputs.metrics_path.name, metrics)
