@@ -22,7 +22,7 @@ from curate.io.local_copy import CACHE_ENV
 from curate.pipeline import run_pipeline
 from curate.stage import RunLayout
 from tests.s3_fixtures import S3Bucket, stop
-from tests.storage_runs import REPO, bucket_pipeline, curated_of, ledger_of
+from tests.storage_runs import REPO, assert_same_ledger, bucket_pipeline, curated_of
 from tests.world_fixtures import ServedWorld
 
 pytestmark = pytest.mark.timeout(400)
@@ -99,7 +99,7 @@ def test_dask_workers_sharing_no_filesystem_give_the_run_on_disk_though_one_dies
         used = executor.client.run(mirrors)
     assert died.exists(), "no worker died: the hook never ran"
     assert result.complete
-    assert ledger_of(config.output).equals(ledger_of(disk_run))
+    assert_same_ledger(config.output, disk_run)
     assert curated_of(RunLayout.of(config.output, s3_bucket.options)) == curated_of(RunLayout(disk_run))
     assert len(used) == 2 and all(used.values())  # both workers read and wrote the run through mirrors of their own
 

@@ -12,7 +12,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from curate.config import load_config
@@ -25,7 +24,7 @@ from curate.stages.embed import EmbedOutputs, EmbedStage
 from curate.stages.validate.evalsets import make_demo_eval_set
 from curate.stages.validate.stage import ValidateOutputs
 from tests.s3_fixtures import S3Bucket
-from tests.storage_runs import REPO, bucket_pipeline, curated_of, ledger_of
+from tests.storage_runs import REPO, assert_same_embeddings, assert_same_ledger, bucket_pipeline, curated_of
 from tests.test_validate import MICRO_CONFIG
 from tests.world_fixtures import ServedWorld
 
@@ -69,9 +68,8 @@ def test_a_bucket_run_killed_mid_upload_trusts_nothing_of_that_task_then_complet
     run = config.output
     disk = EmbedOutputs(RunLayout(disk_run))
     for shard in embed.shards():
-        assert embed.fates(shard).equals(disk.fates(shard))
-        assert np.array_equal(embed.image_embeddings(shard), disk.image_embeddings(shard))
-    assert ledger_of(run).equals(ledger_of(disk_run))
+        assert_same_embeddings(embed, disk, shard)
+    assert_same_ledger(run, disk_run)
     want = curated_of(RunLayout(disk_run))
     assert want["uids"] and curated_of(layout) == want
 
