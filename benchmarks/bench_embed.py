@@ -15,10 +15,11 @@ CPU, with the same `torch.get_num_threads()` for both sides:
 ratio = pipeline images/s / raw images/s; the order alternates between repeats and medians are used.
 Target: >= 0.90.
 
-    python -m benchmarks.bench_embed --decode-scaling [--images 480]
+    python -m benchmarks.bench_embed --decode-scaling [--images 4096]
     python -m benchmarks.bench_embed --vs-dataloader [--images 320]
 
-On photo-like JPEGs of 256-400 px a side (scenes plus sensor-like noise, 4 shards):
+On photo-like JPEGs of 256-400 px a side (scenes plus sensor-like noise; shards of 2048 images after a
+warm-up shard for the decode scaling, 4 shards against the DataLoader):
 
 - decode scaling (`run_decode_scaling`): a stand-in model that costs ~nothing (a mean over pixels and
   tokens), so the stage's host side is the whole cost: its images/s with `decode_workers: 2` against 1,
@@ -194,12 +195,15 @@ PHOTO_SHARDS = 4
 SCALING_TARGET, PER_CORE_TARGET, DATALOADER_TARGET = 1.7, 0.85, 1.0
 
 
-def make_photo_shards(layout: RunLayout, images: int, shards: int = PHOTO_SHARDS, seed: int = 1) -> list[str]:
-    """Download shards of JPEGs with sides drawn from PHOTO_SIDES (quality 90, noise like a camera's)."""
+def make_photo_shards(
+    layout: RunLayout, images: int, shards: int = PHOTO_SHARDS, seed: int = 1, first: int = 0
+) -> list[str]:
+    """Download shards `first`, `first + 1`, ... of JPEGs with sides drawn from PHOTO_SIDES (quality 90, noise
+    like a camera's)."""
     import webdataset as wds
 
     rng = np.random.default_rng(seed)
-    names = [f"{i:05d}" for i in range(shards)]
+    names = [f"{i:05d}" for i in range(first, first + shards)]
     folder = layout.stage_dir("download")
     folder.mkdir(parents=True, exist_ok=True)
     for s, name in enumerate(names):
@@ -309,8 +313,12 @@ def _bare_batch(samples: list[Any], preprocess: Any, tokenizer: Any) -> None:
     tokenizer([s.caption for s in samples])
 
 
-def run_decode_scaling(images: int = 480, work: Path = Path("/tmp/curate-bench"), repeats: int = 2) -> dict[str, Any]:
-    """The stand-in model's stage with 2 decode workers against 1, and per core against a bare loop."""
+def run_decode_scaling(
+    images: int = 4096, work: Path = Path("/tmp/curate-bench"), repeats: int = 2, shards_of: int = 2048
+) -> dict[str, Any]:
+    """The stand-in model's stage with 2 decode workers against 1, and per core against a bare loop, in steady
+    state: shards of `shards_of` images (32 batches; a run's default input.shard_size is 10,000 rows), after a
+    warm-up shard."""
     import torch
 
     from curate.stages.embed_input import close_decode_workers
@@ -318,7 +326,8 @@ def run_decode_scaling(images: int = 480, work: Path = Path("/tmp/curate-bench")
     root = work / "embed-scaling"
     shutil.rmtree(root, ignore_errors=True)
     layout = RunLayout(root)
-    shards = make_photo_shards(layout, images)
+    shards = make_photo_shards(layout, images, shards=max(1, images // shards_of))
+    warm_up = make_photo_shards(layout, 128, shards=1, seed=2, first=len(shards))
     bare: list[Timing] = []
     staged: dict[int, list[Timing]] = {1: [], 2: []}
     worker_cpu: dict[int, list[float]] = {1: [], 2: []}
@@ -326,8 +335,8 @@ def run_decode_scaling(images: int = 480, work: Path = Path("/tmp/curate-bench")
         for workers in (1, 2) if repeat % 2 == 0 else (2, 1):
             config = embed_config(root, decode_workers=workers)
             stage = stand_in_stage(config)
-            ctx = StageContext(config, layout, "bench", tuple(shards))
-            time_shards(stage, ctx, shards[:1])  # starts the workers: steady state from here
+            ctx = StageContext(config, layout, "bench", (*shards, *warm_up))
+            time_shards(stage, ctx, warm_up)  # starts the workers: steady state from here
             pids = stage.decoders().pids()
             before = worker_cpu_seconds(pids)
             staged[workers].append(time_shards(stage, ctx, shards))
@@ -348,6 +357,7 @@ def run_decode_scaling(images: int = 480, work: Path = Path("/tmp/curate-bench")
         "model": "stand-in (mean of pixels and tokens), ViT-B-32 preprocess and tokenizer",
         "images": images,
         "shards": len(shards),
+        "images_per_shard": images // len(shards),
         "image_sides": list(PHOTO_SIDES),
         "batch_size": 64,
         "decode": "draft",
@@ -454,7 +464,9 @@ def run_vs_dataloader(images: int = 320, work: Path = Path("/tmp/curate-bench"),
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--images", type=int, default=512)
+    parser.add_argument(
+        "--images", type=int, default=None, help="default: 512; 4096 with --decode-scaling, 320 with --vs-dataloader"
+    )
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--decode-workers", type=int, default=None)
@@ -463,9 +475,9 @@ if __name__ == "__main__":
     parser.add_argument("--work", type=Path, default=Path("/tmp/curate-bench"))
     args = parser.parse_args()
     if args.decode_scaling:
-        result = run_decode_scaling(args.images, args.work)
+        result = run_decode_scaling(args.images or 4096, args.work)
     elif args.vs_dataloader:
-        result = run_vs_dataloader(args.images, args.work)
+        result = run_vs_dataloader(args.images or 320, args.work)
     else:
-        result = run(args.images, args.batch_size, args.work, args.repeats, args.decode_workers)
+        result = run(args.images or 512, args.batch_size, args.work, args.repeats, args.decode_workers)
     print(json.dumps(result, indent=2))

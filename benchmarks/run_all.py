@@ -36,7 +36,7 @@ def benchmarks(quick: bool, work: Path) -> list[tuple[str, Callable[[], dict[str
         ("input", lambda: bench_input.run(rows=1_000_000 if quick else 10_000_000, work=work)),
         ("download", lambda: bench_download.run(images=1000 if quick else 4000, repeats=3, work=work)),
         ("embed", lambda: bench_embed.run(images=64 if quick else 128, work=work)),
-        ("embed_decode", lambda: bench_embed.run_decode_scaling(images=240 if quick else 480, work=work)),
+        ("embed_decode", lambda: bench_embed.run_decode_scaling(images=2048 if quick else 4096, work=work, repeats=3)),
         ("embed_dataloader", lambda: bench_embed.run_vs_dataloader(images=160 if quick else 320, work=work, repeats=2)),
         (
             "near_dup",

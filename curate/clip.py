@@ -373,14 +373,19 @@ class PixelSteps:
         image = self.pil(image)
         return np.asarray(image if image.mode == "RGB" else image.convert("RGB"))
 
-    def to_model_input(self, pixels: torch.Tensor, device: torch.device) -> torch.Tensor:
-        """(n, H, W, 3) uint8 on any device -> normalised (n, 3, H, W) float32 on `device`."""
+    def to_model_input(
+        self, pixels: torch.Tensor, device: torch.device, out: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """(n, H, W, 3) uint8 on any device -> normalised (n, 3, H, W) float32 on `device` (in `out` if given:
+        a float32 tensor of that shape there)."""
         import torch
 
-        x = pixels.to(device, non_blocking=True).permute(0, 3, 1, 2).contiguous()
+        x = pixels.to(device, non_blocking=True).permute(0, 3, 1, 2)
+        # uint8 to float32 is exact: copying into `out` gives the values of converting first
+        x = x.contiguous().to(torch.float32) if out is None else out.copy_(x)
         mean = torch.tensor(self.mean, dtype=torch.float32, device=device).view(1, -1, 1, 1)
         std = torch.tensor(self.std, dtype=torch.float32, device=device).view(1, -1, 1, 1)
-        return x.to(torch.float32).div_(255).sub_(mean).div_(std)
+        return x.div_(255).sub_(mean).div_(std)
 
 
 @dataclass(frozen=True)

@@ -92,6 +92,48 @@ def test_worker_processes_give_the_embeddings_of_decoding_in_one_thread(tmp_path
         np.testing.assert_array_equal(threaded, processes)
 
 
+@pytest.mark.parametrize("normalize", [True, False], ids=["normalised-by-workers", "uint8-pixels"])
+def test_pixel_buffers_are_reused_only_once_their_pixels_were_read(tmp_path: Path, normalize: bool):
+    import dataclasses
+
+    from curate.stages.embed_input import (
+        DecodeSpec,
+        DecodeWorkers,
+        TarFiles,
+        batch_jobs,
+        decoded_batches,
+        prepare,
+    )
+
+    layout = RunLayout(tmp_path / "run")
+    write_download_shard(layout, "00000", good_samples(0, 30))
+    tar = layout.stage_dir("download") / "00000.tar"
+    loaded = EmbedStage(run_config(tmp_path / "run")).loaded
+    spec = dataclasses.replace(DecodeSpec.for_model(loaded, "draft"), normalize=normalize)
+    files = TarFiles()
+    expected = [prepare(spec, job, files).images for job in batch_jobs(tar, None, 2)]  # 15 batches, inline
+    workers = DecodeWorkers(spec, 2)
+    try:
+        held = list(decoded_batches(workers, batch_jobs(tar, None, 2), pin=False))  # none read: none given back
+        for batch, want in zip(held, expected, strict=True):
+            assert torch.equal(batch.images, want)
+        in_buffers = [batch for batch in held if batch.in_buffer]
+        assert len(in_buffers) >= 10  # all but the jobs sent before the first batch came back
+        assert len({batch.images.data_ptr() for batch in in_buffers}) == len(in_buffers)
+
+        for batch in held:
+            batch.replace_images(None)
+        seen: set[int] = set()
+        for batch, want in zip(decoded_batches(workers, batch_jobs(tar, None, 2), pin=False), expected, strict=True):
+            assert batch.in_buffer and torch.equal(batch.images, want)
+            seen.add(batch.images.data_ptr())
+            batch.replace_images(None)  # read: the buffer takes a later batch
+        assert len(seen) <= workers._buffers.keep  # the buffers given back were written again
+    finally:
+        workers.close()
+        files.close()
+
+
 def test_draft_decoding_changes_pixels_and_the_fingerprint_but_not_much_else(tmp_path: Path):
     data = big_samples(0, 1)[0]["jpg"]
     assert decode_image(data).size == (8 * TINY_SIDE + 16, 8 * TINY_SIDE)

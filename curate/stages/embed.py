@@ -345,7 +345,9 @@ class EmbedStage(Stage):
 
     def _start_encoding(self, batch: DecodedBatch) -> HostCopy:
         assert batch.tokens is not None
-        return encode_to_host(self.loaded, model_input(self.loaded, batch), batch.tokens)
+        images = model_input(self.loaded, batch)
+        batch.replace_images(None)  # their buffer may take the next batch's pixels
+        return encode_to_host(self.loaded, images, batch.tokens)
 
     def _scored(self, embeddings: ShardEmbeddings) -> ShardEmbeddings:
         """The heads' scores as extra metadata columns, computed from the embeddings as stored."""
