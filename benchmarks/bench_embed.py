@@ -25,7 +25,8 @@ warm-up shard for the decode scaling, 4 shards against the DataLoader):
   tokens), so the stage's host side is the whole cost: its images/s with `decode_workers: 2` against 1,
   and its per-core rate (images/s with 2 workers, halved) against a bare loop in one process with one
   torch thread over the same tar members: PIL decode, open_clip's preprocess, torch.stack, the tokenizer.
-  Targets: >= 1.7 and >= 0.85.
+  Targets: >= 1.7 and >= 0.85. Also reported: two bare loops started together in their own processes
+  against one, what the machine's two cores give to work that shares nothing (the targets' ceiling here).
 - against a DataLoader (`run_vs_dataloader`): ViT-B-32 (random weights) on the CPU fed by the stage, and
   fed by a plain torch DataLoader loop as clip-retrieval's inference runs one (2 worker processes reading
   the shards with webdataset, PIL decode, open_clip's preprocess and tokenizer, batches of the same
@@ -41,7 +42,7 @@ import json
 import shutil
 import statistics
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -278,8 +279,11 @@ def worker_cpu_seconds(pids: list[int]) -> float:
     return total
 
 
-def bare_decode_loop(layout: RunLayout, shards: list[str], batch_size: int) -> Timing:
-    """One process, one torch thread: decode, open_clip's preprocess, stack and tokenise, batch by batch."""
+def bare_decode_loop(
+    layout: RunLayout, shards: list[str], batch_size: int, ready: Callable[[], object] | None = None
+) -> Timing:
+    """One process, one torch thread: decode, open_clip's preprocess, stack and tokenise, batch by batch.
+    `ready` is called just before the timed loop."""
     import open_clip
     import torch
 
@@ -289,6 +293,8 @@ def bare_decode_loop(layout: RunLayout, shards: list[str], batch_size: int) -> T
     tokenizer = open_clip.get_tokenizer(MODEL)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
+    if ready is not None:
+        ready()
     try:
         wall, cpu = time.perf_counter(), time.process_time()
         for shard in shards:
@@ -304,6 +310,31 @@ def bare_decode_loop(layout: RunLayout, shards: list[str], batch_size: int) -> T
         return Timing(time.perf_counter() - wall, time.process_time() - cpu)
     finally:
         torch.set_num_threads(threads)
+
+
+def side_by_side_bare_loops(
+    layout: RunLayout, shards: list[str], images: int, batch_size: int, processes: int = 2
+) -> float:
+    """Images/s of `processes` bare loops over the same shards, started together in their own processes: what
+    this machine's cores give to work that shares nothing (the decode workers' ceiling)."""
+    import multiprocessing
+
+    context = multiprocessing.get_context("spawn")
+    barrier, results = context.Barrier(processes), context.Queue()
+    loops = [
+        context.Process(target=_timed_bare_loop, args=(str(layout.root), shards, batch_size, barrier, results))
+        for _ in range(processes)
+    ]
+    for loop in loops:
+        loop.start()
+    walls = [results.get(timeout=600) for _ in loops]
+    for loop in loops:
+        loop.join()
+    return sum(images / wall for wall in walls)
+
+
+def _timed_bare_loop(root: str, shards: list[str], batch_size: int, barrier: Any, results: Any) -> None:
+    results.put(bare_decode_loop(RunLayout(Path(root)), shards, batch_size, ready=barrier.wait).wall)
 
 
 def _bare_batch(samples: list[Any], preprocess: Any, tokenizer: Any) -> None:
@@ -329,6 +360,7 @@ def run_decode_scaling(
     shards = make_photo_shards(layout, images, shards=max(1, images // shards_of))
     warm_up = make_photo_shards(layout, 128, shards=1, seed=2, first=len(shards))
     bare: list[Timing] = []
+    side_by_side: list[float] = []
     staged: dict[int, list[Timing]] = {1: [], 2: []}
     worker_cpu: dict[int, list[float]] = {1: [], 2: []}
     for repeat in range(repeats):
@@ -343,9 +375,11 @@ def run_decode_scaling(
             worker_cpu[workers].append(worker_cpu_seconds(pids) - before)
             close_decode_workers()
         bare.append(bare_decode_loop(layout, shards, 64))
+        side_by_side.append(side_by_side_bare_loops(layout, shards, images, 64))
     shutil.rmtree(root, ignore_errors=True)
     rate = {w: images / statistics.median(t.wall for t in ts) for w, ts in staged.items()}
     bare_rate = images / statistics.median(t.wall for t in bare)
+    two_loops_rate = statistics.median(side_by_side)
     scaling, per_core = rate[2] / rate[1], rate[2] / 2 / bare_rate
     cpu_per_image_ms = {
         w: round(1000 * statistics.median(c + t.cpu for c, t in zip(worker_cpu[w], staged[w], strict=True)) / images, 2)
@@ -363,6 +397,10 @@ def run_decode_scaling(
         "decode": "draft",
         "images_per_s": {"decode_workers_1": round(rate[1], 1), "decode_workers_2": round(rate[2], 1)},
         "bare_loop_images_per_s": round(bare_rate, 1),
+        # the machine's own ceiling for the scaling and the per-core rate: two bare loops sharing nothing
+        "two_bare_loops_side_by_side_images_per_s": round(two_loops_rate, 1),
+        "two_bare_loops_vs_one": round(two_loops_rate / bare_rate, 3),
+        "decode_workers_2_vs_two_bare_loops": round(rate[2] / two_loops_rate, 3),
         "scaling_2_vs_1": round(scaling, 3),
         "per_core_vs_bare_loop": round(per_core, 3),
         "cpu_ms_per_image": {
