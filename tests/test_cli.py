@@ -97,6 +97,36 @@ def test_a_stage_whose_upstream_is_not_done_refuses_and_writes_nothing_for_it(tm
     assert not (tmp_path / "run" / "embed").exists() and not (tmp_path / "run" / "download").exists()
 
 
+def test_the_readme_command_lines_name_real_commands_options_and_defaults() -> None:
+    """Every command of the README's synopsis exists, with each option it shows, the choices it lists and the
+    defaults it gives (`[-k 16]`, `[--port 8000]`, retry's reasons); `<stage>` stands for every stage."""
+    import argparse
+    import re
+
+    from curate.cli import build_parser
+    from curate.stages import stage_names
+
+    [commands] = [a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)]
+    synopsis = (REPO / "README.md").read_text().split("\n## Commands\n", 1)[1].strip("\n").split("\n\n")[0]
+    lines = [line.strip() for line in synopsis.splitlines()]
+    assert len(lines) >= 9 and all(line.startswith("curate ") for line in lines)
+    for line in lines:
+        usage, _, comment = line.partition("#")
+        name = usage.split()[1]
+        if name == "<stage>":
+            listed = comment.split(":", 1)[1].split("(")[0]
+            assert [s.strip() for s in listed.split(",")] == list(stage_names())
+            name = "input"
+        options = {s: a for a in commands.choices[name]._actions for s in a.option_strings}
+        for option, value in re.findall(r"\[(--?[a-z][a-z-]*)(?: ([^\]]+))?\]", usage):
+            assert option in options, (name, option)
+            action = options[option]
+            if "|" in value:
+                assert value.split("|") == list(action.choices), (name, option)
+            elif value and not value.isupper() and "=" not in value:
+                assert str(action.default) == value, (name, option, action.default)
+
+
 def test_commands_that_read_only_local_runs_refuse_a_url_in_one_line(tmp_path: Path) -> None:
     for command in (["report"], ["search", "", "a dog"], ["serve"], ["retry"], ["train-scorer"]):
         args = [command[0], "s3://bucket/runs/demo", *command[2:]]

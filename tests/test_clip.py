@@ -16,6 +16,7 @@ import huggingface_hub
 import open_clip
 import pytest
 import torch
+from PIL import Image
 from torchvision.transforms import RandomResizedCrop
 
 from curate import clip
@@ -204,3 +205,27 @@ def test_random_weights_are_warned_of_except_when_training(caplog: pytest.LogCap
         load_clip(ClipSpec(MICRO, None, device="cpu"), train=True)  # a trainer starts from random weights
         load_clip(ClipSpec(MICRO, str(path), device="cpu", section="embed"))
     assert [r for r in caplog.records if r.name == "curate.clip"] == []
+
+
+@pytest.mark.parametrize(
+    ("name", "side", "channels"), [("curate-cnn-64", 64, [24, 48, 64]), ("curate-cnn-32", 32, [32, 64, 64])]
+)
+def test_the_demo_conv_models_are_open_clip_models_over_a_timm_conv_tower(name: str, side: int, channels: list[int]):
+    """README, "The demo world": a 3-layer conv image tower registered with timm and named by the open_clip config
+    through its timm adapter, global max-pool, linear projection; a 1-layer text transformer."""
+    from open_clip.timm_model import TimmModel
+
+    from curate.convnet import ConvNet
+
+    loaded = load_clip(ClipSpec(name, None, device="cpu"), train=True)
+    visual = loaded.model.visual
+    assert isinstance(visual, TimmModel) and isinstance(visual.trunk, ConvNet)
+    convolutions = [m for m in visual.trunk.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert [c.out_channels for c in convolutions] == channels
+    assert visual.trunk.global_pool.pool_type == "max"
+    assert isinstance(visual.head.proj, torch.nn.Linear) and visual.head.proj.out_features == loaded.embed_dim
+    assert len(loaded.model.transformer.resblocks) == 1
+    image = loaded.preprocess(Image.new("RGB", (224, 224), "red"))
+    assert image.shape == (3, side, side)
+    features = loaded.model.encode_image(image[None])
+    assert features.shape == (1, loaded.embed_dim)

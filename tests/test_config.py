@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import itertools
 import math
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
+from pydantic import BaseModel
 
 from curate.config import (
     ConfigError,
@@ -17,6 +21,7 @@ from curate.config import (
     load_config,
     validate_config,
 )
+from curate.stages import stage_names
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -378,3 +383,50 @@ def test_keep_columns_that_cannot_be_kept_are_config_errors(tmp_path: Path, colu
 def test_keep_columns_that_can_be_kept_load(tmp_path: Path) -> None:
     config = load_config(write(tmp_path, FULL), ["input.keep_columns=[similarity, punsafe, LICENSE]"])
     assert config.input.keep_columns == ["similarity", "punsafe", "LICENSE"]
+
+
+def readme_config_table() -> dict[str, str]:
+    """The README's config table: dotted key -> its default column, as written."""
+    lines = (REPO / "README.md").read_text().splitlines()
+    start = lines.index("| key | default | meaning |") + 2
+    rows = {}
+    for line in itertools.takewhile(lambda text: text.startswith("|"), lines[start:]):
+        key, default, _meaning = (cell.strip() for cell in line.strip().strip("|").split(" | ", 2))
+        rows[key.strip("`")] = default.strip("`")
+    return rows
+
+
+def setting_keys(model: type[BaseModel], prefix: str = "") -> Iterator[str]:
+    for name, field in model.model_fields.items():
+        kind = field.annotation
+        if isinstance(kind, type) and issubclass(kind, BaseModel):
+            yield from setting_keys(kind, f"{prefix}{name}.")
+        else:
+            yield prefix + name
+
+
+def test_the_readme_config_table_lists_every_key_with_the_default_a_minimal_config_gets(tmp_path: Path) -> None:
+    table = readme_config_table()
+    assert set(table) - {"download.preset"} == set(setting_keys(PipelineConfig))
+    minimal = load_config(write(tmp_path, "output: run\ninput:\n  path: crawl.parquet\n"))
+    for key, written in table.items():
+        if written == "required":
+            parent, _, name = key.rpartition(".")
+            raw: dict[str, Any] = {"output": "run", "input": {"path": "crawl.parquet"}}
+            del (raw[parent] if parent else raw)[name]
+            with pytest.raises(ConfigError, match=f"missing required key '{key}'"):
+                validate_config(raw)
+            continue
+        if key == "download.preset":  # resolved away at load time; none is accepted
+            assert validate_config({"output": "run", "input": {"path": "p"}, "download": {"preset": None}})
+            continue
+        value: Any = minimal
+        for part in key.split("."):
+            value = getattr(value, part)
+        value = value.model_dump() if isinstance(value, BaseModel) else value
+        if key == "stages":
+            order = list(stage_names())
+            assert written == "input … materialize" and value == order[: order.index("materialize") + 1]
+            continue
+        expected = math.inf if written == "inf" else None if written == "none" else yaml.safe_load(written)
+        assert value == expected, f"README says {key} defaults to {written!r}; it is {value!r}"

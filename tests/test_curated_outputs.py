@@ -6,6 +6,8 @@ end of `curate run`. One real run over the served demo world, through the comman
 from __future__ import annotations
 
 import json
+import re
+import shutil
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -150,6 +152,75 @@ def test_sizes_json_and_the_wids_index_describe_the_curated_shards(finished: Fin
     assert last[".json"]["uid"] == last["__key__"] and last[".jpg"].size[0] > 0  # wids decodes json and jpg
 
 
+def test_the_run_directory_holds_the_files_the_output_layout_lists(finished: FinishedRun) -> None:
+    """README's "Output layout" against a finished run (one partition, exact dedup only, kept columns)."""
+    root = finished.root
+    manifest = json.loads((root / "input" / "manifest.json").read_text())
+    assert {"shards", "rows", "fingerprint"} <= set(manifest) and manifest["rows"] == len(finished.crawl)
+    shards = manifest["shards"]
+    for name in ("config.yaml", "ledger.parquet", "stats.json", "filter/summary.json", "dedup/plan.json"):
+        assert (root / name).is_file(), name
+    for name in ("report/index.html", "report/stats.json", "validate/metrics.json"):  # written by `curate run`
+        assert (root / name).is_file(), name
+    assert not (root / "input" / "staging").exists()  # removed at the end of the input stage
+    columns = {
+        "input/shards/{}.parquet": ["uid", "url", "caption"],
+        "input/columns/{}.parquet": ["uid", *KEEP],
+        "embed/metadata/metadata_{}.parquet": ["uid", "url", "caption", "clip_score"],
+        "dedup/decisions/{}.parquet": ["uid", "reason", "kept_uid", "similarity"],
+        "ledger/parts/{}.parquet": [*LEDGER_COLUMNS, *KEEP],
+    }
+    for shard in shards:
+        for pattern, names in columns.items():
+            assert pq.read_schema(root / pattern.format(shard)).names == names, pattern
+        files = ["download/{}.tar", "download/{}.parquet", "download/{}_stats.json", "ledger/parts/{}.details.json"]
+        for pattern in files:
+            assert (root / pattern.format(shard)).is_file(), pattern
+        assert np.load(root / "materialize" / f"uids-{shard}.npy").dtype == np.dtype("u8,u8")
+        img, txt = (np.load(root / f"embed/{kind}/{kind}_{shard}.npy") for kind in ("img_emb", "text_emb"))
+        assert img.dtype == txt.dtype == np.float16 and len(img) == len(txt)
+        for stage in ("input", "download", "embed", "filter", "dedup"):
+            assert (root / stage / "fates" / f"{shard}.parquet").is_file()
+            marker = json.loads((root / stage / "_done" / f"{shard}.json").read_text())
+            assert set(marker) == {"fingerprint", "counts", "seconds", "files"}
+    phase_markers = list(root.glob("*/_done/*/*.json"))
+    assert len(phase_markers) > len(shards)
+    assert all(set(json.loads(p.read_text())) == {"fingerprint", "counts", "seconds", "files"} for p in phase_markers)
+    assert list((root / "filter" / "sketch").rglob("*.npz")) and list((root / "dedup" / "screen").rglob("*.arrow"))
+    assert [p.name for p in (root / "dedup" / "exact").iterdir()] == ["00000.arrow"]  # one bucket
+    assert list((root / "dedup" / "largest" / "dup_exact").glob("*.parquet"))
+
+    summary = json.loads((root / "filter" / "summary.json").read_text())
+    assert {"quantiles", "kept_fraction_at_threshold"} <= set(summary["clip_score"])
+    assert {"counts", "edges"} <= set(summary["clip_score_histogram"]) and "clip_cutoff" in summary
+    stats = json.loads((root / "stats.json").read_text())
+    assert stats["stages"]["filter"]["summary"] == summary
+    assert all("counts" in stats["stages"][stage] for stage in ("input", "download", "embed", "filter", "dedup"))
+    details = json.loads((root / "ledger" / "details.json").read_text())
+    assert details and all({"rows", "details"} <= set(entry) for entry in details.values())
+
+    curated = CuratedOutputs(root)
+    sizes = json.loads(curated.sizes_path.read_text())
+    assert json.loads(curated.marker_path.read_text()).keys() == {"fingerprint", "samples"}
+    assert json.loads(curated.marker_path.read_text())["samples"] == sum(sizes.values())
+    assert all(n == 40 for n in list(sizes.values())[:-1])  # materialize.samples_per_shard, the last one less
+    ledger = read_ledger(root).set_index("uid")
+    written = []
+    for tar in curated.shards():
+        for sample in iter_samples(tar, read=()):
+            meta = sample.meta
+            assert {"uid", "source_uid", "url", "caption", "clip_score", "sha256", "width", "height"} <= set(meta)
+            row = ledger.loc[meta["source_uid"]]
+            assert (meta["sha256"], meta["width"], meta["height"]) == (row["sha256"], row["width"], row["height"])
+            written.append(meta["source_uid"])
+    kept = [pq.read_table(root / f"dedup/fates/{s}.parquet").to_pandas().query("status == 'kept'") for s in shards]
+    assert written == [uid for fates in kept for uid in sorted(fates["uid"])]  # input-shard, then uid order
+    # a duplicate's ledger detail names the uid it was dropped in favour of
+    decisions = pd.concat(pq.read_table(root / f"dedup/decisions/{s}.parquet").to_pandas() for s in shards)
+    dropped = decisions.dropna(subset=["reason"]).set_index("uid")
+    assert len(dropped) > 0 and (ledger.loc[dropped.index, "detail"] == dropped["kept_uid"]).all()
+
+
 def test_progress_counts_samples_and_the_run_ends_with_the_validation_table_and_its_verdict(
     finished: FinishedRun,
 ) -> None:
@@ -162,6 +233,57 @@ def test_progress_counts_samples_and_the_run_ends_with_the_validation_table_and_
     assert "(1 seeds, 24 samples seen per run" in out
     assert "curated - baseline" in out
     assert out.rstrip().splitlines()[-1].startswith("verdict: curated vs baseline: ")
+
+
+def test_the_run_prints_its_funnel_and_where_the_ledger_and_report_are_and_skips_the_report_without_matplotlib(
+    finished: FinishedRun, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from curate.cli import main
+
+    out, root = finished.finished.stdout, finished.root
+    assert f"run: {root}  ({len(finished.crawl)} input rows)" in out
+    assert all(re.search(rf"^  {stage} +\d+ in -> +\d+ kept", out, re.M) for stage in ("input", "download", "dedup"))
+    assert f"\nledger: {root / 'ledger.parquet'}\n" in out
+    assert f"\nreport: {root / 'report' / 'index.html'}\n" in out and (root / "report" / "index.html").is_file()
+
+    copy = tmp_path / "run"  # the finished run, moved: nothing to redo
+    shutil.copytree(root, copy)
+    shutil.rmtree(copy / "report")
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # `import matplotlib` fails as if not installed
+    assert main(["run", str(copy / "config.yaml"), "--set", f"output={copy}", "--no-progress"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    skipped = "report: skipped: the report needs matplotlib: pip install 'curate-pipeline[report]'"
+    assert f"ledger: {copy / 'ledger.parquet'}" in lines and skipped in lines
+    assert not (copy / "report" / "index.html").exists()
+    monkeypatch.undo()
+    assert main(["report", str(copy)]) == 0  # once matplotlib is there
+    assert capsys.readouterr().out.strip() == f"report: {copy / 'report' / 'index.html'}"
+    assert (copy / "report" / "index.html").is_file()
+
+
+def test_kept_values_json_cannot_hold_reach_the_download_as_text() -> None:
+    """What the download stage hands img2dataset for each sample's json: timestamps, decimals and bytes as
+    text (its writer drops a sample whose json fails), JSON's own types as they are, joined by uid."""
+    from datetime import datetime
+    from decimal import Decimal
+
+    from curate.stages.download import with_kept_columns
+
+    rows = pa.table({"uid": ["a", "b"], "url": ["http://x.invalid/a", "http://x.invalid/b"], "caption": ["a", "b"]})
+    kept = pa.table(
+        {
+            "uid": ["b", "a"],
+            "taken": pa.array([datetime(2024, 1, 2, 3, 4, 5), None], pa.timestamp("s")),
+            "price": pa.array([Decimal("1.50"), Decimal("2.25")], pa.decimal128(5, 2)),
+            "blob": pa.array([b"ab", b"cd"]),
+            "similarity": [0.5, 0.25],
+        }
+    )
+    samples = json.loads(json.dumps(with_kept_columns(rows, kept).to_pylist()))
+    assert [{k: s[k] for k in ("uid", "taken", "price", "blob", "similarity")} for s in samples] == [
+        {"uid": "a", "taken": None, "price": "2.25", "blob": "cd", "similarity": 0.25},
+        {"uid": "b", "taken": "2024-01-02 03:04:05", "price": "1.50", "blob": "ab", "similarity": 0.5},
+    ]
 
 
 def test_a_missing_kept_column_stops_the_run_before_any_fetch(served_world: ServedWorld, tmp_path: Path) -> None:

@@ -263,3 +263,73 @@ def tar_samples_in(folder: Path) -> list[str]:
         with tarfile.open(tar_path) as tar:
             uids += [m.name.split(".")[0] for m in tar if m.name.endswith(".json")]
     return uids
+
+
+def readme_dask_config() -> dict[str, Any]:
+    """The README's Dask config for a cluster one starts oneself, as dotted keys."""
+    import yaml
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    section = readme.split("\n## Running on a Dask cluster\n", 1)[1].split("\n## ", 1)[0]
+    block = section.split("```yaml\n", 1)[1].split("```", 1)[0]
+
+    def flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+        items: dict[str, Any] = {}
+        for key, value in tree.items():
+            if isinstance(value, dict):
+                items |= flat(value, f"{prefix}{key}.")
+            else:
+                items[f"{prefix}{key}"] = value
+        return items
+
+    return flat(yaml.safe_load(block))
+
+
+def test_the_readmes_dask_config_is_what_the_local_cluster_sets_and_leaves_dasks_safeguards_on():
+    import dask
+    import distributed  # noqa: F401  (loads Dask's distributed defaults)
+
+    from curate.executors.dask import worker_environment
+
+    readme = readme_dask_config()
+    assert readme == {
+        "distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": None,
+        "distributed.worker.daemon": False,
+        "distributed.worker.profile.enabled": False,
+        "distributed.worker.memory.monitor-interval": "500ms",
+        "distributed.admin.tick.interval": "1s",
+        "distributed.admin.system-monitor.interval": "2s",
+    }
+    with worker_environment():  # what curate's LocalCluster starts its scheduler, nannies and workers under
+        assert {key: dask.config.get(key) for key in readme} == readme
+        assert dask.config.get("distributed.admin.tick.limit") == "3s"  # a blocked event loop is still reported
+        assert dask.config.get("distributed.worker.memory.terminate") == 0.95  # and a worker over its limit stopped
+
+
+def test_curate_run_joins_a_running_scheduler_runs_its_tasks_there_and_prints_the_dashboard(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+):
+    from urllib.parse import urlparse
+
+    from distributed import Client, LocalCluster, get_task_stream
+
+    from curate.cli import main
+
+    rows = "".join(f"http://127.0.0.1:9/{i}.jpg,a dog {i}\n" for i in range(5))
+    (tmp_path / "crawl.csv").write_text(f"url,caption\n{rows}")
+    pipeline = tmp_path / "pipeline.yaml"
+    pipeline.write_text(f"output: {tmp_path / 'run'}\nstages: [input]\ninput:\n  path: {tmp_path / 'crawl.csv'}\n")
+    cluster = LocalCluster(n_workers=1, threads_per_worker=1, processes=False, dashboard_address=":0")
+    client = Client(cluster)
+    try:
+        with get_task_stream(client) as stream:
+            command = ["run", str(pipeline), "--executor", "dask", "--scheduler", cluster.scheduler_address]
+            assert main([*command, "--no-progress"]) == 0
+        port = urlparse(client.dashboard_link).port
+    finally:
+        client.close()
+        cluster.close()
+    printed = capsys.readouterr().out.splitlines()[0]  # the CLI prints it before the run starts
+    assert printed.startswith("dask dashboard: http://") and urlparse(printed.split(": ", 1)[1]).port == port
+    assert {str(task["key"]).split("-")[0] for task in stream.data} >= {"input", "ledger"}
+    assert len(read_ledger(tmp_path / "run")) == 5

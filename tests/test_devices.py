@@ -24,6 +24,7 @@ from curate.executors.dask import ClusterPlan, DaskExecutor, plan_local_cluster
 from curate.executors.local import LocalExecutor, worker_rank
 from curate.pipeline import run_pipeline
 from curate.stage import Phase, RunLayout, Stage, StageContext, TaskOutput
+from curate.stages.dedup.stage import DedupStage
 from curate.stages.embed import EmbedStage
 from curate.stages.validate.evalsets import make_demo_eval_set
 from curate.stages.validate.simclr import train_simclr
@@ -133,6 +134,17 @@ def test_embed_asks_dask_for_a_gpu_on_cuda_and_on_auto_where_one_is_seen(
         assert EmbedStage(config(tmp_path)).resources() == auto
         assert EmbedStage(config(tmp_path, embed={"device": "cuda:1"})).resources() == {"GPU": 1}
         assert EmbedStage(config(tmp_path, embed={"device": "cpu"})).resources() == {}
+
+
+def test_dedup_asks_dask_for_a_gpu_only_to_embed_its_eval_sets_on_cuda(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    fake_gpus(monkeypatch, 0)
+    for device, wanted in (("cuda", {"GPU": 1}), ("cuda:1", {"GPU": 1}), ("cpu", {})):
+        stage = DedupStage(config(tmp_path, embed={"device": device}, dedup={"eval_sets": ["held-out/"]}))
+        assert stage.phase("eval").resources == wanted  # the run's own model embeds the eval sets
+        assert stage.resources() == {} and all(p.resources is None for p in stage.phases() if p.name != "eval")
+    assert "eval" not in [p.name for p in DedupStage(config(tmp_path, embed={"device": "cuda"})).phases()]
 
 
 def test_the_config_takes_cuda_n_for_embed_and_validate(tmp_path: Path) -> None:
@@ -384,6 +396,20 @@ def test_a_task_outside_any_pool_takes_every_core_unless_the_environment_gives_i
         assert task_threads() == host_cores()
     monkeypatch.setenv(TASK_THREADS_ENV, " 5 ")
     assert task_threads() == 5
+
+
+def test_a_task_on_a_dask_worker_curate_did_not_start_takes_the_host_cores_over_its_threads(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from distributed import Client, LocalCluster
+
+    monkeypatch.delenv(TASK_THREADS_ENV, raising=False)  # nobody told the worker its share
+    with (
+        LocalCluster(n_workers=1, threads_per_worker=2, processes=False, dashboard_address=":0") as cluster,
+        Client(cluster) as client,
+    ):
+        assert client.submit(task_threads, pure=False).result() == max(1, host_cores() // 2)
+    assert task_threads() == host_cores()  # outside the worker: every core
 
 
 def test_the_embed_model_on_cpu_takes_the_share_its_executor_gave_and_otherwise_leaves_torch_alone(

@@ -78,6 +78,27 @@ def test_decode_workers_are_processes_kept_across_shards(tmp_path: Path):
     assert all(os.path.exists(f"/proc/{pid}") for pid in later)
 
 
+def test_a_daemon_process_decodes_in_one_thread_and_says_so(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+):
+    import multiprocessing
+    import threading
+
+    from curate.stages import embed_input
+    from curate.stages.embed_input import DecodeSpec, close_decode_workers, decode_workers
+
+    spec = DecodeSpec(tokenizer=len, steps=None, preprocess=None, normalize=False, draft_side=None)
+    monkeypatch.setattr(multiprocessing.current_process(), "daemon", True)  # as a Dask worker process is
+    monkeypatch.setattr(embed_input, "_warned_daemon", threading.Event())  # warned once per process
+    try:
+        with caplog.at_level("WARNING", logger="curate.stages.embed_input"):
+            workers = decode_workers(spec, 2)
+        assert workers.workers == 0 and workers.pids() == []
+        assert "daemon process and cannot start decode workers" in caplog.text
+    finally:
+        close_decode_workers()
+
+
 def test_worker_processes_give_the_embeddings_of_decoding_in_one_thread(tmp_path: Path):
     samples = good_samples(0, 9) + big_samples(100, 4)
     runs = {}
@@ -129,6 +150,7 @@ def test_pixel_buffers_are_reused_only_once_their_pixels_were_read(tmp_path: Pat
             seen.add(batch.images.data_ptr())
             batch.replace_images(None)  # read: the buffer takes a later batch
         assert len(seen) <= workers._buffers.keep  # the buffers given back were written again
+        assert workers._buffers.keep == 2 * 2 + 3  # at most 2 x decode_workers + 3 in /dev/shm
     finally:
         workers.close()
         files.close()

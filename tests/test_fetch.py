@@ -704,3 +704,98 @@ def test_at_most_per_host_connections_requests_reach_one_host_at_once(tmp_path: 
         server.server_close()
     assert all(isinstance(outcome, Fetched) for outcome in outcomes)
     assert peak[0] == 2  # 8 threads, 12 images: never more than 2 at once, and 2 were
+
+
+def test_connection_errors_and_408_are_retried_with_doubling_delays_and_the_user_agent_names_the_tool(
+    tmp_path: Path,
+):
+    image = small_jpegs(1)[0]
+    agents: list[str | None] = []
+
+    def serve(handler: _Handler, path: str) -> None:
+        agents.append(handler.headers.get("User-Agent"))
+        if path == "/busy.jpg" and handler.server.hits[path] <= 2:
+            handler.send(408, b"request timeout", "text/plain")
+        elif path == "/forbidden.jpg":
+            handler.send(403, b"no", "text/plain")
+        else:
+            handler.send(200, image)
+
+    with socket.socket() as probe:  # a port nothing listens on: connections are refused
+        probe.bind(("127.0.0.1", 0))
+        closed_port = probe.getsockname()[1]
+    server = _WebServer("127.0.0.1", serve)
+    threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+    try:
+        allow = [server.base_url.removeprefix("http://"), f"127.0.0.1:{closed_port}"]
+        config = DownloadConfig(allow_hosts=allow, respect_robots_txt=False, retries=2, backoff_s=0.2)
+        fetcher = GuardedFetcher(config)
+        busy = fetcher.fetch_to_file(f"{server.base_url}/busy.jpg", tmp_path / "a")
+        refused = fetcher.fetch_to_file(f"http://127.0.0.1:{closed_port}/x.jpg", tmp_path / "b")
+        forbidden = fetcher.fetch_to_file(f"{server.base_url}/forbidden.jpg", tmp_path / "c")
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert isinstance(busy, Fetched) and busy.attempts == 3  # 408 is retried
+    first, second = (later - earlier for earlier, later in itertools.pairwise(server.hit_times["/busy.jpg"]))
+    assert first >= 0.19 and second >= 0.39, (first, second)  # backoff_s, then twice that
+    assert isinstance(refused, FetchFailure) and refused.status.value == "failed"
+    assert refused.reason == "connection_error" and refused.attempts == 3
+    assert refused.detail.endswith("after 3 attempts")
+    assert isinstance(forbidden, FetchFailure) and forbidden.reason == "http_403" and forbidden.attempts == 1
+    assert server.hits["/forbidden.jpg"] == 1  # a 4xx other than 408/429 is not retried
+    default = DownloadConfig().user_agent
+    assert default.startswith("curate/") and "+https://" in default  # the tool, and a contact
+    assert set(agents) == {default}
+
+
+def test_img2dataset_size_checks_are_reasons_and_fetched_bytes_stay_in_the_temp_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    import tempfile
+
+    def jpeg(width: int, height: int) -> bytes:
+        buffer = io.BytesIO()
+        Image.new("RGB", (width, height), (200, 30, 30)).save(buffer, format="JPEG")
+        return buffer.getvalue()
+
+    sizes = {"/ok.jpg": (64, 48), "/tiny.jpg": (16, 40), "/wide.jpg": (200, 25), "/big.jpg": (200, 200)}
+    served = {path: jpeg(*size) for path, size in sizes.items()}
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    seen_during_fetch: list[list[str]] = []
+
+    def serve(handler: _Handler, path: str) -> None:
+        seen_during_fetch.append([p.name for p in scratch.iterdir()])
+        handler.send(200, served[path])
+
+    monkeypatch.setenv("TMPDIR", str(scratch))
+    monkeypatch.setattr(tempfile, "tempdir", None)  # gettempdir() reads TMPDIR again
+    server = _WebServer("127.0.0.1", serve)
+    threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+    try:
+        table = tmp_path / "crawl.parquet"
+        urls = [f"{server.base_url}{path}" for path in served]
+        pd.DataFrame({"url": urls, "caption": ["x"] * len(urls)}).to_parquet(table)
+        download = {"image_size": 64, "threads": 4, "processes": 1, "respect_robots_txt": False}
+        download |= {"allow_hosts": [server.base_url.removeprefix("http://")]}
+        download |= {"min_image_size": 20, "max_aspect_ratio": 3, "max_image_area": 30_000}
+        raw = {"output": str(tmp_path / "run"), "stages": ["input", "download"], "input": {"path": str(table)}}
+        assert run_pipeline(validate_config({**raw, "download": download})).complete
+    finally:
+        server.shutdown()
+        server.server_close()
+    ledger = read_ledger(tmp_path / "run")
+    fates = {
+        row.url.rsplit("/", 1)[1]: (row.status, None if pd.isna(row.reason) else row.reason)
+        for row in ledger.itertuples()
+    }
+    assert fates == {
+        "ok.jpg": ("kept", None),
+        "tiny.jpg": ("dropped", "min_side"),
+        "wide.jpg": ("dropped", "max_aspect_ratio"),
+        "big.jpg": ("dropped", "max_image_area"),
+    }
+    assert len(seen_during_fetch) == 4  # each fetch wrote into a curate-fetch-* folder of the temp directory
+    assert all(any(name.startswith("curate-fetch-") for name in names) for names in seen_during_fetch)
+    assert not [p.name for p in scratch.iterdir() if p.name.startswith("curate-")]  # removed when the shard was done

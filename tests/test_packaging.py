@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib.metadata
 import json
 import os
+import re
 import subprocess
 import sys
 import tomllib
@@ -67,6 +68,31 @@ def test_optional_dependencies_are_extras_and_dev_has_them_all():
     assert [Requirement(r).name for r in extras["s3"]] == ["s3fs"]
     assert f"{DISTRIBUTION}[dask,report,s3]" in extras["dev"]
     assert "moto" in {Requirement(r).name for r in extras["dev"]}  # the S3 API server of the storage tests
+
+
+def test_the_make_targets_the_readme_names_exist_and_make_their_own_environment(tmp_path: Path):
+    """`make -n` (commands printed, none run): every target "Start here" names, the virtual environment a fresh
+    clone's `make test` creates with the constraints file, and the pytest workers TEST_WORKERS sets."""
+    start_here = (REPO / "README.md").read_text().split("\n## Start here\n", 1)[1].split("\n## ", 1)[0]
+    targets = set(re.findall(r"(?:^ +|`)make ([a-z-]+)", start_here, re.M))
+    assert {"demo", "test", "compare", "install", "dask-demo", "bench", "bench-scale", "lint", "clean"} <= targets
+
+    def dry_run(*args: str) -> str:
+        outer = ("MAKEFLAGS", "MAKELEVEL", "MFLAGS")  # under `make test` a sub-make would print its directory
+        env = {k: v for k, v in os.environ.items() if k not in outer}
+        command = ["make", "-n", "--no-print-directory", *args]
+        run = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=60, env=env)
+        assert run.returncode == 0, (args, run.stderr)
+        return run.stdout
+
+    for target in sorted(targets):
+        dry_run(target)
+    fresh = dry_run("test", f"VENV={tmp_path / 'venv'}")
+    assert f"-m venv {tmp_path / 'venv'}" in fresh and "-c requirements/constraints.txt -e '.[dev]'" in fresh
+    assert fresh.rstrip().splitlines()[-1].endswith("-n 2 --dist loadfile")
+    assert dry_run("test", "TEST_WORKERS=3").rstrip().endswith("-n 3 --dist loadfile")
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    assert project["requires-python"] == ">=3.11"
 
 
 def test_pip_reads_the_project_metadata_offline(tmp_path: Path):

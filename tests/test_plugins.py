@@ -4,6 +4,7 @@ ones, and a bad plugin is a config error before any work."""
 
 from __future__ import annotations
 
+import json
 import shutil
 import sys
 from pathlib import Path
@@ -265,6 +266,15 @@ def test_plugins_follow_the_protocol_and_a_wrong_answer_names_the_plugin(
         apply_filters(table, [PluginFilter(short, short.build(), {})])
 
 
+def test_a_function_or_a_class_without_settings_takes_no_keys(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "protocol_plugins.py").write_text(PROTOCOL_PLUGINS)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    for path in ("protocol_plugins:short_answer", "protocol_plugins:WordCount"):
+        assert resolve_plugin(PluginConfig(path=path), "filter.custom.0").settings is None
+        with pytest.raises(PluginError, match=rf"^filter\.custom\.0: '{path}' takes no settings \(got 'min_words'\)"):
+            resolve_plugin(PluginConfig(path=path, min_words=2), "filter.custom.0")
+
+
 def test_a_plugins_version_stands_for_its_source_in_the_fingerprint(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -298,3 +308,88 @@ def test_a_plugins_version_stands_for_its_source_in_the_fingerprint(
 
     with pytest.raises(PluginError, match=r"filter\.custom\.1: 'math:sqrt' has neither a __version__ nor a Python"):
         resolve_plugin(PluginConfig(path="math:sqrt"), "filter.custom.1").identity()
+
+
+PROBE_PLUGINS = '''
+import json
+import os
+import uuid
+
+import numpy as np
+
+
+def record(kind, table, embeddings):
+    """What the plugin was called with: the table's columns and uids, and the embeddings as given."""
+    stem = os.path.join(os.environ["CURATE_PROBE_DIR"], f"{kind}-{uuid.uuid4().hex}")
+    np.savez(stem + ".npz", **embeddings)
+    with open(stem + ".json", "w") as handle:
+        json.dump({"columns": table.column_names, "uids": table["uid"].to_pylist()}, handle)
+
+
+def probe_head(table, *, image_embeddings, text_embeddings):
+    record("head", table, {"image_embeddings": image_embeddings, "text_embeddings": text_embeddings})
+    return np.arange(table.num_rows)  # each row's position in the table the head was given
+
+
+probe_head.needs = ("image_embeddings", "text_embeddings")
+
+
+def probe_filter(table, *, image_embeddings):
+    record("filter", table, {"image_embeddings": image_embeddings})
+    return table["probe_head"].to_numpy(), np.ones(table.num_rows, bool)  # the head's score, as a filter sees it
+
+
+probe_filter.needs = ("image_embeddings",)
+'''
+
+
+def test_plugins_get_each_shards_table_once_with_the_embeddings_they_need_row_aligned(
+    curated_run: CuratedRun, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "probe").mkdir()
+    (tmp_path / "probe" / "probe_plugins.py").write_text(PROBE_PLUGINS)
+    monkeypatch.syspath_prepend(str(tmp_path / "probe"))
+    calls = tmp_path / "calls"
+    calls.mkdir()
+    monkeypatch.setenv("CURATE_PROBE_DIR", str(calls))
+    config = copied(
+        curated_run,
+        tmp_path / "run",
+        embed={"heads": [{"path": "probe_plugins:probe_head"}]},
+        filter={"custom": [{"path": "probe_plugins:probe_filter"}]},
+    )
+    assert run_pipeline(config).complete
+
+    embed = EmbedOutputs(tmp_path / "run")
+    stored = {}  # uid -> (its image embedding, its text embedding, its row in the shard's metadata)
+    for shard in embed.shards():
+        uids = embed.metadata(shard, columns=["uid"])["uid"].to_pylist()
+        pairs = zip(embed.image_embeddings(shard), embed.text_embeddings(shard), strict=True)
+        stored |= {uid: (image, text, row) for row, (uid, (image, text)) in enumerate(zip(uids, pairs, strict=True))}
+    shards_embedded = sorted(sorted(embed.metadata(s, columns=["uid"])["uid"].to_pylist()) for s in embed.shards())
+
+    def seen(kind: str) -> list[tuple[dict[str, Any], dict[str, np.ndarray]]]:
+        found = []
+        for path in sorted(calls.glob(f"{kind}-*.json")):
+            arrays = np.load(path.with_suffix(".npz"))
+            found.append((json.loads(path.read_text()), {name: arrays[name] for name in arrays.files}))
+        return [(record, arrays) for record, arrays in found if record["uids"]]
+
+    for kind, needs in (("head", ["image_embeddings", "text_embeddings"]), ("filter", ["image_embeddings"])):
+        records = seen(kind)
+        assert sorted(sorted(record["uids"]) for record, _ in records) == [s for s in shards_embedded if s]
+        for record, arrays in records:
+            assert sorted(arrays) == needs  # the embeddings it asks for, and only those
+            for need, given in arrays.items():
+                assert given.dtype == np.float32 and given.ndim == 2
+                np.testing.assert_allclose(np.linalg.norm(given, axis=1), 1, atol=1e-2)  # L2-normalised
+                column = 0 if need == "image_embeddings" else 1
+                row_aligned = np.stack([stored[uid][column] for uid in record["uids"]]).astype(np.float32)
+                np.testing.assert_array_equal(given, row_aligned)
+    for record, _ in seen("filter"):
+        columns = {"uid", "url", "caption", "clip_score", "probe_head", "width", "height"}
+        assert columns <= set(record["columns"])  # every head's score too
+    ledger = read_ledger(tmp_path / "run")
+    assert not (ledger.reason == "probe_filter").any()
+    metadata = pd.concat(embed.metadata_with_scores(s).to_pandas() for s in embed.shards())
+    assert (metadata.probe_head == [stored[uid][2] for uid in metadata.uid]).all()  # stored as computed at embed

@@ -178,6 +178,7 @@ def test_retry_fetches_only_the_transient_failures_and_redoes_what_they_change(
         marker_times(run_dir, "embed"),
         marker_times(run_dir, "download"),
     )
+    filtered = marker_times(run_dir, "filter")
 
     retried = curate(capsys, "retry", str(run_dir), "--no-progress")
     assert retried.returncode == 0, retried.stderr[-3000:]
@@ -216,6 +217,8 @@ def test_retry_fetches_only_the_transient_failures_and_redoes_what_they_change(
     assert marker_times(run_dir, "embed")["00000"] == embedded["00000"]
     assert marker_times(run_dir, "download")["00000"] == downloaded["00000"]
     assert all(marker_times(run_dir, "embed")[s] != embedded[s] for s in ("00001", "00002"))
+    # the filter and every later stage are redone in full: one new sample can move a run-wide decision
+    assert filtered and all(marker_times(run_dir, "filter")[s] != t for s, t in filtered.items())
     # a retried shard's tar: its earlier samples and the new ones, under the keys of img2dataset's first pass
     tar = DownloadOutputs(run_dir).tar_path("00002")
     keys = [sample.key for sample in index_tar(tar).samples]

@@ -13,6 +13,7 @@ from curate.config import load_config
 from curate.io.fs import read_json, write_json_atomic
 from curate.ledger import FateError
 from curate.pipeline import run_pipeline
+from curate.runner import ShardFailed
 from curate.stage import RunLayout
 from tests.run_fixtures import CuratedRun
 
@@ -50,4 +51,15 @@ def test_counts_that_do_not_add_up_fail_the_run(
     marker = layout.marker_path(stage, shard, phase) if phase else layout.marker_path(stage, shard)
     bump(marker, key)
     with pytest.raises(FateError, match=message):
+        run_pipeline(load_config(layout.config_path, overrides))
+
+
+def test_curated_shards_that_do_not_hold_what_the_last_stage_kept_fail_the_run(
+    curated_run: CuratedRun, tmp_path: Path
+) -> None:
+    layout, overrides = copied_run(curated_run, tmp_path)
+    bump(layout.marker_path("materialize", "00000"), "samples")  # an output shard that claims one sample more
+    layout.marker_path("materialize", "all", "index").unlink()  # materialize's last task runs again
+    expected = r"'materialize' failed on phase 'index'.*curated/ holds \d+ samples but dedup kept \d+"
+    with pytest.raises(ShardFailed, match=expected):
         run_pipeline(load_config(layout.config_path, overrides))

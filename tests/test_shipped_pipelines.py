@@ -86,3 +86,24 @@ def test_datacomp_small_keeps_its_uids_and_trains_with_its_recipe(tmp_path: Path
         4096,
         12_800_000,
     )
+
+
+def test_the_demo_pipeline_embeds_with_the_scorers_model_and_validates_with_the_small_recipe(tmp_path: Path) -> None:
+    """README, "What the demo shows": curate-cnn-32, 12,800 samples seen per run (200 steps of 64, lr 5e-3), 5 seeds
+    per arm, baseline vs curated, the bar on zero-shot colour and shape, prompt ensembles over the other task's
+    words; the run embeds with the scorer's model and finds near copies by thumbnail at cosine 0.984."""
+    from examples.demo_scorer import MODEL
+    from examples.demo_world import classes, colors
+
+    config = load_config(PIPELINES / "demo.yaml", [f"input.path={tmp_path / 'input.parquet'}", f"output={tmp_path}"])
+    assert config.stages[-2:] == ["materialize", "validate"]
+    assert config.embed.model == MODEL == "curate-cnn-64"
+    assert (config.dedup.near_features, config.dedup.near_threshold) == ("thumbnail", 0.984)
+    validate = config.validate
+    assert (validate.model, validate.batch_size, validate.lr) == ("curate-cnn-32", 64, 5e-3)
+    assert validate.samples_seen == 12_800
+    assert validate.samples_seen // validate.batch_size == 200 and validate.seeds == 5
+    assert validate.arms == ["baseline", "curated"] and validate.baseline_size == "curated"
+    assert validate.bar_metrics == ["zero_shot_acc_color", "zero_shot_acc_shape"] and validate.paired_bar == 5
+    assert all(any(t.endswith(f" {shape}") for t in validate.templates) for shape in classes())  # colour prompts
+    assert all(any(f" {color} " in t for t in validate.task_templates["shape"]) for color in colors())  # shape prompts

@@ -442,3 +442,32 @@ def test_only_settings_written_like_paths_are_fingerprinted_by_content(tmp_path:
     assert identified["user_agent_token"] == "curate" and identified["model"] == "ViT-B-32"
     assert identified["pretrained"]["size"] == 10
     assert identified["evals"]["folder"][0]["name"] == "module.py"
+
+
+def test_each_stage_has_the_phases_the_readme_lists_and_the_ledger_follows_the_last_deciding_stage(
+    tmp_path: Path,
+) -> None:
+    """README, "Design": the STAGES loop and each stage's phases, every optional one switched on."""
+    from curate.config import validate_config
+    from curate.stages import plan
+
+    config = validate_config(
+        {
+            "output": str(tmp_path / "run"),
+            "input": {"path": str(tmp_path / "crawl.parquet"), "uid_col": "uid"},
+            "stages": ["input", "download", "embed", "filter", "dedup", "materialize", "validate"],
+            "dedup": {"eval_sets": [str(tmp_path / "eval")], "semantic_eps": 0.1},
+            "validate": {"eval_set": str(tmp_path / "eval")},
+        }
+    )
+    assert {stage.name: [phase.name for phase in stage.phases()] for stage in plan(config)} == {
+        "input": ["files", "plan", "buckets", "uids", "repeats", "shards", "manifest"],
+        "download": ["shards"],
+        "embed": ["shards"],
+        "filter": ["counts", "plan", "refine", "cutoff", "shards"],
+        "dedup": ["eval", "plan", "screen", "exact", "train", "assign", "near", "groups", "semantic", "shards"],
+        "ledger": ["parts", "merge"],
+        "materialize": ["shards", "uids", "buckets", "index"],
+        "validate": ["subsets", "runs", "metrics"],
+    }
+    assert [stage.name for stage in plan(config)][4:7] == ["dedup", "ledger", "materialize"]

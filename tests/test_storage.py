@@ -107,6 +107,15 @@ def test_a_protocol_whose_package_is_missing_names_the_extra(monkeypatch: pytest
     assert str(missing.value) == "s3://bucket/part-0.parquet: s3:// needs s3fs: pip install 'curate-pipeline[s3]'"
 
 
+def test_another_protocol_whose_package_is_missing_names_that_package(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "gcsfs", None)  # as if gcsfs were not installed, whether or not it is
+    with pytest.raises(StorageError) as missing:
+        LOCAL.size("gs://bucket/part-0.parquet")
+    message = str(missing.value)
+    assert message.startswith("gs://bucket/part-0.parquet: gs:// needs a package that is not installed (")
+    assert "gcsfs" in message and "\n" not in message
+
+
 def test_an_unknown_protocol_is_one_line_naming_the_url() -> None:
     with pytest.raises(StorageError, match=r"^nosuch://b/k: unknown storage protocol 'nosuch'$"):
         LOCAL.size("nosuch://b/k")
@@ -162,6 +171,18 @@ def test_curate_cat_streams_objects_in_order_and_names_a_missing_one(s3_bucket: 
     lines = failed.stderr.decode().strip().splitlines()
     assert failed.returncode == 1 and failed.stdout == second
     assert lines == [f"curate: error: {missing}: no such file or object"]
+
+
+def test_curate_cat_takes_the_fsspec_options_the_environment_does_not_give(s3_bucket: S3Bucket, tmp_path: Path) -> None:
+    import json
+
+    (tmp_path / "a.bin").write_bytes(b"from the bucket")
+    url = s3_bucket.upload(tmp_path / "a.bin")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}  # no endpoint, no credentials
+    command = [sys.executable, "-m", "curate", "cat", "--storage-options", json.dumps(s3_bucket.options), url]
+    done = subprocess.run(command, capture_output=True, env=env, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == b"from the bucket"
 
 
 def test_curate_cat_stops_quietly_when_its_reader_closes_the_pipe(tmp_path: Path) -> None:

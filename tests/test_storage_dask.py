@@ -89,19 +89,25 @@ def test_dask_workers_sharing_no_filesystem_give_the_run_on_disk_though_one_dies
     disk_run: Path,
     env_credentials: None,
 ) -> None:
+    from distributed import get_task_stream
+
     pipeline, overrides = bucket_pipeline(served_world, s3_bucket, tmp_path, tiny_checkpoint)
     config = load_config(pipeline, [*overrides, "executor=dask"])
     died = tmp_path / "died.txt"
     with workers_of_their_own(2, tmp_path / "pods") as executor:
         victim = sorted(executor.client.scheduler_info()["workers"])[0]
         executor.client.run(die_mid_upload, str(died), workers=[victim])
-        result = run_pipeline(config, executor=executor)
+        with get_task_stream(executor.client) as stream:
+            result = run_pipeline(config, executor=executor)
         used = executor.client.run(mirrors)
     assert died.exists(), "no worker died: the hook never ran"
     assert result.complete
     assert_same_ledger(config.output, disk_run)
     assert curated_of(RunLayout.of(config.output, s3_bucket.options)) == curated_of(RunLayout(disk_run))
     assert len(used) == 2 and all(used.values())  # both workers read and wrote the run through mirrors of their own
+    ran = {tuple(str(task["key"]).split("-")[:2]) for task in stream.data}
+    run_wide = {("filter", "cutoff"), ("dedup", "exact"), ("materialize", "index"), ("ledger", "merge")}
+    assert run_wide <= ran  # the run-wide steps were tasks on the workers too, not work in the driver
 
     again = run_pipeline(load_config(pipeline, overrides))  # locally, from the bucket alone
     assert again.complete and again.tasks_run == 0

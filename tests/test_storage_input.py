@@ -49,6 +49,15 @@ def test_a_list_of_objects_reads_as_the_same_files_on_disk(s3_bucket: S3Bucket, 
     assert got == want  # fates, uids, shards, and the manifest with its fingerprint
 
 
+def test_local_paths_and_urls_mix_in_one_input_path(s3_bucket: S3Bucket, tmp_path: Path) -> None:
+    local, urls = crawl_in_bucket(tmp_path / "crawl", s3_bucket)
+    settings = {"shard_size": SHARD_SIZE}
+    on_disk = run_pipeline(config_of([str(p) for p in local], tmp_path / "disk", **settings))
+    mixed = run_pipeline(config_of([str(local[0]), *urls[1:]], tmp_path / "mixed", s3_bucket.options, **settings))
+    assert on_disk.complete and mixed.complete
+    assert outputs(tmp_path / "mixed") == outputs(tmp_path / "disk")
+
+
 def test_a_glob_of_objects_and_every_format(s3_bucket: S3Bucket, tmp_path: Path) -> None:
     folder = tmp_path / "formats"
     folder.mkdir()

@@ -220,3 +220,16 @@ def test_copies_fetched_at_once_by_several_threads_agree_and_a_changed_folder_is
     again = local_copy(folder_url, storage, "test")
     assert again != copies[0] and (again / "a.png").read_bytes() == b"replaced"
     assert (copies[0] / "a.png").read_bytes() == (folder / "a.png").read_bytes()  # the old copy is untouched
+
+
+def test_without_curate_cache_dir_objects_are_fetched_under_the_home_cache(
+    s3_bucket: S3Bucket, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from curate.io.local_copy import local_copy
+
+    monkeypatch.delenv(CACHE_ENV, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    (tmp_path / "weights.pt").write_bytes(b"weights")
+    copy = local_copy(s3_bucket.upload(tmp_path / "weights.pt", "models/weights.pt"), Storage(s3_bucket.options), "t")
+    assert copy.is_relative_to(tmp_path / "home" / ".cache" / "curate" / "objects")
+    assert copy.read_bytes() == b"weights"

@@ -102,3 +102,53 @@ def validate_overrides(folder: Path) -> list[str]:
     settings |= {"warmup_steps": 1, "device": "cpu", "decode_workers": 0, "shuffle_buffer": 16}
     stages = "stages=[input,download,embed,filter,dedup,materialize,validate]"
     return [stages, *(f"validate.{key}={value}" for key, value in settings.items())]
+
+
+def test_a_mirror_fetches_an_object_again_only_once_it_changed_and_trims_the_oldest_files_but_a_running_tasks(
+    s3_bucket: S3Bucket, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import threading
+
+    from curate.io.run_store import RunMirror
+    from curate.io.storage import Storage
+
+    monkeypatch.setenv(MIRROR_GB_ENV, str(2500 / (1 << 30)))  # room for two of the 1,000-byte objects
+    for name in "abcd":
+        s3_bucket.fs.pipe(f"{s3_bucket.name}/run/{name}.bin", name.encode() * 1000)
+    mirror = RunMirror(s3_bucket.url("run"), Storage(s3_bucket.options))
+    a, b, c, d = (mirror.root / f"{name}.bin" for name in "abcd")
+
+    with mirror.task_scope():
+        assert mirror.fetch(a).read_bytes() == b"a" * 1000
+    fetched_at = a.stat().st_mtime_ns
+    with mirror.task_scope():
+        assert mirror.fetch(a).stat().st_mtime_ns == fetched_at  # unchanged: not fetched again
+    s3_bucket.fs.pipe(f"{s3_bucket.name}/run/a.bin", b"A" * 1000)
+    with mirror.task_scope():
+        assert mirror.fetch(a).read_bytes() == b"A" * 1000  # changed in the bucket: fetched again
+
+    with mirror.task_scope():  # 3,000 bytes at the task's end: the file used longest ago leaves
+        mirror.fetch(b)
+        mirror.fetch(c)
+    assert [p.exists() for p in (a, b, c)] == [False, True, True]
+
+    holding, release = threading.Event(), threading.Event()
+
+    def running_task() -> None:
+        with mirror.task_scope():
+            mirror.fetch(b)
+            holding.set()
+            release.wait(30)
+
+    other = threading.Thread(target=running_task)
+    other.start()
+    try:
+        assert holding.wait(30)
+        with mirror.task_scope():  # b is now the oldest, but a task still running uses it: c leaves instead
+            mirror.fetch(c)
+            mirror.fetch(d)
+        assert [p.exists() for p in (b, c, d)] == [True, False, True]
+    finally:
+        release.set()
+        other.join()
+    assert [p.exists() for p in (b, d)] == [True, True]  # 2,000 bytes: within the mirror's capacity

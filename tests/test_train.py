@@ -307,3 +307,40 @@ def test_one_seed_starts_every_arm_from_the_same_weights_whatever_its_data(
 
     assert largest_difference(weights["a"], weights["b"]) < 1e-20  # same seed, other data: same start
     assert largest_difference(weights["a"], weights["c"]) > 1e-3  # another seed: another start
+
+
+class Retrained(RuntimeError):
+    pass
+
+
+def test_the_demo_scorer_trains_on_a_clean_split_of_another_world_once_and_is_reused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """README, "The demo world": curate-cnn-64, 51,200 samples seen (400 steps of 128, lr 5e-3), on the clean rows
+    of a world drawn with another seed than the crawl's and the eval set's, part of it held out for calibration;
+    trained once and reused while the recipe is the same."""
+    from curate.io.fs import write_json_atomic
+    from examples import demo_scorer, run_demo
+    from examples.demo_world import kind_counts
+
+    recipe = demo_scorer.demo_recipe()
+    assert (recipe.model, recipe.batch_size, recipe.samples_seen, recipe.lr) == ("curate-cnn-64", 128, 51_200, 5e-3)
+    assert recipe.total_steps == 400
+    data = demo_scorer.data_spec(seed=0, n_base=demo_scorer.DEFAULT_N_BASE)
+    assert data["kinds"] == ["clean"] and 0 < data["calibration_fraction"] < 1
+    assert len({0, data["world_seed"], run_demo.EVAL_WORLD_SEED}) == 3  # crawl, scorer and eval worlds
+    assert kind_counts(data["n_base"])["clean"] == 2100  # ~1,900 to train on, ~200 to calibrate on
+
+    def retrain(*args: object, **kwargs: object) -> None:
+        raise Retrained
+
+    monkeypatch.setattr(demo_scorer, "ensure_training_shards", retrain)
+    out = tmp_path / "scorer"
+    out.mkdir()
+    (out / "scorer.pt").write_bytes(b"weights")
+    spec = {"train": recipe.to_dict(), "data": data}
+    write_json_atomic(out / "scorer.json", {"model": recipe.model, "recipe": spec, "calibration": {}})
+    reused = demo_scorer.ensure_demo_scorer(out)
+    assert reused["checkpoint"] == str((out / "scorer.pt").resolve()) and reused["recipe"] == spec
+    with pytest.raises(Retrained):
+        demo_scorer.ensure_demo_scorer(out, samples_seen=128 * 40)  # another recipe: trained afresh

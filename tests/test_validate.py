@@ -412,7 +412,10 @@ def test_train_scorer_writes_to_a_bucket_and_the_embed_stage_loads_it_from_there
     monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
+    import tempfile
+
     from curate.io.storage import Storage
+    from curate.stage import digest
     from curate.stages.embed import EmbedStage
 
     monkeypatch.setenv("CURATE_CACHE_DIR", str(tmp_path / "cache"))
@@ -425,6 +428,8 @@ def test_train_scorer_writes_to_a_bucket_and_the_embed_stage_loads_it_from_there
     info = json.loads(s3_bucket.fs.cat_file(url.removesuffix(".pt").removeprefix("s3://") + ".json"))
     assert info["pretrained"] == url and info["steps"] == 2
     assert not (curated_run.root / "scorer").exists()
+    trained_here = Path(tempfile.gettempdir()) / f"curate-scorer-{digest(url)}" / "scorer.train-seed0"
+    assert (trained_here / "checkpoint.pt").is_file()  # where the same command, interrupted, resumes
 
     options = {"output": str(tmp_path / "run"), "input": {"path": "crawl.parquet"}}
     config = validate_config(
