@@ -3,6 +3,7 @@ from __future__ import annotations
 import dataclasses
 import io
 import json
+import logging
 import tarfile
 from pathlib import Path
 
@@ -131,6 +132,22 @@ def test_resumed_run_ends_with_the_uninterrupted_weights(data: tuple[Path, list[
     final, expected = load_checkpoint(resumed.checkpoint)["state_dict"], load_checkpoint(whole.checkpoint)["state_dict"]
     for name, tensor in expected.items():
         torch.testing.assert_close(final[name], tensor, atol=1e-5, rtol=0, msg=name)
+
+
+def test_training_logs_its_loss_and_samples_per_s_every_ten_steps_and_at_the_end(
+    data: tuple[Path, list[Path]], tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """What `curate run -v` shows of each validation run (INFO): step, loss, lr and samples/s."""
+    config, shards = data
+    with caplog.at_level(logging.INFO, logger="curate.stages.validate.train"):
+        result = train_clip(shards, recipe(config, samples_seen=16 * 11, warmup_steps=1), tmp_path / "run")
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("step ")]
+    assert [line.split()[1] for line in lines] == ["10/11", "11/11"]
+    for line, step in zip(lines, (10, 11), strict=True):
+        fields = line.split()
+        assert fields[2] == "loss" and float(fields[3]) == pytest.approx(result.losses[step - 1], abs=1e-4)
+        assert fields[-1] == "samples/s" and float(fields[-2]) > 0
+    assert len(result.losses) == 11
 
 
 def first_batches(shards: list[Path], config: Path, workers: int, start_step: int, n: int) -> list[torch.Tensor]:
