@@ -10,6 +10,7 @@ from pathlib import Path
 import pandas as pd
 
 from curate.ledger import read_ledger
+from tests.readme import readme_section
 from tests.world_fixtures import ServedWorld
 
 REPO = Path(__file__).resolve().parents[1]
@@ -107,7 +108,7 @@ def test_the_readme_command_lines_name_real_commands_options_and_defaults() -> N
     from curate.stages import stage_names
 
     [commands] = [a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)]
-    synopsis = (REPO / "README.md").read_text().split("\n## Commands\n", 1)[1].strip("\n").split("\n\n")[0]
+    synopsis = readme_section("Commands").strip("\n").split("\n\n")[0]
     lines = [line.strip() for line in synopsis.splitlines()]
     assert len(lines) >= 9 and all(line.startswith("curate ") for line in lines)
     for line in lines:

@@ -22,6 +22,7 @@ from curate.config import (
     validate_config,
 )
 from curate.stages import stage_names
+from tests.readme import readme_section
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -387,7 +388,7 @@ def test_keep_columns_that_can_be_kept_load(tmp_path: Path) -> None:
 
 def readme_config_table() -> dict[str, str]:
     """The README's config table: dotted key -> its default column, as written."""
-    lines = (REPO / "README.md").read_text().splitlines()
+    lines = readme_section("Config").splitlines()
     start = lines.index("| key | default | meaning |") + 2
     rows = {}
     for line in itertools.takewhile(lambda text: text.startswith("|"), lines[start:]):

@@ -14,6 +14,7 @@ from curate.executors.dask import DaskExecutor
 from curate.ledger import make_fates, read_ledger
 from curate.pipeline import run_pipeline
 from curate.stage import RunLayout, Stage, StageContext
+from tests.readme import readme_section
 from tests.test_download import tar_samples
 from tests.world_fixtures import ServedWorld, full_pipeline_overrides
 
@@ -269,9 +270,7 @@ def readme_dask_config() -> dict[str, Any]:
     """The README's Dask config for a cluster one starts oneself, as dotted keys."""
     import yaml
 
-    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
-    section = readme.split("\n## Running on a Dask cluster\n", 1)[1].split("\n## ", 1)[0]
-    block = section.split("```yaml\n", 1)[1].split("```", 1)[0]
+    block = readme_section("Running on a Dask cluster").split("```yaml\n", 1)[1].split("```", 1)[0]
 
     def flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
         items: dict[str, Any] = {}

@@ -18,6 +18,7 @@ from packaging.requirements import Requirement
 import curate
 from curate.cli import main
 from curate.extras import DISTRIBUTION, MissingExtra, require
+from tests.readme import readme_section
 
 REPO = Path(__file__).resolve().parent.parent
 CONSTRAINTS = REPO / "requirements" / "constraints.txt"
@@ -73,7 +74,7 @@ def test_optional_dependencies_are_extras_and_dev_has_them_all():
 def test_the_make_targets_the_readme_names_exist_and_make_their_own_environment(tmp_path: Path):
     """`make -n` (commands printed, none run): every target "Start here" names, the virtual environment a fresh
     clone's `make test` creates with the constraints file, and the pytest workers TEST_WORKERS sets."""
-    start_here = (REPO / "README.md").read_text().split("\n## Start here\n", 1)[1].split("\n## ", 1)[0]
+    start_here = readme_section("Start here")
     targets = set(re.findall(r"(?:^ +|`)make ([a-z-]+)", start_here, re.M))
     assert {"demo", "test", "compare", "install", "dask-demo", "bench", "bench-scale", "lint", "clean"} <= targets
 
