@@ -415,8 +415,8 @@ def test_train_scorer_writes_to_a_bucket_and_the_embed_stage_loads_it_from_there
     import tempfile
 
     from curate.io.storage import Storage
-    from curate.stage import digest
     from curate.stages.embed import EmbedStage
+    from curate.stages.validate.bootstrap import local_export, training_dir
 
     monkeypatch.setenv("CURATE_CACHE_DIR", str(tmp_path / "cache"))
     url = s3_bucket.url("models/scorer.pt")
@@ -428,7 +428,8 @@ def test_train_scorer_writes_to_a_bucket_and_the_embed_stage_loads_it_from_there
     info = json.loads(s3_bucket.fs.cat_file(url.removesuffix(".pt").removeprefix("s3://") + ".json"))
     assert info["pretrained"] == url and info["steps"] == 2
     assert not (curated_run.root / "scorer").exists()
-    trained_here = Path(tempfile.gettempdir()) / f"curate-scorer-{digest(url)}" / "scorer.train-seed0"
+    trained_here = training_dir(local_export(url), seed=0)
+    assert trained_here.is_relative_to(tempfile.gettempdir())
     assert (trained_here / "checkpoint.pt").is_file()  # where the same command, interrupted, resumes
 
     options = {"output": str(tmp_path / "run"), "input": {"path": "crawl.parquet"}}

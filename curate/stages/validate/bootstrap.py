@@ -32,6 +32,16 @@ def load_run_config(run_dir: Path, overrides: list[str] | tuple[str, ...] = ()) 
     return load_config(layout.config_path, overrides)
 
 
+def local_export(url: str) -> Path:
+    """Where a scorer bound for `url` is trained and exported on this machine before its upload."""
+    return Path(tempfile.gettempdir()) / f"curate-scorer-{digest(url)}" / name_of(url)
+
+
+def training_dir(export: Path, seed: int) -> Path:
+    """The training's checkpoints (with optimizer state) beside the export, so an interrupted run resumes."""
+    return export.with_name(f"{export.stem}.train-seed{seed}")
+
+
 def train_scorer(
     run_dir: Path,
     config: PipelineConfig,
@@ -54,12 +64,11 @@ def train_scorer(
     if isinstance(target, str):
         storage = Storage(config.storage.options)
         storage.filesystem(target)  # a protocol without its package is an error before any training
-        local = Path(tempfile.gettempdir()) / f"curate-scorer-{digest(target)}" / name_of(target)
+        local = local_export(target)
     else:
         local = target
     local.parent.mkdir(parents=True, exist_ok=True)
-    # checkpoints (with optimizer state) beside the export, so an interrupted run resumes
-    result = train_clip(shards, recipe, local.with_name(f"{local.stem}.train-seed{seed}"), progress=progress)
+    result = train_clip(shards, recipe, training_dir(local, seed), progress=progress)
     export_model(result.checkpoint, local)
     info = {
         "model": resolve_model_name(cfg.model, section="validate"),
