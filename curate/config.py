@@ -388,6 +388,9 @@ class ValidateConfig(Section):
     decode_workers: int = Field(
         2, ge=0, description="processes building training batches ahead of the model (0: in the training process)"
     )
+    decoded_cache_mb: int = Field(
+        512, ge=0, description="per decode process: decoded images kept for the epochs after the first (0: none)"
+    )
     shuffle_buffer: int = Field(2_000, gt=0)
     simclr_temperature: float = Field(0.1, gt=0)
     baseline_size: int | Literal["curated", "all"] = Field(

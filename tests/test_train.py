@@ -16,7 +16,7 @@ from PIL import Image
 
 from curate.clip import resolve_model_name
 from curate.scorer import calibrate, mismatched_captions, suggest_threshold
-from curate.stages.validate.batches import SampleReader, make_batches
+from curate.stages.validate.batches import PreparedCache, SampleReader, make_batches, prepared_bytes
 from curate.stages.validate.train import (
     SampleDecoder,
     TrainRecipe,
@@ -150,15 +150,71 @@ def test_training_logs_its_loss_and_samples_per_s_every_ten_steps_and_at_the_end
     assert len(result.losses) == 11
 
 
-def first_batches(shards: list[Path], config: Path, workers: int, start_step: int, n: int) -> list[torch.Tensor]:
-    name = resolve_model_name(str(config))
-    _, train_transform, _ = open_clip.create_model_and_transforms(name)
-    decoder = SampleDecoder(train_transform, open_clip.get_tokenizer(name), augment=True, seed=3, input_size=32)
-    settings = recipe(config, seed=3, batch_size=10, shuffle_buffer=16, decode_workers=workers)
+def first_batches(
+    shards: list[Path], config: Path, workers: int, start_step: int, n: int, cache_mb: int = 0, decoder: object = None
+) -> list[torch.Tensor]:
+    decoder = decoder or micro_decoder(config)
+    settings = recipe(
+        config, seed=3, batch_size=10, shuffle_buffer=16, decode_workers=workers, decoded_cache_mb=cache_mb
+    )
     batches = make_batches(shards, decoder, settings, start_step=start_step)
     taken = [next(batches) for _ in range(n)]
     batches.close()
     return [torch.cat([images.flatten(), texts.flatten().float()]) for images, texts in taken]
+
+
+def micro_decoder(config: Path) -> SampleDecoder:
+    name = resolve_model_name(str(config))
+    _, train_transform, _ = open_clip.create_model_and_transforms(name)
+    return SampleDecoder(train_transform, open_clip.get_tokenizer(name), augment=True, seed=3, input_size=32)
+
+
+@dataclasses.dataclass
+class CountingDecoder:
+    """A SampleDecoder that counts the JPEGs it decodes (in-process only: the count stays in this process)."""
+
+    inner: SampleDecoder
+    prepared: int = 0
+
+    def __call__(self, index: int, jpg: bytes, caption: str) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.finish(index, self.prepare(jpg, caption))
+
+    def prepare(self, jpg: bytes, caption: str) -> tuple[Image.Image, torch.Tensor]:
+        self.prepared += 1
+        return self.inner.prepare(jpg, caption)
+
+    def finish(self, index: int, prepared: tuple[Image.Image, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.inner.finish(index, prepared)
+
+
+def test_decoded_images_are_kept_across_epochs_without_changing_a_batch(data: tuple[Path, list[Path]]) -> None:
+    config, shards = data
+    n_samples = 2 * SAMPLES_PER_SHARD
+    uncached = CountingDecoder(micro_decoder(config))
+    plain = first_batches(shards, config, workers=0, start_step=0, n=12, decoder=uncached)  # 120 samples: 2.5 epochs
+    assert uncached.prepared == 120
+    cached = CountingDecoder(micro_decoder(config))
+    kept = first_batches(shards, config, workers=0, start_step=0, n=12, cache_mb=1, decoder=cached)
+    assert cached.prepared == n_samples  # each JPEG decoded once, in the first epoch
+    assert all(torch.equal(a, b) for a, b in zip(kept, plain, strict=True))
+    with_workers = first_batches(shards, config, workers=2, start_step=0, n=12, cache_mb=1)
+    assert all(torch.equal(a, b) for a, b in zip(with_workers, plain, strict=True))
+
+
+def test_the_decoded_cache_stops_filling_at_its_budget(data: tuple[Path, list[Path]]) -> None:
+    config, shards = data
+    decoder = micro_decoder(config)
+    reader = SampleReader(shards)
+    one = decoder.prepare(*reader.read(0, 0))
+    reader.close()
+    size = prepared_bytes(one)
+    width, height = one[0].size
+    assert size == width * height * 3 + one[1].nelement() * one[1].element_size()
+    cache = PreparedCache(budget=3 * size + size // 2)
+    for sample in range(5):
+        cache.add((0, sample), one)
+    assert cache.used == 3 * size
+    assert [cache.get((0, sample)) is not None for sample in range(5)] == [True, True, True, False, False]
 
 
 def test_batches_do_not_depend_on_the_number_of_decode_workers(data: tuple[Path, list[Path]]) -> None:

@@ -34,7 +34,9 @@ PREFETCH_BATCHES = 2  # batches each decode worker builds ahead of the model
 OPEN_SHARDS = 32  # per reader: the shuffle buffer spans a few shards at a time; thousands would exhaust fds
 
 Decoder = Callable[[int, bytes, str], tuple[torch.Tensor, torch.Tensor]]
-"""(index in the stream, image bytes, caption) -> the two tensors of one sample."""
+"""(index in the stream, image bytes, caption) -> the two tensors of one sample. A decoder that also has
+`prepare(image bytes, caption)` (the part that does not depend on the index: decoding, tokenising) and
+`finish(index, prepared)` gets its prepared samples kept across epochs (`PreparedCache`)."""
 
 
 def training_spans(path: Path) -> np.ndarray:
@@ -114,6 +116,42 @@ def iter_raw_samples(shards: Sequence[Path], seed: int, shuffle_buffer: int) -> 
         reader.close()
 
 
+class PreparedCache:
+    """Prepared samples (a decoder's `prepare`: the decoded image and the tokens) by (shard, sample), filled
+    until `budget` bytes and then kept as they are.
+
+    A validation set of a few thousand samples is seen for tens of epochs, and decoding its JPEGs again every
+    epoch costs more CPU than the augmentation that follows. Filling once and never evicting: when the data
+    does not fit, a random order through it would miss an LRU cache almost always, while a fixed part of it
+    is still hit in proportion to its size.
+    """
+
+    def __init__(self, budget: int) -> None:
+        self.budget = budget
+        self.used = 0
+        self._items: dict[tuple[int, int], tuple[object, torch.Tensor]] = {}
+
+    def get(self, ref: tuple[int, int]) -> tuple[object, torch.Tensor] | None:
+        return self._items.get(ref)
+
+    def add(self, ref: tuple[int, int], prepared: tuple[object, torch.Tensor]) -> None:
+        size = prepared_bytes(prepared)
+        if self.used + size <= self.budget:
+            self._items[ref] = prepared
+            self.used += size
+
+
+def prepared_bytes(prepared: tuple[object, torch.Tensor]) -> int:
+    """The memory a prepared sample holds: its pixels (a PIL image or an array) and its tokens."""
+    image, tokens = prepared
+    if hasattr(image, "size") and hasattr(image, "getbands"):  # a PIL image
+        width, height = image.size
+        pixels = width * height * len(image.getbands())
+    else:
+        pixels = int(np.asarray(image).nbytes)
+    return pixels + tokens.element_size() * tokens.nelement()
+
+
 @dataclass
 class BatchStream(IterableDataset):
     """Batches `start_step`, `start_step + 1`, ... of the sample stream, forever.
@@ -129,11 +167,14 @@ class BatchStream(IterableDataset):
     batch_size: int
     shuffle_buffer: int
     start_step: int = 0
+    cache_bytes: int = 0
+    """Per process, for a decoder with `prepare` and `finish` (0: no cache)."""
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         worker = get_worker_info()
         worker_id, n_workers = (worker.id, worker.num_workers) if worker is not None else (0, 1)
         reader = SampleReader(self.shards)
+        decode = self._decode_with(reader)
         refs = itertools.islice(reader.refs(self.seed, self.shuffle_buffer), self.start_step * self.batch_size, None)
         try:
             for step in itertools.count(self.start_step):
@@ -141,10 +182,26 @@ class BatchStream(IterableDataset):
                 if (step - self.start_step) % n_workers != worker_id:
                     continue
                 first = step * self.batch_size
-                decoded = [self.decoder(first + i, *reader.read(*ref)) for i, ref in enumerate(chunk)]
+                decoded = [decode(first + i, ref) for i, ref in enumerate(chunk)]
                 yield torch.stack([d[0] for d in decoded]), torch.stack([d[1] for d in decoded])
         finally:
             reader.close()
+
+    def _decode_with(self, reader: SampleReader) -> Callable[[int, tuple[int, int]], tuple[torch.Tensor, torch.Tensor]]:
+        """(index in the stream, (shard, sample)) -> the sample's tensors, its prepared form cached when it can be."""
+        prepare, finish = getattr(self.decoder, "prepare", None), getattr(self.decoder, "finish", None)
+        if self.cache_bytes <= 0 or prepare is None or finish is None:
+            return lambda index, ref: self.decoder(index, *reader.read(*ref))
+        cache = PreparedCache(self.cache_bytes)
+
+        def decode(index: int, ref: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+            prepared = cache.get(ref)
+            if prepared is None:
+                prepared = prepare(*reader.read(*ref))
+                cache.add(ref, prepared)
+            return finish(index, prepared)
+
+        return decode
 
 
 def make_batches(
@@ -165,7 +222,15 @@ def make_batches(
     process when the model asks for it. `pin_memory` (for a model on cuda) puts batches in page-locked memory,
     so their copies to the GPU run asynchronously.
     """
-    stream = BatchStream(list(shards), decoder, recipe.seed, recipe.batch_size, recipe.shuffle_buffer, start_step)
+    stream = BatchStream(
+        list(shards),
+        decoder,
+        recipe.seed,
+        recipe.batch_size,
+        recipe.shuffle_buffer,
+        start_step,
+        cache_bytes=recipe.decoded_cache_mb * 2**20,
+    )
     loader = DataLoader(
         stream,
         batch_size=None,  # the dataset yields whole batches

@@ -62,7 +62,7 @@ TABLE_METRICS = (("zero_shot_acc", "zero-shot acc"), ("image_to_text_r5", "i->t 
 ProgressFactory = Callable[..., AbstractContextManager[Any]]
 
 # Settings that change how a run executes, not what it computes.
-SCHEDULING_FIELDS = frozenset({"device", "checkpoint_every", "decode_workers", "eval_batch_size"})
+SCHEDULING_FIELDS = frozenset({"device", "checkpoint_every", "decode_workers", "decoded_cache_mb", "eval_batch_size"})
 # Settings that only change the evaluation: changing them re-evaluates the checkpoints, never retrains.
 EVAL_FIELDS = frozenset(
     {"eval_set", "classnames", "templates", "task_templates", "recall_ks", "probe_train_fraction", "probe_l2"}
@@ -92,6 +92,7 @@ def train_recipe(cfg: ValidateConfig, seed: int) -> TrainRecipe:
             augment=cfg.augment,
             checkpoint_every=cfg.checkpoint_every,
             decode_workers=cfg.decode_workers,
+            decoded_cache_mb=cfg.decoded_cache_mb,
             shuffle_buffer=cfg.shuffle_buffer,
         )
     except ValueError as err:

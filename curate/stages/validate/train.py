@@ -28,6 +28,7 @@ from curate.io.fs import temp_sibling
 
 if TYPE_CHECKING:
     import torch
+    from PIL import Image
     from torchvision.transforms import Compose
 
 log = logging.getLogger(__name__)
@@ -35,7 +36,7 @@ log = logging.getLogger(__name__)
 CHECKPOINT_NAME = "checkpoint.pt"
 # Recipe fields that change how a run is executed, not what it computes: a checkpoint written under
 # other values of these is still resumable.
-EXECUTION_FIELDS = frozenset({"checkpoint_every", "decode_workers"})
+EXECUTION_FIELDS = frozenset({"checkpoint_every", "decode_workers", "decoded_cache_mb"})
 LOG_EVERY_STEPS = 10
 MAX_LOGIT_SCALE = math.log(100)  # open_clip_train's clamp
 
@@ -61,13 +62,15 @@ class TrainRecipe:
     checkpoint_every: int = 100  # steps
     decode_workers: int = 2  # processes building batches ahead of the model; 0: in the training process
     shuffle_buffer: int = 2_000  # samples
+    decoded_cache_mb: int = 512  # per decode process: decoded images kept for the epochs after the first
 
     def __post_init__(self) -> None:
         for name in ("batch_size", "samples_seen", "checkpoint_every", "shuffle_buffer"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"TrainRecipe.{name} must be > 0, got {getattr(self, name)}")
-        if self.decode_workers < 0:
-            raise ValueError(f"TrainRecipe.decode_workers must be >= 0, got {self.decode_workers}")
+        for name in ("decode_workers", "decoded_cache_mb"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"TrainRecipe.{name} must be >= 0, got {getattr(self, name)}")
         if self.samples_seen < self.batch_size:
             raise ValueError(f"TrainRecipe.samples_seen ({self.samples_seen}) is less than one batch")
         if not 0 <= self.warmup_steps < self.total_steps:
@@ -193,20 +196,31 @@ class SampleDecoder:
     bytes of float pixels, scaled and normalised per batch on the model's device (`PixelSteps.to_model_input`)."""
 
     def __call__(self, index: int, jpg: bytes, caption: str) -> tuple[torch.Tensor, torch.Tensor]:
-        import torch
+        return self.finish(index, self.prepare(jpg, caption))
+
+    def prepare(self, jpg: bytes, caption: str) -> tuple[Image.Image, torch.Tensor]:
+        """What does not depend on the sample's place in the stream: the decoded image and the tokens. The
+        batch stream may keep it and pass it to `finish` again when the sample comes round in a later epoch."""
         from PIL import Image
 
         with Image.open(io.BytesIO(jpg)) as raw:
             if self.draft_side is not None:
                 raw.draft("RGB", (self.draft_side, self.draft_side))
             image = raw.convert("RGB")
+        return image, self.tokenizer([caption])[0]
+
+    def finish(self, index: int, prepared: tuple[Image.Image, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The `index`-th sample of the stream from its prepared image and tokens (augmented with its own RNG)."""
+        import torch
+
+        image, tokens = prepared
         if self.augment:
             pixels = augment_image(image, self.transform, sample_generator(self.seed, index))
         else:
             pixels = self.transform(image)
         if self.uint8:
             pixels = torch.from_numpy(np.asarray(pixels if pixels.mode == "RGB" else pixels.convert("RGB")).copy())
-        return pixels, self.tokenizer([caption])[0]
+        return pixels, tokens
 
     @functools.cached_property
     def draft_side(self) -> int | None:
@@ -269,6 +283,7 @@ def train_step(
         assert pixel_steps is not None, "uint8 images need the pixel steps that normalise them"
         images = pixel_steps.to_model_input(images, device)
     images, texts = images.to(device, non_blocking=True), texts.to(device, non_blocking=True)
+    images = images.contiguous(memory_format=torch.channels_last)
     state.optimizer.zero_grad(set_to_none=True)
     with autocast(device, precision):
         image_features, text_features, logit_scale = state.model(images, texts)[:3]
@@ -405,7 +420,7 @@ def train_clip(
 
     torch.manual_seed(recipe.seed)  # the weights' initialisation
     loaded = load_clip(recipe.clip_spec, train=True)
-    model, model_name = loaded.model, loaded.model_name
+    model, model_name = loaded.model.to(memory_format=torch.channels_last), loaded.model_name
     state = TrainState(
         model=model,
         optimizer=make_optimizer(model, recipe.lr, recipe.weight_decay),
