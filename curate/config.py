@@ -388,6 +388,12 @@ class ValidateConfig(Section):
     decode_workers: int = Field(
         2, ge=0, description="processes building training batches ahead of the model (0: in the training process)"
     )
+    workers: int = Field(
+        1,
+        gt=0,
+        description="runs (arm, seed) trained at once by the local executor, each on its share of the cores "
+        "(on cuda: one GPU each)",
+    )
     decoded_cache_mb: int = Field(
         512, ge=0, description="per decode process: decoded images kept for the epochs after the first (0: none)"
     )

@@ -17,6 +17,7 @@ import webdataset as wds
 
 from curate.cli import main as curate_main
 from curate.config import PipelineConfig, load_config, validate_config
+from curate.cores import share_of
 from curate.stage import RunLayout, kept_uids
 from curate.stages.dedup.decontaminate import load_eval_images
 from curate.stages.validate import stage as validate_stage
@@ -284,6 +285,25 @@ def test_both_arms_train_with_equal_compute_and_finished_arms_are_skipped(
     retemplated = with_validate(curated_run, **quick_settings(micro_model, eval_set, templates=["a {}."]))
     assert run_validation(retemplated, layout)["fingerprint"] != metrics["fingerprint"]
     assert len(checkpoints) == 4 and [p.stat().st_mtime_ns for p in checkpoints] == before
+
+
+def test_runs_trained_side_by_side_each_on_its_share_of_the_cores_match_runs_trained_one_by_one(
+    curated_run: CuratedRun, micro_model: Path, eval_set: Path, tmp_path: Path
+) -> None:
+    settings = quick_settings(micro_model, eval_set, decode_workers=0)
+    one_by_one = run_validation(with_validate(curated_run, **settings), RunLayout(curated_run.root))
+    root = tmp_path / "run"
+    shutil.copytree(curated_run.root, root, ignore=shutil.ignore_patterns("validate", "report", "search"))
+    copy = CuratedRun(root, curated_run.truth, curated_run.scorer)
+    side_by_side = run_validation(with_validate(copy, **settings, workers=2), RunLayout(root))
+
+    assert side_by_side["fingerprint"] == one_by_one["fingerprint"]  # workers only schedules
+    for arm in ("curated", "baseline"):
+        pool_runs = side_by_side["runs"][arm]
+        assert [run["train_threads"] for run in pool_runs] == [share_of(2)] * 2
+        for pooled, alone in zip(pool_runs, one_by_one["runs"][arm], strict=True):
+            assert pooled["losses"] == pytest.approx(alone["losses"], rel=1e-4)
+            assert pooled["metrics"] == pytest.approx(alone["metrics"], abs=1e-6)
 
 
 def test_simclr_objective_lowers_its_loss_and_resumes(

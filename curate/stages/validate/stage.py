@@ -62,7 +62,9 @@ TABLE_METRICS = (("zero_shot_acc", "zero-shot acc"), ("image_to_text_r5", "i->t 
 ProgressFactory = Callable[..., AbstractContextManager[Any]]
 
 # Settings that change how a run executes, not what it computes.
-SCHEDULING_FIELDS = frozenset({"device", "checkpoint_every", "decode_workers", "decoded_cache_mb", "eval_batch_size"})
+SCHEDULING_FIELDS = frozenset(
+    {"device", "workers", "checkpoint_every", "decode_workers", "decoded_cache_mb", "eval_batch_size"}
+)
 # Settings that only change the evaluation: changing them re-evaluates the checkpoints, never retrains.
 EVAL_FIELDS = frozenset(
     {"eval_set", "classnames", "templates", "task_templates", "recall_ks", "probe_train_fraction", "probe_l2"}
@@ -156,10 +158,17 @@ def run_arm(
         "samples_seen": trained.samples_seen,
         "steps": trained.steps,
         "train_seconds": round(trained.seconds, 2),
+        "train_threads": torch_threads(),
         "checkpoint": str(trained.checkpoint),
     }
     write_json_atomic(result_path, result)
     return result
+
+
+def torch_threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
 
 
 def train(
@@ -280,11 +289,14 @@ class ValidateStage(Stage):
 
         return {"GPU": 1} if wants_gpu(self.cfg.device) else {}
 
+    def workers(self) -> int:
+        return self.cfg.workers
+
     def phases(self) -> list[Phase]:
         return [
-            Phase("subsets", self._subset_names, self._subset, commit="in_place", resources={}),
+            Phase("subsets", self._subset_names, self._subset, commit="in_place", resources={}, workers=1),
             Phase("runs", self._run_names, self._run, commit="in_place"),
-            Phase("metrics", single_task, self._metrics, resources={}),
+            Phase("metrics", single_task, self._metrics, resources={}, workers=1),
         ]
 
     def _subset_names(self, _ctx: StageContext) -> list[str]:
@@ -324,8 +336,23 @@ class ValidateStage(Stage):
         data = self._arm_data(ctx.layout, arm)
         train_print = digest({"data": data.fingerprint, "seed": seed, "settings": settings(self.cfg, EVAL_FIELDS)})
         out_dir = ValidateOutputs(ctx.layout).run_dir(arm, seed)
-        result = run_arm(self.cfg, data.shards, out_dir, seed, train_print, self._eval_print(), None)
+        result = run_arm(self._run_cfg(), data.shards, out_dir, seed, train_print, self._eval_print(), None)
         return TaskOutput(counts={"steps": int(result["steps"])}, files=(f"{out_dir.name}/result.json",))
+
+    def _run_cfg(self) -> ValidateConfig:
+        """The settings of this process's run: the local pool worker's own GPU (worker i: cuda:i mod the GPUs), and
+        on cpu the executor's share of the cores as torch's thread count."""
+        from curate.clip import resolve_device, worker_device
+        from curate.cores import assigned_share
+        from curate.executors.local import worker_rank
+
+        device = worker_device(self.cfg.device, worker_rank())
+        share = assigned_share()
+        if share and resolve_device(device).type == "cpu":
+            import torch
+
+            torch.set_num_threads(share)
+        return self.cfg.model_copy(update={"device": device})
 
     def _metrics(self, ctx: StageContext, _task: str, workdir: Path) -> TaskOutput:
         outputs = ValidateOutputs(ctx.layout)
@@ -460,7 +487,8 @@ def metrics_document(
 
 
 def _run_entry(run: dict[str, Any]) -> dict[str, Any]:
-    return {key: run[key] for key in ("seed", "metrics", "samples_seen", "steps", "train_seconds", "losses")}
+    entry = {key: run[key] for key in ("seed", "metrics", "samples_seen", "steps", "train_seconds", "losses")}
+    return {**entry, "train_threads": run.get("train_threads")}  # None in a result written before it was recorded
 
 
 def table_columns(metrics: dict[str, Any]) -> list[tuple[str, str]]:
