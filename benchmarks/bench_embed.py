@@ -39,6 +39,7 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import queue
 import shutil
 import statistics
 import time
@@ -327,7 +328,16 @@ def side_by_side_bare_loops(
     ]
     for loop in loops:
         loop.start()
-    walls = [results.get(timeout=600) for _ in loops]
+    walls: list[float] = []
+    while len(walls) < processes:
+        try:
+            walls.append(results.get(timeout=1))
+        except queue.Empty:
+            failed = [loop.exitcode for loop in loops if loop.exitcode not in (None, 0)]
+            if failed:  # the others would wait at the barrier, or for their share of the cores, for ever
+                for loop in loops:
+                    loop.terminate()
+                raise RuntimeError(f"a bare decode loop process exited with code {failed[0]}") from None
     for loop in loops:
         loop.join()
     return sum(images / wall for wall in walls)
