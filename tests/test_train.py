@@ -6,6 +6,7 @@ import json
 import logging
 import tarfile
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import open_clip
@@ -17,6 +18,7 @@ from PIL import Image
 from curate.clip import resolve_model_name
 from curate.scorer import calibrate, mismatched_captions, suggest_threshold
 from curate.stages.validate.batches import PreparedCache, SampleReader, make_batches, prepared_bytes
+from curate.stages.validate.simclr import TwoViewDecoder
 from curate.stages.validate.train import (
     SampleDecoder,
     TrainRecipe,
@@ -173,17 +175,17 @@ def micro_decoder(config: Path) -> SampleDecoder:
 class CountingDecoder:
     """A SampleDecoder that counts the JPEGs it decodes (in-process only: the count stays in this process)."""
 
-    inner: SampleDecoder
+    inner: SampleDecoder | TwoViewDecoder
     prepared: int = 0
 
     def __call__(self, index: int, jpg: bytes, caption: str) -> tuple[torch.Tensor, torch.Tensor]:
         return self.finish(index, self.prepare(jpg, caption))
 
-    def prepare(self, jpg: bytes, caption: str) -> tuple[Image.Image, torch.Tensor]:
+    def prepare(self, jpg: bytes, caption: str) -> Any:
         self.prepared += 1
         return self.inner.prepare(jpg, caption)
 
-    def finish(self, index: int, prepared: tuple[Image.Image, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    def finish(self, index: int, prepared: Any) -> tuple[torch.Tensor, torch.Tensor]:
         return self.inner.finish(index, prepared)
 
 
@@ -199,6 +201,17 @@ def test_decoded_images_are_kept_across_epochs_without_changing_a_batch(data: tu
     assert all(torch.equal(a, b) for a, b in zip(kept, plain, strict=True))
     with_workers = first_batches(shards, config, workers=2, start_step=0, n=12, cache_mb=1)
     assert all(torch.equal(a, b) for a, b in zip(with_workers, plain, strict=True))
+
+
+def test_simclr_views_from_kept_images_are_the_views_of_fresh_decodes(data: tuple[Path, list[Path]]) -> None:
+    config, shards = data
+    _, train_transform, _ = open_clip.create_model_and_transforms(resolve_model_name(str(config)))
+    uncached = CountingDecoder(TwoViewDecoder(train_transform, seed=3))
+    plain = first_batches(shards, config, workers=0, start_step=0, n=12, decoder=uncached)
+    cached = CountingDecoder(TwoViewDecoder(train_transform, seed=3))
+    kept = first_batches(shards, config, workers=0, start_step=0, n=12, cache_mb=4, decoder=cached)
+    assert (uncached.prepared, cached.prepared) == (120, 2 * SAMPLES_PER_SHARD)
+    assert all(torch.equal(a, b) for a, b in zip(kept, plain, strict=True))
 
 
 def test_the_decoded_cache_stops_filling_at_its_budget(data: tuple[Path, list[Path]]) -> None:

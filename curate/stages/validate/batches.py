@@ -35,8 +35,10 @@ OPEN_SHARDS = 32  # per reader: the shuffle buffer spans a few shards at a time;
 
 Decoder = Callable[[int, bytes, str], tuple[torch.Tensor, torch.Tensor]]
 """(index in the stream, image bytes, caption) -> the two tensors of one sample. A decoder that also has
-`prepare(image bytes, caption)` (the part that does not depend on the index: decoding, tokenising) and
-`finish(index, prepared)` gets its prepared samples kept across epochs (`PreparedCache`)."""
+`prepare(image bytes, caption)` (the part that does not depend on the index: decoding, tokenising; a tuple of
+PIL images and tensors) and `finish(index, prepared)` gets its prepared samples kept across epochs
+(`PreparedCache`)."""
+Prepared = tuple[object, ...]
 
 
 def training_spans(path: Path) -> np.ndarray:
@@ -117,7 +119,7 @@ def iter_raw_samples(shards: Sequence[Path], seed: int, shuffle_buffer: int) -> 
 
 
 class PreparedCache:
-    """Prepared samples (a decoder's `prepare`: the decoded image and the tokens) by (shard, sample), filled
+    """Prepared samples (a decoder's `prepare`: e.g. the decoded image and the tokens) by (shard, sample), filled
     until `budget` bytes and then kept as they are.
 
     A validation set of a few thousand samples is seen for tens of epochs, and decoding its JPEGs again every
@@ -129,27 +131,30 @@ class PreparedCache:
     def __init__(self, budget: int) -> None:
         self.budget = budget
         self.used = 0
-        self._items: dict[tuple[int, int], tuple[object, torch.Tensor]] = {}
+        self._items: dict[tuple[int, int], Prepared] = {}
 
-    def get(self, ref: tuple[int, int]) -> tuple[object, torch.Tensor] | None:
+    def get(self, ref: tuple[int, int]) -> Prepared | None:
         return self._items.get(ref)
 
-    def add(self, ref: tuple[int, int], prepared: tuple[object, torch.Tensor]) -> None:
+    def add(self, ref: tuple[int, int], prepared: Prepared) -> None:
         size = prepared_bytes(prepared)
         if self.used + size <= self.budget:
             self._items[ref] = prepared
             self.used += size
 
 
-def prepared_bytes(prepared: tuple[object, torch.Tensor]) -> int:
-    """The memory a prepared sample holds: its pixels (a PIL image or an array) and its tokens."""
-    image, tokens = prepared
-    if hasattr(image, "size") and hasattr(image, "getbands"):  # a PIL image
-        width, height = image.size
-        pixels = width * height * len(image.getbands())
-    else:
-        pixels = int(np.asarray(image).nbytes)
-    return pixels + tokens.element_size() * tokens.nelement()
+def prepared_bytes(prepared: Prepared) -> int:
+    """The memory a prepared sample holds: its PIL images' pixels and its tensors' elements."""
+    return sum(_item_bytes(item) for item in prepared)
+
+
+def _item_bytes(item: object) -> int:
+    if hasattr(item, "size") and hasattr(item, "getbands"):  # a PIL image
+        width, height = item.size  # type: ignore[attr-defined]
+        return width * height * len(item.getbands())  # type: ignore[attr-defined]
+    if hasattr(item, "element_size"):  # a torch tensor
+        return item.element_size() * item.nelement()  # type: ignore[attr-defined]
+    return int(np.asarray(item).nbytes)
 
 
 @dataclass

@@ -35,6 +35,7 @@ from curate.stages.validate.train import (
 
 if TYPE_CHECKING:
     import torch
+    from PIL import Image
     from torchvision.transforms import Compose
 
 log = logging.getLogger(__name__)
@@ -97,10 +98,18 @@ class TwoViewDecoder:
     seed: int
 
     def __call__(self, index: int, jpg: bytes, caption: str) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.finish(index, self.prepare(jpg, caption))
+
+    def prepare(self, jpg: bytes, caption: str) -> tuple[Image.Image]:
+        """The decoded image, which the batch stream may keep for the sample's later epochs."""
         from PIL import Image
 
         with Image.open(io.BytesIO(jpg)) as raw:
-            image = raw.convert("RGB")
+            return (raw.convert("RGB"),)
+
+    def finish(self, index: int, prepared: tuple[Image.Image]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The `index`-th sample's two views, each with its own RNG."""
+        (image,) = prepared
         return tuple(simclr_view(image, self.transform, view_generator(self.seed, index, v)) for v in (0, 1))  # type: ignore[return-value]
 
 
