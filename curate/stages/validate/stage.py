@@ -336,10 +336,10 @@ class ValidateStage(Stage):
         data = self._arm_data(ctx.layout, arm)
         train_print = digest({"data": data.fingerprint, "seed": seed, "settings": settings(self.cfg, EVAL_FIELDS)})
         out_dir = ValidateOutputs(ctx.layout).run_dir(arm, seed)
-        result = run_arm(self._run_cfg(), data.shards, out_dir, seed, train_print, self._eval_print(), None)
+        result = run_arm(self.worker_config(), data.shards, out_dir, seed, train_print, self._eval_print(), None)
         return TaskOutput(counts={"steps": int(result["steps"])}, files=(f"{out_dir.name}/result.json",))
 
-    def _run_cfg(self) -> ValidateConfig:
+    def worker_config(self) -> ValidateConfig:
         """The settings of this process's run: the local pool worker's own GPU (worker i: cuda:i mod the GPUs), and
         on cpu the executor's share of the cores as torch's thread count."""
         from curate.clip import resolve_device, worker_device
