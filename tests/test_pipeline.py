@@ -90,7 +90,14 @@ SPEED_ONLY_CHANGES = {
     "input": ["batch_rows=1000", "task_rows=500", "hash_buckets=3", "workers=2"],
     "download": ["threads=8", "processes=1", "per_host_connections=2"],
     "embed": ["batch_size=7", "decode_workers=1", "workers=2", "device=cpu"],
-    "validate": ["device=cpu", "checkpoint_every=7", "decode_workers=1", "eval_batch_size=9"],
+    "validate": [
+        "device=cpu",
+        "workers=1",
+        "checkpoint_every=7",
+        "decode_workers=1",
+        "decoded_cache_mb=64",
+        "eval_batch_size=9",
+    ],
 }
 
 
