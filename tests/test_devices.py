@@ -105,6 +105,7 @@ def test_tf32_matmuls_on_cuda_only() -> None:
 # ---------------------------------------------------------------- one model per GPU
 
 
+@pytest.mark.parametrize("section", ["embed", "validate"])
 @pytest.mark.parametrize(
     ("device", "gpus", "rank", "expected"),
     [
@@ -119,32 +120,23 @@ def test_tf32_matmuls_on_cuda_only() -> None:
     ],
 )
 def test_local_workers_spread_over_the_gpus_torch_sees(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, device: str, gpus: int, rank: int | None, expected: str
-) -> None:
-    fake_gpus(monkeypatch, gpus)
-    monkeypatch.setattr(curate.executors.local, "_rank", rank)
-    assert EmbedStage(config(tmp_path, embed={"device": device})).worker_device() == expected
-
-
-@pytest.mark.parametrize(
-    ("device", "gpus", "rank", "expected"),
-    [
-        ("cuda", 2, 0, "cuda:0"),
-        ("cuda", 2, 3, "cuda:1"),
-        ("auto", 2, 1, "cuda:1"),
-        ("auto", 0, 1, "auto"),
-        ("cuda:1", 2, 0, "cuda:1"),
-    ],
-)
-def test_validation_runs_of_a_local_pool_spread_over_the_gpus_torch_sees(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, device: str, gpus: int, rank: int | None, expected: str
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    section: str,
+    device: str,
+    gpus: int,
+    rank: int | None,
+    expected: str,
 ) -> None:
     fake_gpus(monkeypatch, gpus)
     monkeypatch.setattr(curate.executors.local, "_rank", rank)
     monkeypatch.delenv(TASK_THREADS_ENV, raising=False)
     threads = torch.get_num_threads()
-    stage = ValidateStage(config(tmp_path, validate={"device": device, "workers": 2}))
-    assert stage.worker_config().device == expected
+    if section == "embed":
+        chosen = EmbedStage(config(tmp_path, embed={"device": device})).worker_device()
+    else:  # each of validate.workers runs in the local pool
+        chosen = ValidateStage(config(tmp_path, validate={"device": device, "workers": 2})).worker_config().device
+    assert chosen == expected
     assert torch.get_num_threads() == threads  # outside a pool no share is given: torch's threads stay
 
 
