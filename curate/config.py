@@ -395,7 +395,7 @@ class ValidateConfig(Section):
         "(on cuda: one GPU each)",
     )
     decoded_cache_mb: int = Field(
-        512, ge=0, description="per decode process: decoded images kept for the epochs after the first (0: none)"
+        512, ge=0, description="per process building batches: decoded images kept after the first epoch (0: none)"
     )
     shuffle_buffer: int = Field(2_000, gt=0)
     simclr_temperature: float = Field(0.1, gt=0)

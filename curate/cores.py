@@ -52,3 +52,14 @@ def dask_worker_slots() -> int | None:
         return int(get_worker().state.nthreads)
     except (ValueError, AttributeError):  # ValueError: not in a worker
         return None
+
+
+def use_task_share(device_type: str) -> None:
+    """A model on cpu takes the share of the cores its executor gave this process as torch's threads: otherwise
+    a local pool's workers would each start one thread per core, and a Dask worker one thread (its nanny's
+    OMP_NUM_THREADS=1) whatever its share. Anywhere else (no share given, or a GPU model) torch is left alone."""
+    share = assigned_share()
+    if share and device_type == "cpu":
+        import torch
+
+        torch.set_num_threads(share)

@@ -35,7 +35,7 @@ from curate.clip import embed_images as embed_images
 from curate.clip import embed_texts as embed_texts
 from curate.clip import register_model_configs as register_model_configs
 from curate.config import ConfigError, EmbedConfig
-from curate.cores import assigned_share
+from curate.cores import use_task_share
 from curate.ledger import Status, make_fates
 from curate.plugins import Plugin, head_scores, resolve_plugins
 from curate.stage import Stage, StageContext, StageOutputs
@@ -278,18 +278,12 @@ class EmbedStage(Stage):
             self.check_decode_device(resolve_device(self.cfg))  # Dask workers check theirs when they load the model
 
     def setup(self) -> None:
-        import torch
-
         device = self.worker_device()
         self._loaded = load_clip(self.cfg, storage=self.storage, device=device)
         self.check_decode_device(str(self._loaded.device))
         if self.cfg.decode == "gpu":
             gpu_steps(self._loaded)  # a preprocess the GPU path cannot follow is a config error, before any shard
-        share = assigned_share()
-        if share and self._loaded.device.type == "cpu":
-            # the executor's share of the host's cores: otherwise a local pool's workers would each start one
-            # thread per core, and a Dask worker one thread (its nanny's OMP_NUM_THREADS=1) whatever its share
-            torch.set_num_threads(share)
+        use_task_share(self._loaded.device.type)
         self._heads = [(plugin, plugin.build()) for plugin in self.heads()]
         log.info("embed: loaded %s on %s", self._loaded.model_name, self._loaded.device)
 

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
+from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from curate.io.wds import IMAGE_EXTENSIONS, index_tar
@@ -149,11 +150,11 @@ def prepared_bytes(prepared: Prepared) -> int:
 
 
 def _item_bytes(item: object) -> int:
-    if hasattr(item, "size") and hasattr(item, "getbands"):  # a PIL image
-        width, height = item.size  # type: ignore[attr-defined]
-        return width * height * len(item.getbands())  # type: ignore[attr-defined]
-    if hasattr(item, "element_size"):  # a torch tensor
-        return item.element_size() * item.nelement()  # type: ignore[attr-defined]
+    if isinstance(item, Image.Image):
+        width, height = item.size
+        return width * height * len(item.getbands())
+    if isinstance(item, torch.Tensor):
+        return item.element_size() * item.nelement()
     return int(np.asarray(item).nbytes)
 
 

@@ -331,28 +331,26 @@ class ValidateStage(Stage):
         return digest({"eval_set": eval_set_fingerprint(Path(self.cfg.eval_set)), "settings": settings(self.cfg)})
 
     def _run(self, ctx: StageContext, task: str, _workdir: Path) -> TaskOutput:
+        from curate.clip import resolve_device
+        from curate.cores import use_task_share
+
         arm, _, seed_text = task.rpartition("-seed")
         seed = int(seed_text)
         data = self._arm_data(ctx.layout, arm)
         train_print = digest({"data": data.fingerprint, "seed": seed, "settings": settings(self.cfg, EVAL_FIELDS)})
         out_dir = ValidateOutputs(ctx.layout).run_dir(arm, seed)
-        result = run_arm(self.worker_config(), data.shards, out_dir, seed, train_print, self._eval_print(), None)
+        cfg = self.worker_config()
+        use_task_share(resolve_device(cfg.device).type)
+        result = run_arm(cfg, data.shards, out_dir, seed, train_print, self._eval_print(), None)
         return TaskOutput(counts={"steps": int(result["steps"])}, files=(f"{out_dir.name}/result.json",))
 
     def worker_config(self) -> ValidateConfig:
-        """The settings of this process's run: the local pool worker's own GPU (worker i: cuda:i mod the GPUs), and
-        on cpu the executor's share of the cores as torch's thread count."""
-        from curate.clip import resolve_device, worker_device
-        from curate.cores import assigned_share
+        """The settings of this process's runs: a local pool worker takes its own GPU (worker i: cuda:i mod the
+        GPUs torch sees)."""
+        from curate.clip import worker_device
         from curate.executors.local import worker_rank
 
-        device = worker_device(self.cfg.device, worker_rank())
-        share = assigned_share()
-        if share and resolve_device(device).type == "cpu":
-            import torch
-
-            torch.set_num_threads(share)
-        return self.cfg.model_copy(update={"device": device})
+        return self.cfg.model_copy(update={"device": worker_device(self.cfg.device, worker_rank())})
 
     def _metrics(self, ctx: StageContext, _task: str, workdir: Path) -> TaskOutput:
         outputs = ValidateOutputs(ctx.layout)

@@ -62,7 +62,7 @@ class TrainRecipe:
     checkpoint_every: int = 100  # steps
     decode_workers: int = 2  # processes building batches ahead of the model; 0: in the training process
     shuffle_buffer: int = 2_000  # samples
-    decoded_cache_mb: int = 512  # per decode process: decoded images kept for the epochs after the first
+    decoded_cache_mb: int = 512  # per process building batches: decoded images kept after the first epoch
 
     def __post_init__(self) -> None:
         for name in ("batch_size", "samples_seen", "checkpoint_every", "shuffle_buffer"):
